@@ -1,0 +1,271 @@
+"""The ``fedsec`` command.
+
+``fedsec run [CONFIG]`` runs one experiment on Flower's simulation engine (Ray)
+with a live per-round display and writes ``results/<run-name>/``;
+``fedsec run --resume RUN_DIR`` continues an interrupted run;
+``fedsec validate CONFIG`` checks a config without running it.
+
+Bad input (a config that does not parse or validate, a missing data set, a
+checkpoint whose hash does not match) prints one ``error:`` line and exits with
+code 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fedsec.checkpoint import CheckpointError
+from fedsec.config import ConfigError, ExperimentConfig, default_config, load_config
+from fedsec.runs import RoundMetrics, RunDirectory, RunDirectoryError
+
+# The ServerApp lives in fedsec.strategies (a layer above this package's core);
+# the CLI is the top-level entry point, so it loads it by name, as Flower does.
+SERVER_APP_MODULE = "fedsec.strategies.server_app"
+CLIENT_APP_MODULE = "fedsec.client.app"
+
+EXIT_BAD_INPUT = 2
+
+cli = typer.Typer(
+    name="fedsec",
+    help="Federated learning that stays correct under hostile clients and a curious server.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    # One line, no traceback: the message names the problem.
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None) -> ExperimentConfig:
+    try:
+        return load_config(config) if config is not None else default_config()
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+
+
+def _round_table(rows: list[RoundMetrics], total_rounds: int, limit: int = 0) -> Table:
+    table = Table(title=None, show_edge=False, header_style="bold")
+    table.add_column("round", justify="right")
+    table.add_column("test acc", justify="right")
+    table.add_column("test loss", justify="right")
+    table.add_column("train loss", justify="right")
+    table.add_column("clients", justify="right")
+    table.add_column("elapsed", justify="right")
+    shown = rows[-limit:] if limit else rows
+    for row in shown:
+        accepted = row.get("num-accepted")
+        sampled = row.get("num-sampled")
+        clients = f"{accepted}/{sampled}" if accepted is not None else "-"
+        train_loss = row.get("train_loss")
+        status = "" if row.get("status") in ("ok", "initial") else f" [red]{row['status']}[/]"
+        table.add_row(
+            f"{row['round']}/{total_rounds}{status}",
+            f"{100 * row['test_accuracy']:.2f}%",
+            f"{row['test_loss']:.4f}",
+            f"{train_loss:.4f}" if isinstance(train_loss, float) else "-",
+            clients,
+            f"{row.get('elapsed_s', 0.0):.1f}s",
+        )
+    return table
+
+
+def _quiet_logs(verbose: bool) -> None:
+    # Import first: importing flwr resets its logger's level.
+    import flwr.common.logger  # noqa: F401
+
+    level = logging.INFO if verbose else logging.ERROR
+    logging.getLogger("flwr").setLevel(level)
+    fedsec_logger = logging.getLogger("fedsec")
+    fedsec_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not fedsec_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s fedsec: %(message)s"))
+        fedsec_logger.addHandler(handler)
+    # Ray and gRPC chatter would tear the live display apart.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _preflight(cfg: ExperimentConfig, run: RunDirectory | None) -> None:
+    """Fail fast, with one line, on problems that would otherwise surface mid-run."""
+    from fedsec.data import DatasetNotFoundError, load_dataset
+
+    try:
+        load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
+    except DatasetNotFoundError as err:
+        raise _fail(str(err)) from None
+    except ValueError as err:
+        raise _fail(f"data.dataset: {err}") from None
+    if run is not None and run.last_round is not None:
+        try:
+            run.load_last_checkpoint()
+        except CheckpointError as err:
+            raise _fail(str(err)) from None
+
+
+def simulate(
+    cfg: ExperimentConfig,
+    run: RunDirectory,
+    on_round: Any = None,
+    verbose: bool = False,
+) -> list[RoundMetrics]:
+    """Run ``cfg`` on Flower's simulation engine (Ray), recording into ``run``."""
+    from flwr.simulation import run_simulation
+
+    server_module = importlib.import_module(SERVER_APP_MODULE)
+    client_module = importlib.import_module(CLIENT_APP_MODULE)
+    init_args: dict[str, Any] = {
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "log_to_driver": verbose,
+    }
+    if cfg.simulation.ray_address:
+        init_args["address"] = cfg.simulation.ray_address
+    run_simulation(
+        server_app=server_module.make_server_app(cfg, run, on_round),
+        client_app=client_module.app,
+        num_supernodes=cfg.data.num_clients,
+        backend_config={
+            "client_resources": {
+                "num_cpus": cfg.simulation.cpus_per_client,
+                "num_gpus": cfg.simulation.gpus_per_client,
+            },
+            "init_args": init_args,
+        },
+        verbose_logging=verbose,
+    )
+    if not run.finished:
+        raise RuntimeError("the simulation ended before all rounds completed")
+    return run.rounds
+
+
+@cli.command()
+def run(
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="Experiment TOML; omit to run the embedded digits quickstart."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the run in RUN_DIR from its last complete round."),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (experiment.name).")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="Number of rounds (experiment.rounds); extends a resumed run.")
+    ] = None,
+    results_dir: Annotated[
+        Path | None, typer.Option("--results-dir", help="Parent of the run directory.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+) -> None:
+    """Run one experiment and write results/<run-name>/."""
+    run_dir: RunDirectory | None = None
+    if resume is not None:
+        if config is not None or name is not None or results_dir is not None:
+            raise _fail("--resume takes the config and name from RUN_DIR; drop CONFIG/--name/--results-dir")
+        try:
+            run_dir = RunDirectory.open(resume)
+        except RunDirectoryError as err:
+            raise _fail(str(err)) from None
+        cfg = run_dir.config
+    else:
+        cfg = _load(config)
+    try:
+        if name is not None:
+            cfg = cfg.replace("experiment", name=name)
+        if rounds is not None:
+            cfg = cfg.replace("experiment", rounds=rounds)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+
+    if run_dir is not None:
+        done = run_dir.last_round or 0
+        if done >= cfg.experiment.rounds:
+            console.print(
+                f"Run {run_dir.path} already completed {done} rounds; "
+                "pass --rounds N to extend it."
+            )
+            return
+        run_dir.config = cfg
+        run_dir.finished = False
+    _quiet_logs(verbose)
+    _preflight(cfg, run_dir)
+    if run_dir is None:
+        run_dir = RunDirectory.create(cfg, results_dir)
+
+    console.print(
+        f"[bold]fedsec[/] {run_dir.name}: {cfg.data.num_clients} clients "
+        f"({cfg.data.partition}) on {cfg.data.dataset}, model {cfg.model.name}, "
+        f"rule {cfg.aggregation.rule}, {cfg.experiment.rounds} rounds",
+        highlight=False,
+    )
+    rows: list[RoundMetrics] = list(run_dir.rounds)
+    started = time.perf_counter()
+    with Live(
+        _round_table(rows, cfg.experiment.rounds, limit=12),
+        console=console,
+        refresh_per_second=4,
+        transient=True,
+    ) as live:
+
+        def on_round(metrics: RoundMetrics) -> None:
+            rows.append(metrics)
+            live.update(_round_table(rows, cfg.experiment.rounds, limit=12))
+
+        try:
+            simulate(cfg, run_dir, on_round, verbose=verbose)
+        except Exception as err:  # the run directory keeps every completed round
+            live.stop()
+            raise _fail(
+                f"run failed: {err}; completed rounds are saved, continue with "
+                f"`fedsec run --resume {run_dir.path}`",
+                code=1,
+            ) from None
+
+    console.print(_round_table(run_dir.rounds, cfg.experiment.rounds))
+    final = run_dir.rounds[-1]
+    console.print(
+        f"\nFinal test accuracy: [bold]{100 * final['test_accuracy']:.2f}%[/] after round "
+        f"{final['round']} ({time.perf_counter() - started:.1f} s)\nResults: {run_dir.path}",
+        highlight=False,
+    )
+
+
+@cli.command()
+def validate(config: Annotated[Path, typer.Argument(help="Experiment TOML to check.")]) -> None:
+    """Check a config file without running it."""
+    cfg = _load(config)
+    console.print(
+        f"ok: {config} ({cfg.data.num_clients} clients, {cfg.data.dataset}, "
+        f"{cfg.model.name}, {cfg.experiment.rounds} rounds)",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

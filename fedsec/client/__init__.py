@@ -1,0 +1,1 @@
+"""The fedsec ClientApp and its helpers."""

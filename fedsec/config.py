@@ -1,0 +1,376 @@
+"""The experiment configuration: one typed object, validated in one place.
+
+A config is a TOML file with the sections below; every key is optional and
+falls back to the embedded default (the digits quickstart). :func:`parse_config`
+checks everything before anything starts: unknown sections and keys, types,
+ranges, names that must resolve through a registry (listing the valid choices)
+and cross-field constraints such as "more clients than training samples". Every
+problem raises :class:`ConfigError`, whose message is one line that names the
+field, e.g. ``data.alpha: must be > 0 (got 0.0)``.
+
+Sections ``[aggregation]``, ``[attack]``, ``[privacy]`` and ``[secagg]`` are
+placeholders that later parts of fedsec fill; today they accept only their
+"off" values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+from fedsec.registry import UnknownNameError
+
+ATTACKS = ("none",)
+PRIVACY_MODES = ("none",)
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(ValueError):
+    """An invalid experiment configuration; ``str(err)`` is one line naming the field.
+
+    Parameters
+    ----------
+    field : str
+        Dotted path of the offending field (``"data.alpha"``) or the file name.
+    problem : str
+        What is wrong, with the offending value.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+@dataclass(frozen=True)
+class ExperimentSection:
+    """Run identity and global settings."""
+
+    name: str = "quickstart"
+    seed: int = 0
+    rounds: int = 10
+    device: str = "auto"
+    results_dir: str = "results"
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Data set and how it is split across clients."""
+
+    dataset: str = "digits"
+    data_dir: str = "data"
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    num_clients: int = 10
+
+
+@dataclass(frozen=True)
+class ClientSection:
+    """Client sampling and local training."""
+
+    fraction: float = 1.0
+    evaluate_fraction: float = 0.0
+    local_epochs: int = 2
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Model architecture."""
+
+    name: str = "mlp"
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """Server step applied to the aggregated update."""
+
+    lr: float = 1.0
+    momentum: float = 0.0
+    round_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class AggregationSection:
+    """Aggregation rule over the stacked client updates."""
+
+    rule: str = "mean"
+
+
+@dataclass(frozen=True)
+class AttackSection:
+    """Threat model (filled by the attack library)."""
+
+    name: str = "none"
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    """Differential privacy (filled by the privacy module)."""
+
+    mode: str = "none"
+
+
+@dataclass(frozen=True)
+class SecAggSection:
+    """Secure aggregation (filled by the secagg module)."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class SimulationSection:
+    """Resources of Flower's simulation engine (Ray)."""
+
+    cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+    ray_address: str = ""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A complete, validated experiment configuration."""
+
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
+    data: DataSection = field(default_factory=DataSection)
+    client: ClientSection = field(default_factory=ClientSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    server: ServerSection = field(default_factory=ServerSection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
+    attack: AttackSection = field(default_factory=AttackSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    secagg: SecAggSection = field(default_factory=SecAggSection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict, the inverse of :func:`parse_config`."""
+        return dataclasses.asdict(self)
+
+    def replace(self, section: str, **changes: Any) -> ExperimentConfig:
+        """Return a validated copy with ``changes`` applied to ``section``."""
+        raw = self.to_dict()
+        raw[section].update(changes)
+        return parse_config(raw)
+
+
+_SECTIONS: dict[str, type[Any]] = get_type_hints(ExperimentConfig)
+
+
+def default_config() -> ExperimentConfig:
+    """The embedded default: 10 IID clients, FedAvg, an MLP on bundled digits."""
+    return ExperimentConfig()
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a TOML experiment config.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not valid TOML, or fails validation.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(str(path), f"cannot read file ({err})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(str(path), f"invalid TOML: {err}") from None
+    return parse_config(raw)
+
+
+def parse_config(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a nested mapping (parsed TOML) into an :class:`ExperimentConfig`.
+
+    Raises
+    ------
+    ConfigError
+        On the first problem found, naming the field.
+    """
+    for key, value in raw.items():
+        if key not in _SECTIONS:
+            raise ConfigError(key, f"unknown section{_suggest(key, _SECTIONS)}")
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, "must be a table such as [" + key + "]")
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        sections[name] = _build_section(name, cls, raw.get(name, {}))
+    config = ExperimentConfig(**sections)
+    _check_values(config)
+    return config
+
+
+def _suggest(key: str, valid: Mapping[str, Any] | list[str]) -> str:
+    names = list(valid)
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{hint}; valid: {', '.join(names)}"
+
+
+def _build_section(section: str, cls: type[Any], values: Mapping[str, Any]) -> Any:
+    types = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        where = f"{section}.{key}"
+        if key not in types:
+            raise ConfigError(where, f"unknown key{_suggest(key, types)}")
+        kwargs[key] = _coerce(where, value, types[key])
+    return cls(**kwargs)
+
+
+def _coerce(where: str, value: Any, expected: type[Any]) -> Any:
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"must be true or false (got {value!r})")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, f"must be an integer (got {value!r})")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(where, f"must be a number (got {value!r})")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, f"must be a string (got {value!r})")
+        return value
+    raise TypeError(f"{where}: unsupported field type {expected!r}")  # pragma: no cover
+
+
+_Num = TypeVar("_Num", int, float)
+
+
+def _require(where: str, value: _Num, ok: Callable[[_Num], bool], rule: str) -> None:
+    if not ok(value):
+        raise ConfigError(where, f"must be {rule} (got {value})")
+
+
+def _resolve(where: str, lookup: Callable[[str], object], name: str) -> None:
+    try:
+        lookup(name)
+    except UnknownNameError as err:
+        raise ConfigError(where, str(err)) from None
+
+
+def _check_choice(where: str, value: str, choices: tuple[str, ...], kind: str) -> None:
+    if value not in choices:
+        raise ConfigError(
+            where, f"unknown {kind} '{value}'; valid choices: {', '.join(choices)}"
+        )
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    # Imported here: the registries pull in torch, and config errors about
+    # syntax or unknown keys should not wait for that.
+    from fedsec.aggregation import RULES
+    from fedsec.data import DATASETS, PARTITIONERS
+    from fedsec.models import MODELS, check_model_input
+    from fedsec.training import OPTIMIZERS
+
+    exp, data, client = cfg.experiment, cfg.data, cfg.client
+    if not _NAME_PATTERN.match(exp.name):
+        raise ConfigError(
+            "experiment.name",
+            f"must be letters, digits, '.', '_' or '-' (got {exp.name!r})",
+        )
+    _require("experiment.seed", exp.seed, lambda v: v >= 0, ">= 0")
+    _require("experiment.rounds", exp.rounds, lambda v: v >= 1, ">= 1")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", exp.device):
+        raise ConfigError(
+            "experiment.device",
+            f"must be auto, cpu, mps, cuda or cuda:N (got {exp.device!r})",
+        )
+    if not exp.results_dir:
+        raise ConfigError("experiment.results_dir", "must not be empty")
+
+    _resolve("data.dataset", DATASETS.get, data.dataset)
+    _resolve("data.partition", PARTITIONERS.get, data.partition)
+    _require("data.alpha", data.alpha, lambda v: v > 0, "> 0")
+    _require(
+        "data.shards_per_client", data.shards_per_client, lambda v: v >= 1, ">= 1"
+    )
+    _require("data.num_clients", data.num_clients, lambda v: v >= 1, ">= 1")
+    info = DATASETS.get(data.dataset)
+    if data.num_clients > info.num_train:
+        raise ConfigError(
+            "data.num_clients",
+            f"{data.num_clients} clients but dataset '{data.dataset}' has only "
+            f"{info.num_train} training samples",
+        )
+
+    _require("client.fraction", client.fraction, lambda v: 0 < v <= 1, "in (0, 1]")
+    _require(
+        "client.evaluate_fraction",
+        client.evaluate_fraction,
+        lambda v: 0 <= v <= 1,
+        "in [0, 1]",
+    )
+    _require("client.local_epochs", client.local_epochs, lambda v: v >= 1, ">= 1")
+    _require("client.batch_size", client.batch_size, lambda v: v >= 1, ">= 1")
+    _resolve("client.optimizer", OPTIMIZERS.get, client.optimizer)
+    _require("client.lr", client.lr, lambda v: v > 0, "> 0")
+    _require("client.momentum", client.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
+    _require("client.weight_decay", client.weight_decay, lambda v: v >= 0, ">= 0")
+
+    _resolve("model.name", MODELS.get, cfg.model.name)
+    try:
+        check_model_input(cfg.model.name, info.input_shape)
+    except ValueError as err:
+        raise ConfigError("model.name", str(err)) from None
+
+    server = cfg.server
+    _require("server.lr", server.lr, lambda v: v > 0, "> 0")
+    _require("server.momentum", server.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
+    _require("server.round_timeout", server.round_timeout, lambda v: v > 0, "> 0")
+
+    _resolve("aggregation.rule", RULES.get, cfg.aggregation.rule)
+    _check_choice("attack.name", cfg.attack.name, ATTACKS, "attack")
+    _check_choice("privacy.mode", cfg.privacy.mode, PRIVACY_MODES, "privacy mode")
+    if cfg.secagg.enabled:
+        raise ConfigError("secagg.enabled", "secure aggregation is not available yet")
+
+    sim = cfg.simulation
+    _require(
+        "simulation.cpus_per_client", sim.cpus_per_client, lambda v: v > 0, "> 0"
+    )
+    _require(
+        "simulation.gpus_per_client", sim.gpus_per_client, lambda v: v >= 0, ">= 0"
+    )
+
+
+def to_toml(cfg: ExperimentConfig) -> str:
+    """Render a config as TOML (the subset this schema uses)."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    return repr(value)

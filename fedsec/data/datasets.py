@@ -1,0 +1,533 @@
+"""Image classification data sets, read from local files only.
+
+Every loader returns normalised ``float32`` tensors in ``[N, C, H, W]`` layout
+and ``int64`` labels, split into the clients' training pool and the held-out
+test split that stays on the server. fedsec never downloads anything: the
+bundled scikit-learn ``digits`` set works offline, and the others are read from
+the on-disk layout that torchvision uses, so an existing torchvision download
+can be pointed at directly.
+
+Results are cached per process, because every simulated client in a process
+would otherwise re-read and re-normalise the same files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import importlib
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from fedsec.registry import Registry
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "SplitData",
+    "load_dataset",
+]
+
+_U8Array = npt.NDArray[np.uint8]
+_I64Array = npt.NDArray[np.int64]
+_F32Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static description of a registered data set.
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    num_classes : int
+        Number of label classes; labels are ``0 .. num_classes - 1``.
+    input_shape : tuple of int
+        Shape of one sample, ``(C, H, W)``.
+    num_train : int
+        Number of samples in the clients' training pool (for ``digits``: after
+        the server's held-out split).
+    num_test : int
+        Number of samples in the server's held-out test split.
+    description : str
+        One-line human-readable description.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    num_train: int
+    num_test: int
+    description: str
+
+
+# eq=False: instances hash and compare by identity. Field-wise equality would
+# compare tensors element-wise (ambiguous truth value) and identity is what the
+# per-process caches downstream need, since load_dataset returns the same object.
+@dataclass(frozen=True, eq=False)
+class SplitData:
+    """A loaded data set, split into the training pool and server test split.
+
+    The tensors are shared by every caller in the process (see
+    :func:`load_dataset`); treat them as read-only and copy before modifying.
+
+    Parameters
+    ----------
+    info : DatasetInfo
+        Description of the data set; ``num_train``/``num_test`` are the sizes
+        actually loaded (they differ from the registry entry for partial files).
+    train_x : torch.Tensor
+        ``float32`` images ``[N, C, H, W]``, normalised.
+    train_y : torch.Tensor
+        ``int64`` labels ``[N]``.
+    test_x : torch.Tensor
+        Held-out test images that stay on the server, ``float32`` ``[M, C, H, W]``.
+    test_y : torch.Tensor
+        Held-out test labels, ``int64`` ``[M]``.
+    """
+
+    info: DatasetInfo
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The files of a data set are not on disk; the message says what goes where."""
+
+
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+DATASETS.add(
+    "digits",
+    DatasetInfo(
+        name="digits",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        num_train=1437,
+        num_test=360,
+        description="scikit-learn's bundled 8x8 handwritten digits (1,797 images)",
+    ),
+)
+DATASETS.add(
+    "mnist",
+    DatasetInfo(
+        name="mnist",
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        num_train=60000,
+        num_test=10000,
+        description="MNIST handwritten digits, 28x28 grayscale",
+    ),
+)
+DATASETS.add(
+    "fashion-mnist",
+    DatasetInfo(
+        name="fashion-mnist",
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        num_train=60000,
+        num_test=10000,
+        description="Fashion-MNIST clothing images, 28x28 grayscale",
+    ),
+)
+DATASETS.add(
+    "cifar10",
+    DatasetInfo(
+        name="cifar10",
+        num_classes=10,
+        input_shape=(3, 32, 32),
+        num_train=50000,
+        num_test=10000,
+        description="CIFAR-10 natural images, 32x32 RGB",
+    ),
+)
+
+# Mean/std of all 1,797 digits after scaling 0..16 to [0, 1].
+_DIGITS_MEAN = 0.3053
+_DIGITS_STD = 0.3760
+_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_IDX_IMAGES_MAGIC = 0x00000803
+_IDX_LABELS_MAGIC = 0x00000801
+_IDX_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+_CIFAR_PY_DIR = "cifar-10-batches-py"
+_CIFAR_BIN_DIR = "cifar-10-batches-bin"
+_CIFAR_PY_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+_CIFAR_BIN_FILES = tuple(f"{f}.bin" for f in _CIFAR_PY_FILES)
+_CIFAR_PIXELS = 3 * 32 * 32
+_CIFAR_RECORD = 1 + _CIFAR_PIXELS
+
+# (train_x, train_y, test_x, test_y) as numpy arrays, before tensor conversion.
+_Arrays = tuple[_F32Array, _I64Array, _F32Array, _I64Array]
+
+
+def load_dataset(
+    name: str, data_dir: str | Path = "data", *, seed: int = 0
+) -> SplitData:
+    """Load a registered data set from local files, cached per process.
+
+    Parameters
+    ----------
+    name : str
+        Registry name: ``"digits"``, ``"mnist"``, ``"fashion-mnist"`` or
+        ``"cifar10"``.
+    data_dir : str or Path, default "data"
+        Root of the torchvision-style layout (``<data_dir>/MNIST/raw``,
+        ``<data_dir>/FashionMNIST/raw``, ``<data_dir>/cifar-10-batches-bin`` or
+        ``<data_dir>/cifar-10-batches-py``). Ignored for ``digits``.
+    seed : int, default 0
+        Seed of the stratified train/test split of ``digits``; the other data
+        sets use their official test split and ignore it.
+
+    Returns
+    -------
+    SplitData
+        The training pool and the server's held-out test split. The same object
+        is returned for the same arguments within a process, so its tensors must
+        not be mutated by callers.
+
+    Raises
+    ------
+    UnknownNameError
+        If ``name`` is not registered.
+    DatasetNotFoundError
+        If the files are missing; the message names the files and directory.
+    ValueError
+        If a file is corrupt.
+    pickle.UnpicklingError
+        If a CIFAR-10 python batch references anything but numpy array globals.
+    """
+    DATASETS.get(name)  # unknown names fail here with the valid choices
+    # Normalise the key so equivalent calls share one cache entry: digits has no
+    # files, and only digits' split depends on the seed.
+    if name == "digits":
+        return _load_cached(name, "", seed)
+    return _load_cached(name, str(Path(data_dir).expanduser().resolve()), 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str, data_dir: str, seed: int) -> SplitData:
+    train_x, train_y, test_x, test_y = _LOADERS[name](Path(data_dir), seed)
+    info = dataclasses.replace(
+        DATASETS.get(name), num_train=len(train_y), num_test=len(test_y)
+    )
+    return SplitData(
+        info=info,
+        train_x=torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)),
+        train_y=torch.from_numpy(np.ascontiguousarray(train_y, dtype=np.int64)),
+        test_x=torch.from_numpy(np.ascontiguousarray(test_x, dtype=np.float32)),
+        test_y=torch.from_numpy(np.ascontiguousarray(test_y, dtype=np.int64)),
+    )
+
+
+# ---- digits -------------------------------------------------------------------
+
+
+def _load_digits(data_dir: Path, seed: int) -> _Arrays:
+    del data_dir  # bundled with scikit-learn
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32) / 16.0
+    x = ((images - _DIGITS_MEAN) / _DIGITS_STD)[:, None, :, :].astype(np.float32)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(
+        x, y, test_size=0.2, stratify=y, random_state=seed
+    )
+    return train_x, train_y, test_x, test_y
+
+
+# ---- MNIST / Fashion-MNIST (IDX) ------------------------------------------------
+
+
+def _read_maybe_gz(path: Path) -> bytes:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    return path.read_bytes()
+
+
+def _find_idx_file(raw_dir: Path, stem: str) -> Path | None:
+    for candidate in (raw_dir / stem, raw_dir / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> _U8Array:
+    """Read an unsigned-byte IDX file (big-endian header) into an array."""
+    try:
+        raw = _read_maybe_gz(path)
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError
+        raise ValueError(f"corrupt IDX file {path}: {exc}") from None
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise ValueError(
+            f"corrupt IDX file {path}: {len(raw)} bytes is shorter than the "
+            f"{header_len}-byte header"
+        )
+    found_magic = int.from_bytes(raw[:4], "big")
+    if found_magic != magic:
+        raise ValueError(
+            f"corrupt IDX file {path}: magic 0x{found_magic:08x}, "
+            f"expected 0x{magic:08x}"
+        )
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header_len + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        raise ValueError(
+            f"corrupt IDX file {path}: header says dims {dims} ({expected} bytes) "
+            f"but the file has {len(raw)} bytes"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def _idx_pair(
+    raw_dir: Path, files: dict[str, Path], prefix: str, num_classes: int
+) -> tuple[_U8Array, _I64Array]:
+    images_path = files[f"{prefix}-images-idx3-ubyte"]
+    labels_path = files[f"{prefix}-labels-idx1-ubyte"]
+    images = _read_idx(images_path, _IDX_IMAGES_MAGIC, 3)
+    labels = _read_idx(labels_path, _IDX_LABELS_MAGIC, 1).astype(np.int64)
+    if images.shape[1:] != (28, 28):
+        raise ValueError(
+            f"corrupt IDX file {images_path}: images are "
+            f"{images.shape[1]}x{images.shape[2]}, expected 28x28"
+        )
+    if len(images) != len(labels):
+        raise ValueError(
+            f"mismatched IDX files in {raw_dir}: {len(images)} {prefix} images "
+            f"but {len(labels)} labels"
+        )
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"corrupt IDX file {labels_path}: label {int(labels.max())} is not "
+            f"below {num_classes}"
+        )
+    return images, labels
+
+
+def _load_idx_dataset(name: str, data_dir: Path, mean: float, std: float) -> _Arrays:
+    raw_dir = data_dir / _IDX_DIRS[name] / "raw"
+    found = {stem: _find_idx_file(raw_dir, stem) for stem in _IDX_FILES}
+    files = {stem: path for stem, path in found.items() if path is not None}
+    if len(files) != len(_IDX_FILES):
+        raise DatasetNotFoundError(
+            f"dataset '{name}' not found: put {', '.join(_IDX_FILES)} "
+            f"(optionally .gz) in {raw_dir} (torchvision layout); "
+            "fedsec never downloads"
+        )
+    num_classes = DATASETS.get(name).num_classes
+    arrays: list[np.ndarray[Any, Any]] = []
+    for prefix in ("train", "t10k"):
+        images, labels = _idx_pair(raw_dir, files, prefix, num_classes)
+        # In place: the float copy of 60,000 images is large enough to matter.
+        x = images[:, None, :, :].astype(np.float32)
+        x /= 255.0
+        x -= mean
+        x /= std
+        arrays += [x, labels]
+    return arrays[0], arrays[1], arrays[2], arrays[3]
+
+
+def _load_mnist(data_dir: Path, seed: int) -> _Arrays:
+    del seed  # official test split
+    return _load_idx_dataset("mnist", data_dir, _MNIST_MEAN, _MNIST_STD)
+
+
+def _load_fashion_mnist(data_dir: Path, seed: int) -> _Arrays:
+    del seed  # official test split
+    return _load_idx_dataset("fashion-mnist", data_dir, _FMNIST_MEAN, _FMNIST_STD)
+
+
+# ---- CIFAR-10 ---------------------------------------------------------------
+
+
+def _numpy_global(module: str, name: str) -> Callable[..., Any] | None:
+    """Resolve a numpy internal under its NumPy 2 (``_core``) or 1.x path."""
+    for prefix in ("numpy._core", "numpy.core"):
+        try:
+            mod = importlib.import_module(f"{prefix}.{module}")
+        except ImportError:
+            continue
+        obj = getattr(mod, name, None)
+        if obj is not None:
+            return obj  # type: ignore[no-any-return]
+    return None
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Protocol-2 pickles written by Python 3 store bytes as
+    # _codecs.encode(str, "latin1"); allow exactly that and no other codec.
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(
+            f"refusing _codecs.encode with encoding {encoding!r} in a CIFAR-10 batch"
+        )
+    return text.encode("latin1")
+
+
+def _allowed_pickle_globals() -> dict[tuple[str, str], Any]:
+    reconstruct = _numpy_global("multiarray", "_reconstruct")
+    frombuffer = _numpy_global("numeric", "_frombuffer")
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    # The original batches name numpy.core.*, files written by NumPy 2 name
+    # numpy._core.*; both resolve to the installed function.
+    for prefix in ("numpy.core", "numpy._core"):
+        if reconstruct is not None:
+            allowed[(f"{prefix}.multiarray", "_reconstruct")] = reconstruct
+        if frombuffer is not None:
+            allowed[(f"{prefix}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays and nothing else.
+
+    A pickle can call any importable callable while loading; the CIFAR-10
+    python batches only need numpy's array reconstruction, so every other global
+    is refused before it is imported.
+    """
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Return an allowed numpy global or raise ``pickle.UnpicklingError``."""
+        cls = type(self)
+        if cls._allowed is None:
+            cls._allowed = _allowed_pickle_globals()
+        try:
+            return cls._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to unpickle global '{module}.{name}': CIFAR-10 batches "
+                "may only contain numpy arrays"
+            ) from None
+
+
+def _read_cifar_pickle(path: Path) -> tuple[_U8Array, _I64Array]:
+    try:
+        with path.open("rb") as fh:
+            batch = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        # Keep the type (callers test for it) but say which file.
+        raise pickle.UnpicklingError(f"{path}: {exc}") from None
+    except Exception as exc:  # whatever a malformed pickle trips over
+        raise ValueError(f"corrupt CIFAR-10 batch {path}: {exc}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(
+            f"corrupt CIFAR-10 batch {path}: expected a dict with b'data' and b'labels'"
+        )
+    data = batch[b"data"]
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != _CIFAR_PIXELS
+    ):
+        desc = (
+            f"{data.dtype} {data.shape}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
+        raise ValueError(
+            f"corrupt CIFAR-10 batch {path}: b'data' is {desc}, expected uint8 "
+            f"[n, {_CIFAR_PIXELS}]"
+        )
+    try:
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"corrupt CIFAR-10 batch {path}: b'labels': {exc}") from None
+    if labels.shape != (len(data),):
+        raise ValueError(
+            f"corrupt CIFAR-10 batch {path}: {len(data)} images but labels of "
+            f"shape {labels.shape}"
+        )
+    return data, labels
+
+
+def _read_cifar_bin(path: Path) -> tuple[_U8Array, _I64Array]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % _CIFAR_RECORD:
+        raise ValueError(
+            f"corrupt CIFAR-10 binary batch {path}: {raw.size} bytes is not a "
+            f"positive multiple of the {_CIFAR_RECORD}-byte record"
+        )
+    records = raw.reshape(-1, _CIFAR_RECORD)
+    return records[:, 1:], records[:, 0].astype(np.int64)
+
+
+def _load_cifar10(data_dir: Path, seed: int) -> _Arrays:
+    del seed  # official test split
+    bin_dir = data_dir / _CIFAR_BIN_DIR
+    py_dir = data_dir / _CIFAR_PY_DIR
+    # The binary batches need no unpickling, so they win when complete.
+    reader: Callable[[Path], tuple[_U8Array, _I64Array]]
+    if all((bin_dir / f).is_file() for f in _CIFAR_BIN_FILES):
+        paths = [bin_dir / f for f in _CIFAR_BIN_FILES]
+        reader = _read_cifar_bin
+    elif all((py_dir / f).is_file() for f in _CIFAR_PY_FILES):
+        paths = [py_dir / f for f in _CIFAR_PY_FILES]
+        reader = _read_cifar_pickle
+    else:
+        raise DatasetNotFoundError(
+            f"dataset 'cifar10' not found: put {', '.join(_CIFAR_BIN_FILES)} in "
+            f"{bin_dir} or {', '.join(_CIFAR_PY_FILES)} in {py_dir} "
+            "(torchvision layout); fedsec never downloads"
+        )
+    batches = [reader(p) for p in paths]
+    for path, (_, labels) in zip(paths, batches, strict=True):
+        if len(labels) and int(labels.max()) >= 10:
+            raise ValueError(
+                f"corrupt CIFAR-10 batch {path}: label {int(labels.max())} is not "
+                "below 10"
+            )
+    mean = np.asarray(_CIFAR_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(_CIFAR_STD, dtype=np.float32).reshape(1, 3, 1, 1)
+
+    def normalise(data: _U8Array) -> _F32Array:
+        # Rows are the R, G and B planes, each 32x32 row-major.
+        x = data.reshape(-1, 3, 32, 32).astype(np.float32)
+        x /= 255.0
+        x -= mean
+        x /= std
+        return x
+
+    train_x = normalise(np.concatenate([d for d, _ in batches[:5]]))
+    train_y = np.concatenate([y for _, y in batches[:5]])
+    test_x = normalise(batches[5][0])
+    return train_x, train_y, test_x, batches[5][1]
+
+
+_LOADERS: dict[str, Callable[[Path, int], _Arrays]] = {
+    "digits": _load_digits,
+    "mnist": _load_mnist,
+    "fashion-mnist": _load_fashion_mnist,
+    "cifar10": _load_cifar10,
+}

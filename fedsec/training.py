@@ -1,0 +1,408 @@
+"""Local training and evaluation on in-memory tensors.
+
+Every simulated client calls :func:`train` once per round on a few hundred
+examples, typically with two CPU cores, so the loop is kept lean: the dataset is
+already a tensor, so mini-batches are index slices of a seeded permutation
+rather than a :class:`torch.utils.data.DataLoader` (whose per-batch collation
+dominates on data this small), and loss/accuracy are accumulated on the device
+so that no batch forces a host synchronisation.
+
+The global threading configuration and the global RNG are never touched: the
+shuffle uses its own :class:`torch.Generator`, so results depend on ``seed``
+alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F  # noqa: N812 -- the conventional alias
+from torch import nn
+
+from fedsec.registry import Registry
+
+__all__ = [
+    "OPTIMIZERS",
+    "EvalResult",
+    "OptimizerFactory",
+    "TrainResult",
+    "evaluate",
+    "make_optimizer",
+    "resolve_device",
+    "train",
+]
+
+
+# ---- devices ----------------------------------------------------------------
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn a config device string into a :class:`torch.device`.
+
+    Parameters
+    ----------
+    spec : str
+        ``"auto"`` picks CUDA if available, then Apple MPS, then CPU;
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` and ``"mps"`` are taken literally.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        For any other string, or when the requested accelerator is absent, e.g.
+        ``device 'cuda' requested but CUDA is not available``.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"device must be a string, got {spec!r}")
+    text = spec.strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(
+            f"unknown device '{spec}'; valid choices: auto, cpu, cuda, cuda:N, mps"
+        )
+    if device.type == "cpu":
+        # "cpu:3" means nothing useful; normalise to plain cpu.
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{spec}' requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device '{spec}' requested but only {count} CUDA device(s) exist"
+            )
+        return device
+    if not _mps_available():
+        raise ValueError(f"device '{spec}' requested but MPS is not available")
+    return device
+
+
+# ---- optimizers -------------------------------------------------------------
+
+
+class OptimizerFactory(Protocol):
+    """Builds an optimizer from parameters and the shared hyper-parameters."""
+
+    def __call__(
+        self,
+        params: Iterable[nn.Parameter],
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+    ) -> torch.optim.Optimizer: ...
+
+
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(
+    params: Iterable[nn.Parameter], *, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """Plain SGD with optional heavy-ball momentum, the FedAvg default."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("adam")
+def _adam(
+    params: Iterable[nn.Parameter], *, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """Adam (Kingma & Ba, 2015); ``momentum`` is ignored, Adam's betas stay default."""
+    del momentum
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(
+    params: Iterable[nn.Parameter], *, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter, 2019), decoupled decay; ignores ``momentum``."""
+    del momentum
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_optimizer(
+    name: str,
+    params: Iterable[nn.Parameter],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """Build a registered optimizer.
+
+    Parameters
+    ----------
+    name : str
+        ``"sgd"``, ``"adam"`` or ``"adamw"``.
+    params : iterable of torch.nn.Parameter
+        Parameters to optimise.
+    lr : float
+        Learning rate, > 0.
+    momentum : float
+        SGD momentum in ``[0, 1)``; ignored by Adam/AdamW, which keep their
+        default betas.
+    weight_decay : float
+        L2 penalty (decoupled for AdamW), >= 0.
+
+    Returns
+    -------
+    torch.optim.Optimizer
+
+    Raises
+    ------
+    fedsec.registry.UnknownNameError
+        If ``name`` is not registered.
+    ValueError
+        If a hyper-parameter is out of range.
+    """
+    factory = OPTIMIZERS.get(name)
+    if not lr > 0:
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    return factory(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+# ---- results ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes
+    ----------
+    loss : float
+        Mean cross-entropy over all examples of the last epoch, each measured
+        on the batch's forward pass just before its optimizer step.
+    accuracy : float
+        Fraction of examples of the last epoch classified correctly on that
+        same forward pass.
+    num_examples : int
+        Size of the local training set (the FedAvg weight).
+    steps : int
+        Optimizer steps taken over all epochs.
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Outcome of :func:`evaluate`.
+
+    Attributes
+    ----------
+    loss : float
+        Mean cross-entropy over the dataset.
+    accuracy : float
+        Fraction classified correctly (arg-max of the logits).
+    num_examples : int
+        Size of the evaluated dataset.
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+# ---- loops ------------------------------------------------------------------
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor, what: str) -> int:
+    n = int(x.shape[0]) if x.dim() > 0 else 0
+    if n == 0:
+        raise ValueError(f"cannot {what} on an empty dataset")
+    if y.dim() != 1 or int(y.shape[0]) != n:
+        raise ValueError(
+            f"cannot {what}: labels must have shape [{n}], got {list(y.shape)}"
+        )
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"cannot {what}: labels must be integer, got {y.dtype}")
+    return n
+
+
+def _to_device(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
+    dev = resolve_device(device) if isinstance(device, str) else device
+    model.to(dev)
+    # Match the model's dtype so float64 NumPy-born inputs just work.
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    return x.to(dev, dtype=dtype), y.to(dev, dtype=torch.long), dev
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: str = "sgd",
+    lr: float = 0.05,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> TrainResult:
+    """Train ``model`` in place with cross-entropy on shuffled mini-batches.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Classifier returning logits ``[B, num_classes]``; moved to ``device``
+        and left there, in training mode.
+    x : torch.Tensor
+        Inputs, ``[N, C, H, W]`` (any shape the model accepts), floating point.
+    y : torch.Tensor
+        Integer class labels, ``[N]``.
+    epochs : int
+        Passes over the data, >= 1.
+    batch_size : int
+        Examples per step, >= 1; the last batch of an epoch may be smaller.
+    optimizer : str
+        Registered optimizer name (see :data:`OPTIMIZERS`); a fresh optimizer
+        is built per call, as each FL round starts from the global model.
+    lr, momentum, weight_decay : float
+        Passed to :func:`make_optimizer`.
+    device : torch.device or str
+        Where to train; strings go through :func:`resolve_device`.
+    seed : int
+        Seeds a private generator for the shuffling order, so the same seed,
+        data and initial weights give the same result (on CPU bit-for-bit).
+
+    Returns
+    -------
+    TrainResult
+        Python numbers summarising the last epoch.
+
+    Raises
+    ------
+    ValueError
+        On an empty dataset, mismatched labels, ``epochs < 1`` or
+        ``batch_size < 1``.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = _check_data(x, y, "train")
+    x, y, dev = _to_device(model, x, y, device)
+    opt = make_optimizer(
+        optimizer,
+        model.parameters(),
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
+    # A CPU generator works for every device; only the permutation moves.
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    steps = 0
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), dtype=torch.long, device=dev)
+    for _ in range(epochs):
+        # Per-epoch totals: only the last epoch is reported.
+        loss_sum.zero_()
+        correct.zero_()
+        perm = torch.randperm(n, generator=gen).to(dev)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            xb, yb = x[idx], y[idx]
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            # Same as loss.backward(), but typed (Tensor.backward is not).
+            torch.autograd.backward(loss)
+            opt.step()
+            steps += 1
+            with torch.no_grad():
+                loss_sum += loss.detach() * yb.shape[0]
+                correct += (logits.argmax(dim=1) == yb).sum()
+    return TrainResult(
+        loss=float(loss_sum.item()) / n,
+        accuracy=int(correct.item()) / n,
+        num_examples=n,
+        steps=steps,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Classifier returning logits; moved to ``device`` and put in eval mode.
+    x : torch.Tensor
+        Inputs, ``[N, ...]``.
+    y : torch.Tensor
+        Integer class labels, ``[N]``.
+    batch_size : int
+        Examples per forward pass (memory only; results do not depend on it).
+    device : torch.device or str
+        Where to evaluate; strings go through :func:`resolve_device`.
+
+    Returns
+    -------
+    EvalResult
+
+    Raises
+    ------
+    ValueError
+        On an empty dataset, mismatched labels or ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = _check_data(x, y, "evaluate")
+    x, y, dev = _to_device(model, x, y, device)
+    model.eval()
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), dtype=torch.long, device=dev)
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            logits = model(xb)
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+            correct += (logits.argmax(dim=1) == yb).sum()
+    return EvalResult(
+        loss=float(loss_sum.item()) / n,
+        accuracy=int(correct.item()) / n,
+        num_examples=n,
+    )

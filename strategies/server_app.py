@@ -1,0 +1,182 @@
+"""The fedsec ServerApp: the round loop with checkpoints, resume and server-side evaluation.
+
+``app`` is the ServerApp that ``flwr run .`` starts (see ``[tool.flwr.app]`` in
+pyproject.toml); ``fedsec run`` builds one with :func:`make_server_app` so it
+can show live progress. Both run :func:`run_experiment`.
+
+Unlike ``Strategy.start`` this loop checkpoints the global model after every
+round, can start from the last checkpoint of an interrupted run, and keeps the
+global model unchanged when a round fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsec import aggregation
+from fedsec.checkpoint import CheckpointError
+from fedsec.config import ExperimentConfig, default_config, load_config
+from fedsec.data import SplitData, load_dataset
+from fedsec.models import make_model
+from fedsec.runs import RoundMetrics, RunDirectory
+from fedsec.training import evaluate, resolve_device
+
+from .strategy import FedSecStrategy
+
+logger = logging.getLogger("fedsec")
+
+CONFIG_RECORD_KEY = "fedsec-config"
+
+RoundCallback = Callable[[RoundMetrics], None]
+
+
+def build_strategy(cfg: ExperimentConfig) -> FedSecStrategy:
+    """The strategy an experiment config describes."""
+    return FedSecStrategy(
+        rule=aggregation.make(cfg.aggregation.rule),
+        rule_name=cfg.aggregation.rule,
+        fraction_train=cfg.client.fraction,
+        fraction_evaluate=cfg.client.evaluate_fraction,
+        min_available_nodes=cfg.data.num_clients,
+        seed=cfg.experiment.seed,
+        server_lr=cfg.server.lr,
+        server_momentum=cfg.server.momentum,
+        node_wait_timeout=cfg.server.round_timeout,
+    )
+
+
+def _server_evaluate(
+    model: torch.nn.Module, data: SplitData, device: torch.device
+) -> dict[str, float]:
+    result = evaluate(model, data.test_x, data.test_y, device=device)
+    return {"test_loss": result.loss, "test_accuracy": result.accuracy}
+
+
+def run_experiment(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run: RunDirectory,
+    on_round: RoundCallback | None = None,
+) -> list[RoundMetrics]:
+    """Run (or resume) an experiment's rounds on ``grid``, recording each in ``run``.
+
+    Round 0 is the evaluation of the initial model. When ``run`` already has
+    checkpoints, the loop restarts after the last one, whose SHA-256 must match
+    the manifest.
+
+    Raises
+    ------
+    CheckpointError
+        If resuming from a checkpoint that is missing, altered or incompatible.
+    """
+    device = resolve_device(cfg.experiment.device)
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
+    model = make_model(
+        cfg.model.name, data.info.input_shape, data.info.num_classes, seed=cfg.experiment.seed
+    ).to(device)
+    strategy = build_strategy(cfg)
+    strategy.summary()
+    on_round = on_round or (lambda _: None)
+
+    elapsed_before = 0.0
+    if run.last_round is None:
+        start_round = 1
+        initial = {"round": 0, "status": "initial", **_server_evaluate(model, data, device)}
+        initial["elapsed_s"] = 0.0
+        run.record_round(initial, model.state_dict())
+        on_round(initial)
+    else:
+        last, model_state, server_state = run.load_last_checkpoint()
+        try:
+            model.load_state_dict(model_state)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"checkpoint of round {last} does not fit model '{cfg.model.name}': "
+                f"{str(err).splitlines()[0]}"
+            ) from None
+        strategy.load_state_dict(server_state)
+        start_round = last + 1
+        elapsed_before = float(run.rounds[-1].get("elapsed_s", 0.0)) if run.rounds else 0.0
+        logger.info("resuming %s after round %d", run.name, last)
+
+    arrays = ArrayRecord(model.state_dict())
+    config_json = json.dumps(cfg.to_dict())
+    t_start = time.perf_counter()
+    for server_round in range(start_round, cfg.experiment.rounds + 1):
+        t_round = time.perf_counter()
+        train_config = ConfigRecord({CONFIG_RECORD_KEY: config_json})
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, train_config, grid),
+            timeout=cfg.server.round_timeout,
+        )
+        metrics: RoundMetrics = {"round": server_round, "status": "ok"}
+        try:
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        except Exception as err:  # a failed round leaves the global model as it was
+            logger.exception("round %d: aggregation failed; global model unchanged", server_round)
+            new_arrays, train_metrics = None, None
+            metrics["error"] = f"{type(err).__name__}: {err}"
+        if new_arrays is None:
+            metrics["status"] = "failed"
+        else:
+            arrays = new_arrays
+            model.load_state_dict(arrays.to_torch_state_dict())
+        metrics.update(dict(train_metrics or {}))
+
+        if strategy.fraction_evaluate > 0:
+            eval_config = ConfigRecord({CONFIG_RECORD_KEY: config_json})
+            eval_replies = grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, eval_config, grid),
+                timeout=cfg.server.round_timeout,
+            )
+            federated = strategy.aggregate_evaluate(server_round, eval_replies)
+            metrics.update({f"federated_{k}": v for k, v in (federated or {}).items()})
+
+        metrics.update(_server_evaluate(model, data, device))
+        metrics["round_time_s"] = time.perf_counter() - t_round
+        metrics["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+        run.record_round(metrics, model.state_dict(), strategy.state_dict())
+        logger.info(
+            "round %d: test accuracy %.4f, loss %.4f",
+            server_round,
+            metrics["test_accuracy"],
+            metrics["test_loss"],
+        )
+        on_round(metrics)
+    run.finish()
+    return run.rounds
+
+
+def make_server_app(
+    cfg: ExperimentConfig, run: RunDirectory, on_round: RoundCallback | None = None
+) -> ServerApp:
+    """A ServerApp bound to one config and run directory (used by ``fedsec run``)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_experiment(grid, cfg, run, on_round)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: reads ``config-file`` and ``results-dir``."""
+    config_file = str(context.run_config.get("config-file", ""))
+    cfg = load_config(Path(config_file).expanduser()) if config_file else default_config()
+    results_dir = str(context.run_config.get("results-dir", "")) or None
+    run = RunDirectory.create(cfg, results_dir)
+    logger.info("fedsec: writing results to %s", run.path)
+    run_experiment(grid, cfg, run)

@@ -1,0 +1,307 @@
+"""The fedsec server strategy on Flower's Message API.
+
+Each round it samples clients deterministically (seeded by the experiment seed
+and the round), turns every valid reply into an update (returned model minus
+global model) in one preallocated [n, d] tensor, applies the configured
+aggregation rule from :mod:`fedsec.aggregation`, then the server step (server
+learning rate, optional server momentum). Malformed replies are excluded with
+their reason logged and counted; they never crash a round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsec.aggregation import AggregationRule
+
+from .arrays import ArraySpec
+
+logger = logging.getLogger("fedsec")
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+@dataclass
+class RoundReport:
+    """What the strategy decided in one training round."""
+
+    server_round: int
+    sampled: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    excluded: dict[int, str] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+
+
+class FedSecStrategy(Strategy):
+    """Sampling, reply validation, a pluggable aggregation rule and a server step.
+
+    Parameters
+    ----------
+    rule : AggregationRule
+        Callable over stacked updates [n, d] (see :mod:`fedsec.aggregation`).
+    rule_name : str
+        The rule's config name, for logs.
+    fraction_train : float
+        Fraction of connected nodes sampled per training round (at least one).
+    fraction_evaluate : float
+        Fraction sampled for federated evaluation; 0 disables it.
+    min_available_nodes : int
+        Nodes that must be connected before sampling.
+    seed : int
+        Makes client sampling reproducible (and identical when resuming).
+    server_lr : float
+        Step size applied to the aggregated update (1.0 is plain FedAvg).
+    server_momentum : float
+        Heavy-ball momentum on the aggregated update (FedAvgM, Hsu et al. 2019).
+    node_wait_timeout : float
+        Seconds to wait for ``min_available_nodes`` before failing.
+    """
+
+    def __init__(
+        self,
+        *,
+        rule: AggregationRule,
+        rule_name: str = "mean",
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        min_available_nodes: int = 1,
+        seed: int = 0,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        node_wait_timeout: float = 600.0,
+    ) -> None:
+        self.rule = rule
+        self.rule_name = rule_name
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_available_nodes = min_available_nodes
+        self.seed = seed
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.node_wait_timeout = node_wait_timeout
+        self.momentum_buffer: torch.Tensor | None = None
+        self.last_report: RoundReport | None = None
+        self._spec: ArraySpec | None = None
+        self._global_flat: torch.Tensor | None = None
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        logger.info(
+            "FedSecStrategy: rule=%s, fraction_train=%.2f, server_lr=%g, server_momentum=%g",
+            self.rule_name,
+            self.fraction_train,
+            self.server_lr,
+            self.server_momentum,
+        )
+
+    # -- state kept across rounds (checkpointed by the server app) ------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint so a resumed run continues identically."""
+        if self.momentum_buffer is None:
+            return {}
+        return {"momentum_buffer": self.momentum_buffer.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.momentum_buffer = state.get("momentum_buffer")
+
+    # -- sampling -------------------------------------------------------------
+
+    def sample_nodes(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
+        """Wait for enough nodes, then sample ``fraction`` of them reproducibly."""
+        deadline = time.monotonic() + self.node_wait_timeout
+        while len(node_ids := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(node_ids)} of {self.min_available_nodes} nodes connected "
+                    f"after {self.node_wait_timeout:.0f} s"
+                )
+            time.sleep(0.5)
+        count = max(1, round(fraction * len(node_ids)))
+        rng = random.Random(f"{self.seed}:{server_round}")
+        return sorted(rng.sample(node_ids, count))
+
+    # -- training ---------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global model and config to a seeded sample of nodes."""
+        spec = ArraySpec.from_record(arrays)
+        global_flat = torch.empty(spec.dim, dtype=torch.float32)
+        reason = spec.flatten_into(arrays, global_flat)
+        if reason is not None:
+            raise ValueError(f"global model is invalid: {reason}")
+        self._spec, self._global_flat = spec, global_flat
+
+        node_ids = self.sample_nodes(grid, server_round, self.fraction_train)
+        self.last_report = RoundReport(server_round=server_round, sampled=node_ids)
+        config["server-round"] = server_round
+        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        logger.info("round %d: sampled %d nodes", server_round, len(node_ids))
+        return [
+            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            for node in node_ids
+        ]
+
+    def _check_reply(self, msg: Message, row: torch.Tensor) -> str | None:
+        """Copy a reply's model into ``row``; return why it is rejected, if it is."""
+        assert self._spec is not None and self.last_report is not None
+        if msg.has_error():
+            return f"client error: {msg.error.reason}"
+        if msg.metadata.src_node_id not in self.last_report.sampled:
+            return "reply from a node that was not sampled this round"
+        content = msg.content
+        if list(content.array_records) != [ARRAYS_KEY]:
+            return f"expected one ArrayRecord '{ARRAYS_KEY}', got {list(content.array_records)}"
+        if METRICS_KEY not in content.metric_records:
+            return f"missing MetricRecord '{METRICS_KEY}'"
+        num_examples = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES_KEY)
+        if not _is_positive_number(num_examples):
+            return f"'{NUM_EXAMPLES_KEY}' must be a positive number, got {num_examples!r}"
+        arrays = content.array_records[ARRAYS_KEY]
+        return self._spec.check(arrays) or self._spec.flatten_into(arrays, row)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, stack updates into [n, d], aggregate, take a server step.
+
+        Returns ``(None, metrics)`` when no reply is usable; the caller then keeps
+        the global model as it was.
+        """
+        if self._spec is None or self._global_flat is None or self.last_report is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        replies = list(replies)
+        report = self.last_report
+        updates = torch.empty(len(replies), self._spec.dim, dtype=torch.float32)
+        weights: list[float] = []
+        accepted: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            reason = self._check_reply(msg, updates[len(accepted)])
+            if reason is not None:
+                report.excluded[node] = reason
+                logger.warning("round %d: excluded node %d: %s", server_round, node, reason)
+                continue
+            report.accepted.append(node)
+            accepted.append(msg)
+            weights.append(float(msg.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]))
+        # Sampled nodes that sent nothing (timeout, crash) are dropouts, not exclusions.
+        metrics = MetricRecord(
+            {
+                "num-sampled": len(report.sampled),
+                "num-replies": len(replies),
+                "num-accepted": len(accepted),
+                "num-excluded": len(report.excluded),
+            }
+        )
+        if not accepted:
+            logger.warning("round %d: no usable reply; global model unchanged", server_round)
+            return None, metrics
+
+        stacked = updates[: len(accepted)]
+        stacked.sub_(self._global_flat)  # in place: updates = returned model - global
+        result = self.rule(stacked, torch.tensor(weights, dtype=torch.float32))
+        step = result.aggregate
+        if self.server_momentum > 0:
+            previous = self.momentum_buffer if self.momentum_buffer is not None else 0.0
+            step = self.server_momentum * previous + step
+        new_flat = self._global_flat + self.server_lr * step
+        if not torch.isfinite(new_flat).all():
+            raise FloatingPointError("aggregation produced non-finite parameters")
+        if self.server_momentum > 0:
+            self.momentum_buffer = step  # committed only once the round succeeded
+
+        for node, weight in zip(report.accepted, result.weights.tolist(), strict=True):
+            report.weights[node] = weight
+        for key, value in weighted_metrics(accepted, weights).items():
+            metrics[key] = value
+        return self._spec.to_record(new_flat), metrics
+
+    # -- federated evaluation -----------------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask a sample of clients to evaluate the global model on local data."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        node_ids = self.sample_nodes(grid, server_round, self.fraction_evaluate)
+        config["server-round"] = server_round
+        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        return [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
+            for node in node_ids
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of the clients' evaluation metrics."""
+        valid: list[Message] = []
+        weights: list[float] = []
+        for msg in replies:
+            metrics = None if msg.has_error() else msg.content.metric_records.get(METRICS_KEY)
+            count = None if metrics is None else metrics.get(NUM_EXAMPLES_KEY)
+            if _is_positive_number(count):
+                valid.append(msg)
+                weights.append(float(count))  # type: ignore[arg-type]
+            else:
+                logger.warning(
+                    "round %d: ignored evaluation reply from node %d",
+                    server_round,
+                    msg.metadata.src_node_id,
+                )
+        return weighted_metrics(valid, weights) if valid else None
+
+
+def _is_positive_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def weighted_metrics(replies: list[Message], weights: list[float]) -> MetricRecord:
+    """Weighted mean of the scalar metrics every reply reports (finite values only).
+
+    Keys missing from some reply, non-scalar or non-finite values are skipped
+    rather than trusted, so a malformed metric cannot break a round.
+    """
+    records = [msg.content.metric_records[METRICS_KEY] for msg in replies]
+    total = sum(weights)
+    out = MetricRecord()
+    keys = set.intersection(*(set(r.keys()) for r in records)) - {NUM_EXAMPLES_KEY}
+    for key in sorted(keys):
+        values = [r[key] for r in records]
+        if all(_is_scalar(v) for v in values):
+            out[key] = sum(w * float(v) for w, v in zip(weights, values, strict=True)) / total  # type: ignore[arg-type]
+    return out
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,94 @@
+"""Config validation: every problem is one line that names the field."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedsec.config import (
+    ConfigError,
+    ExperimentConfig,
+    default_config,
+    load_config,
+    parse_config,
+    to_toml,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error(raw: dict[str, object]) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_default_is_the_quickstart_file() -> None:
+    assert load_config(ROOT / "simulations" / "quickstart.toml") == default_config()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "simulations").glob("*.toml")))
+def test_shipped_configs_validate(path: Path) -> None:
+    assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_round_trip_through_toml_and_dict() -> None:
+    cfg = parse_config({"data": {"partition": "dirichlet", "alpha": 0.1}, "experiment": {"name": "x"}})
+    assert parse_config(tomllib.loads(to_toml(cfg))) == cfg
+    assert parse_config(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"data": {"num_clients": -3}}, "data.num_clients: must be >= 1 (got -3)"),
+        ({"data": {"alpha": 0}}, "data.alpha: must be > 0 (got 0.0)"),
+        ({"data": {"alpha": -1.5}}, "data.alpha: must be > 0 (got -1.5)"),
+        ({"data": {"num_clients": 5000}}, "data.num_clients: 5000 clients but dataset 'digits' has only"),
+        ({"aggregation": {"rule": "krumm"}}, "aggregation.rule: unknown aggregation rule 'krumm'; valid choices: mean"),
+        ({"data": {"dataset": "imagenet"}}, "data.dataset: unknown dataset 'imagenet'; valid choices: digits"),
+        ({"data": {"partition": "random"}}, "data.partition: unknown partitioner 'random'; valid choices: iid"),
+        ({"model": {"name": "vgg"}}, "model.name: unknown model 'vgg'; valid choices: mlp"),
+        ({"model": {"name": "cnn28"}}, "model.name: model 'cnn28' expects 28x28 inputs, got 8x8"),
+        ({"client": {"optimizer": "lbfgs"}}, "client.optimizer: unknown optimizer 'lbfgs'"),
+        ({"client": {"fraction": 0}}, "client.fraction: must be in (0, 1] (got 0.0)"),
+        ({"client": {"local_epochs": 1.5}}, "client.local_epochs: must be an integer (got 1.5)"),
+        ({"client": {"local_epochs": True}}, "client.local_epochs: must be an integer (got True)"),
+        ({"client": {"lr": "fast"}}, "client.lr: must be a number (got 'fast')"),
+        ({"experiment": {"rounds": 0}}, "experiment.rounds: must be >= 1 (got 0)"),
+        ({"experiment": {"name": "../escape"}}, "experiment.name: must be letters"),
+        ({"experiment": {"device": "tpu"}}, "experiment.device: must be auto, cpu"),
+        ({"data": {"num_client": 3}}, "data.num_client: unknown key (did you mean 'num_clients'?)"),
+        ({"dta": {}}, "dta: unknown section (did you mean 'data'?)"),
+        ({"data": 3}, "data: must be a table"),
+        ({"attack": {"name": "alie"}}, "attack.name: unknown attack 'alie'; valid choices: none"),
+        ({"secagg": {"enabled": "yes"}}, "secagg.enabled: must be true or false"),
+    ],
+)
+def test_invalid_values_name_the_field(raw: dict[str, object], expected: str) -> None:
+    assert _error(raw).startswith(expected)
+
+
+def test_malformed_toml_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[data\nnum_clients = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: invalid TOML")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_replace_revalidates() -> None:
+    cfg = default_config()
+    assert cfg.replace("experiment", rounds=3).experiment.rounds == 3
+    with pytest.raises(ConfigError, match="experiment.rounds"):
+        cfg.replace("experiment", rounds=-1)
