@@ -171,7 +171,8 @@ def run(
     ] = None,
     name: Annotated[str | None, typer.Option(help="Run name (experiment.name).")] = None,
     rounds: Annotated[
-        int | None, typer.Option(help="Number of rounds (experiment.rounds); extends a resumed run.")
+        int | None,
+        typer.Option(help="Number of rounds (experiment.rounds); extends a resumed run."),
     ] = None,
     results_dir: Annotated[
         Path | None, typer.Option("--results-dir", help="Parent of the run directory.")
@@ -182,7 +183,9 @@ def run(
     run_dir: RunDirectory | None = None
     if resume is not None:
         if config is not None or name is not None or results_dir is not None:
-            raise _fail("--resume takes the config and name from RUN_DIR; drop CONFIG/--name/--results-dir")
+            raise _fail(
+                "--resume takes the config and name from RUN_DIR; drop CONFIG/--name/--results-dir"
+            )
         try:
             run_dir = RunDirectory.open(resume)
         except RunDirectoryError as err:
@@ -202,8 +205,7 @@ def run(
         done = run_dir.last_round or 0
         if done >= cfg.experiment.rounds:
             console.print(
-                f"Run {run_dir.path} already completed {done} rounds; "
-                "pass --rounds N to extend it."
+                f"Run {run_dir.path} already completed {done} rounds; pass --rounds N to extend it."
             )
             return
         run_dir.config = cfg
@@ -252,7 +254,9 @@ def run(
 
 
 @cli.command()
-def validate(config: Annotated[Path, typer.Argument(help="Experiment TOML to check.")]) -> None:
+def validate(
+    config: Annotated[Path, typer.Argument(help="Experiment TOML to check.")],
+) -> None:
     """Check a config file without running it."""
     cfg = _load(config)
     console.print(

@@ -27,6 +27,9 @@ from typing import Any, TypeVar, get_type_hints
 from fedsec.registry import UnknownNameError
 
 ATTACKS = ("none",)
+
+#: ConfigRecord key under which the server sends the validated config (JSON) to clients.
+WIRE_CONFIG_KEY = "fedsec-config"
 PRIVACY_MODES = ("none",)
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -272,9 +275,7 @@ def _resolve(where: str, lookup: Callable[[str], object], name: str) -> None:
 
 def _check_choice(where: str, value: str, choices: tuple[str, ...], kind: str) -> None:
     if value not in choices:
-        raise ConfigError(
-            where, f"unknown {kind} '{value}'; valid choices: {', '.join(choices)}"
-        )
+        raise ConfigError(where, f"unknown {kind} '{value}'; valid choices: {', '.join(choices)}")
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
@@ -304,9 +305,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _resolve("data.dataset", DATASETS.get, data.dataset)
     _resolve("data.partition", PARTITIONERS.get, data.partition)
     _require("data.alpha", data.alpha, lambda v: v > 0, "> 0")
-    _require(
-        "data.shards_per_client", data.shards_per_client, lambda v: v >= 1, ">= 1"
-    )
+    _require("data.shards_per_client", data.shards_per_client, lambda v: v >= 1, ">= 1")
     _require("data.num_clients", data.num_clients, lambda v: v >= 1, ">= 1")
     info = DATASETS.get(data.dataset)
     if data.num_clients > info.num_train:
@@ -348,12 +347,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         raise ConfigError("secagg.enabled", "secure aggregation is not available yet")
 
     sim = cfg.simulation
-    _require(
-        "simulation.cpus_per_client", sim.cpus_per_client, lambda v: v > 0, "> 0"
-    )
-    _require(
-        "simulation.gpus_per_client", sim.gpus_per_client, lambda v: v >= 0, ">= 0"
-    )
+    _require("simulation.cpus_per_client", sim.cpus_per_client, lambda v: v > 0, "> 0")
+    _require("simulation.gpus_per_client", sim.gpus_per_client, lambda v: v >= 0, ">= 0")
 
 
 def to_toml(cfg: ExperimentConfig) -> str:

@@ -72,9 +72,7 @@ def _group_norm(channels: int, max_groups: int = 8) -> nn.GroupNorm:
     channels) would be left with one or two channels per group, which behaves
     like InstanceNorm and trains worse, so we cap the group count lower.
     """
-    groups = max(
-        g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0
-    )
+    groups = max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
 
 
@@ -310,8 +308,7 @@ def check_model_input(name: str, input_shape: tuple[int, int, int]) -> None:
     _, h, w = input_shape
     if spec.image_sizes is not None and (h != w or h not in spec.image_sizes):
         raise ValueError(
-            f"model '{name}' expects {_format_sizes(spec.image_sizes)} inputs, "
-            f"got {h}x{w}"
+            f"model '{name}' expects {_format_sizes(spec.image_sizes)} inputs, got {h}x{w}"
         )
 
 
@@ -350,11 +347,7 @@ def make_model(
         If ``input_shape`` does not fit the model or ``num_classes < 2``.
     """
     check_model_input(name, input_shape)
-    if (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, int)
-        or num_classes < 2
-    ):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"model '{name}' needs num_classes >= 2, got {num_classes!r}")
     spec = MODELS.get(name)
     # A plain tuple, in case the caller passed a list or torch.Size.

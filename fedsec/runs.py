@@ -60,7 +60,9 @@ class RunDirectory:
     finished: bool = False
 
     @classmethod
-    def create(cls, config: ExperimentConfig, results_dir: str | Path | None = None) -> RunDirectory:
+    def create(
+        cls, config: ExperimentConfig, results_dir: str | Path | None = None
+    ) -> RunDirectory:
         """Make ``<results_dir>/<name>``; an existing run is never overwritten.
 
         If the name is taken, ``-2``, ``-3``, ... is appended.

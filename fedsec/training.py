@@ -77,9 +77,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     except (RuntimeError, ValueError):
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(
-            f"unknown device '{spec}'; valid choices: auto, cpu, cuda, cuda:N, mps"
-        )
+        raise ValueError(f"unknown device '{spec}'; valid choices: auto, cpu, cuda, cuda:N, mps")
     if device.type == "cpu":
         # "cpu:3" means nothing useful; normalise to plain cpu.
         return torch.device("cpu")
@@ -88,9 +86,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
             raise ValueError(f"device '{spec}' requested but CUDA is not available")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise ValueError(
-                f"device '{spec}' requested but only {count} CUDA device(s) exist"
-            )
+            raise ValueError(f"device '{spec}' requested but only {count} CUDA device(s) exist")
         return device
     if not _mps_available():
         raise ValueError(f"device '{spec}' requested but MPS is not available")
@@ -241,9 +237,7 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, what: str) -> int:
     if n == 0:
         raise ValueError(f"cannot {what} on an empty dataset")
     if y.dim() != 1 or int(y.shape[0]) != n:
-        raise ValueError(
-            f"cannot {what}: labels must have shape [{n}], got {list(y.shape)}"
-        )
+        raise ValueError(f"cannot {what}: labels must have shape [{n}], got {list(y.shape)}")
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ValueError(f"cannot {what}: labels must be integer, got {y.dtype}")
     return n

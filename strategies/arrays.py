@@ -39,7 +39,9 @@ class ArraySpec:
         offset = 0
         for name, array in record.items():
             if not np.issubdtype(np.dtype(array.dtype), np.floating):
-                raise ValueError(f"array '{name}' has dtype {array.dtype}; only float arrays are supported")
+                raise ValueError(
+                    f"array '{name}' has dtype {array.dtype}; only float arrays are supported"
+                )
             names.append(name)
             shapes.append(tuple(array.shape))
             dtypes.append(array.dtype)

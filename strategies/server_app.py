@@ -15,15 +15,17 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from logging import INFO
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsec import aggregation
 from fedsec.checkpoint import CheckpointError
-from fedsec.config import ExperimentConfig, default_config, load_config
+from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, default_config, load_config
 from fedsec.data import SplitData, load_dataset
 from fedsec.models import make_model
 from fedsec.runs import RoundMetrics, RunDirectory
@@ -32,8 +34,6 @@ from fedsec.training import evaluate, resolve_device
 from .strategy import FedSecStrategy
 
 logger = logging.getLogger("fedsec")
-
-CONFIG_RECORD_KEY = "fedsec-config"
 
 RoundCallback = Callable[[RoundMetrics], None]
 
@@ -80,7 +80,10 @@ def run_experiment(
     device = resolve_device(cfg.experiment.device)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
     model = make_model(
-        cfg.model.name, data.info.input_shape, data.info.num_classes, seed=cfg.experiment.seed
+        cfg.model.name,
+        data.info.input_shape,
+        data.info.num_classes,
+        seed=cfg.experiment.seed,
     ).to(device)
     strategy = build_strategy(cfg)
     strategy.summary()
@@ -89,7 +92,11 @@ def run_experiment(
     elapsed_before = 0.0
     if run.last_round is None:
         start_round = 1
-        initial = {"round": 0, "status": "initial", **_server_evaluate(model, data, device)}
+        initial = {
+            "round": 0,
+            "status": "initial",
+            **_server_evaluate(model, data, device),
+        }
         initial["elapsed_s"] = 0.0
         run.record_round(initial, model.state_dict())
         on_round(initial)
@@ -112,7 +119,7 @@ def run_experiment(
     t_start = time.perf_counter()
     for server_round in range(start_round, cfg.experiment.rounds + 1):
         t_round = time.perf_counter()
-        train_config = ConfigRecord({CONFIG_RECORD_KEY: config_json})
+        train_config = ConfigRecord({WIRE_CONFIG_KEY: config_json})
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, train_config, grid),
             timeout=cfg.server.round_timeout,
@@ -132,7 +139,7 @@ def run_experiment(
         metrics.update(dict(train_metrics or {}))
 
         if strategy.fraction_evaluate > 0:
-            eval_config = ConfigRecord({CONFIG_RECORD_KEY: config_json})
+            eval_config = ConfigRecord({WIRE_CONFIG_KEY: config_json})
             eval_replies = grid.send_and_receive(
                 strategy.configure_evaluate(server_round, arrays, eval_config, grid),
                 timeout=cfg.server.round_timeout,
@@ -178,5 +185,24 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(Path(config_file).expanduser()) if config_file else default_config()
     results_dir = str(context.run_config.get("results-dir", "")) or None
     run = RunDirectory.create(cfg, results_dir)
-    logger.info("fedsec: writing results to %s", run.path)
-    run_experiment(grid, cfg, run)
+    # Flower streams its own logger to `flwr run --stream`, so report through it.
+    flwr_log(INFO, "fedsec: writing results to %s", run.path)
+    run_experiment(grid, cfg, run, on_round=_log_round)
+    final = run.rounds[-1]
+    flwr_log(
+        INFO,
+        "fedsec: final test accuracy %.2f%% (round %d)",
+        100 * final["test_accuracy"],
+        final["round"],
+    )
+
+
+def _log_round(metrics: RoundMetrics) -> None:
+    flwr_log(
+        INFO,
+        "fedsec: round %d: test accuracy %.2f%%, test loss %.4f (%s)",
+        metrics["round"],
+        100 * metrics["test_accuracy"],
+        metrics["test_loss"],
+        metrics["status"],
+    )

@@ -207,7 +207,7 @@ class FedSecStrategy(Strategy):
                 continue
             report.accepted.append(node)
             accepted.append(msg)
-            weights.append(float(msg.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]))
+            weights.append(_as_float(msg.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]))
         # Sampled nodes that sent nothing (timeout, crash) are dropouts, not exclusions.
         metrics = MetricRecord(
             {
@@ -267,7 +267,7 @@ class FedSecStrategy(Strategy):
             count = None if metrics is None else metrics.get(NUM_EXAMPLES_KEY)
             if _is_positive_number(count):
                 valid.append(msg)
-                weights.append(float(count))  # type: ignore[arg-type]
+                weights.append(_as_float(count))
             else:
                 logger.warning(
                     "round %d: ignored evaluation reply from node %d",
@@ -277,13 +277,23 @@ class FedSecStrategy(Strategy):
         return weighted_metrics(valid, weights) if valid else None
 
 
+def _scalar(value: object) -> float | None:
+    """``value`` as a float if it is a finite int or float (not a bool or list), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def _is_positive_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    number = _scalar(value)
+    return number is not None and number > 0
+
+
+def _as_float(value: object) -> float:
+    number = _scalar(value)
+    if number is None:
+        raise TypeError(f"expected a finite number, got {value!r}")
+    return number
 
 
 def weighted_metrics(replies: list[Message], weights: list[float]) -> MetricRecord:
@@ -297,11 +307,9 @@ def weighted_metrics(replies: list[Message], weights: list[float]) -> MetricReco
     out = MetricRecord()
     keys = set.intersection(*(set(r.keys()) for r in records)) - {NUM_EXAMPLES_KEY}
     for key in sorted(keys):
-        values = [r[key] for r in records]
-        if all(_is_scalar(v) for v in values):
-            out[key] = sum(w * float(v) for w, v in zip(weights, values, strict=True)) / total  # type: ignore[arg-type]
+        values = [_scalar(r[key]) for r in records]
+        if all(v is not None for v in values):
+            out[key] = (
+                sum(w * v for w, v in zip(weights, values, strict=True) if v is not None) / total
+            )
     return out
-
-
-def _is_scalar(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

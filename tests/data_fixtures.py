@@ -28,9 +28,7 @@ CIFAR_BATCHES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 def idx_bytes(array: npt.NDArray[np.uint8]) -> bytes:
     """Encode a uint8 array as an IDX file (magic 0x0803 images, 0x0801 labels)."""
     magic = 0x00000800 | array.ndim
-    header = magic.to_bytes(4, "big") + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
@@ -89,22 +87,15 @@ def write_mnist_fixture(
 def _cifar_batches(
     n_per_batch: int,
 ) -> list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]]:
-    return [
-        fixture_images(n_per_batch, 32, 32, 3, seed=10 + i)
-        for i in range(len(CIFAR_BATCHES))
-    ]
+    return [fixture_images(n_per_batch, 32, 32, 3, seed=10 + i) for i in range(len(CIFAR_BATCHES))]
 
 
 def write_cifar10_bin_fixture(root: Path, n_per_batch: int = 8) -> None:
     """Write ``root/cifar-10-batches-bin`` with ``n_per_batch`` records per file."""
     out = Path(root) / "cifar-10-batches-bin"
     out.mkdir(parents=True, exist_ok=True)
-    for stem, (images, labels) in zip(
-        CIFAR_BATCHES, _cifar_batches(n_per_batch), strict=True
-    ):
-        records = np.concatenate(
-            [labels[:, None], images.reshape(len(images), -1)], axis=1
-        )
+    for stem, (images, labels) in zip(CIFAR_BATCHES, _cifar_batches(n_per_batch), strict=True):
+        records = np.concatenate([labels[:, None], images.reshape(len(images), -1)], axis=1)
         (out / f"{stem}.bin").write_bytes(records.astype(np.uint8).tobytes())
 
 
@@ -151,9 +142,7 @@ def write_cifar10_pickle_fixture(
     """
     out = Path(root) / "cifar-10-batches-py"
     out.mkdir(parents=True, exist_ok=True)
-    for stem, (images, labels) in zip(
-        CIFAR_BATCHES, _cifar_batches(n_per_batch), strict=True
-    ):
+    for stem, (images, labels) in zip(CIFAR_BATCHES, _cifar_batches(n_per_batch), strict=True):
         batch = {
             b"batch_label": stem.encode(),
             b"labels": [int(label) for label in labels],

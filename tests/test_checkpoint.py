@@ -44,7 +44,9 @@ def test_run_directory_records_and_reopens(tmp_path: Path) -> None:
     cfg = default_config().replace("experiment", name="unit", rounds=3)
     run = RunDirectory.create(cfg, tmp_path)
     model = {"layer.weight": torch.randn(2, 2)}
-    run.record_round({"round": 0, "status": "initial", "test_accuracy": 0.1, "test_loss": 2.3}, model)
+    run.record_round(
+        {"round": 0, "status": "initial", "test_accuracy": 0.1, "test_loss": 2.3}, model
+    )
     model2 = {"layer.weight": torch.randn(2, 2)}
     run.record_round(
         {"round": 1, "status": "ok", "test_accuracy": 0.5, "test_loss": 1.0},

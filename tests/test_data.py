@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
+
 from data_fixtures import (
     CIFAR_BATCHES,
     IDX_FILES,
@@ -22,7 +23,6 @@ from data_fixtures import (
     write_cifar10_pickle_fixture,
     write_mnist_fixture,
 )
-
 from fedsec.data import (
     DATASETS,
     PARTITIONERS,
@@ -54,15 +54,12 @@ def _denormalise(
     return np.rint(raw).astype(np.int64)
 
 
-def _label_tv(
-    labels: npt.NDArray[np.int64], parts: list[npt.NDArray[np.int64]]
-) -> float:
+def _label_tv(labels: npt.NDArray[np.int64], parts: list[npt.NDArray[np.int64]]) -> float:
     """Mean over partitions of the total-variation distance to the global mix."""
     k = int(labels.max()) + 1
     global_mix = np.bincount(labels, minlength=k) / len(labels)
     distances = [
-        0.5 * np.abs(np.bincount(labels[p], minlength=k) / len(p) - global_mix).sum()
-        for p in parts
+        0.5 * np.abs(np.bincount(labels[p], minlength=k) / len(p) - global_mix).sum() for p in parts
     ]
     return float(np.mean(distances))
 
@@ -252,9 +249,7 @@ def test_cifar10_binary(tmp_path: Path) -> None:
     _check_cifar(tmp_path, 6)
 
 
-@pytest.mark.parametrize(
-    ("protocol", "py2"), [(2, False), (4, False), (5, False), (2, True)]
-)
+@pytest.mark.parametrize(("protocol", "py2"), [(2, False), (4, False), (5, False), (2, True)])
 def test_cifar10_python_pickle(tmp_path: Path, protocol: int, py2: bool) -> None:
     # py2=True mimics the published batches: Python 2 strings, numpy.core names.
     write_cifar10_pickle_fixture(tmp_path, n_per_batch=6, protocol=protocol, py2=py2)
@@ -333,8 +328,7 @@ def test_partitions_deterministic_and_seed_dependent(
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     other = partition_indices(digits_labels, 10, method, seed=4)
     assert not all(
-        np.array_equal(np.sort(a), np.sort(b))
-        for a, b in zip(first, other, strict=True)
+        np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(first, other, strict=True)
     )
 
 
@@ -398,9 +392,7 @@ def test_shards_limit_labels_per_client(digits_labels: npt.NDArray[np.int64]) ->
     assert max(distinct) <= 4
     assert np.mean(distinct) <= 3.0
     assert {len(p) for p in parts} == {70}
-    single = partition_indices(
-        digits_labels, 10, "shards", seed=0, shards_per_partition=1
-    )
+    single = partition_indices(digits_labels, 10, "shards", seed=0, shards_per_partition=1)
     assert max(len(np.unique(digits_labels[p])) for p in single) <= 2
 
 

@@ -42,9 +42,7 @@ def test_every_registered_model_is_covered() -> None:
 
 @pytest.mark.parametrize(("name", "shape"), ACCEPTED)
 @pytest.mark.parametrize("num_classes", [10, 3])
-def test_forward_shape(
-    name: str, shape: tuple[int, int, int], num_classes: int
-) -> None:
+def test_forward_shape(name: str, shape: tuple[int, int, int], num_classes: int) -> None:
     model = make_model(name, shape, num_classes, seed=0)
     out = model(torch.randn(4, *shape))
     assert out.shape == (4, num_classes)
@@ -129,17 +127,13 @@ def test_too_few_classes_raises() -> None:
 def test_unknown_model_lists_choices() -> None:
     with pytest.raises(UnknownNameError) as info:
         make_model("vgg", (3, 32, 32), 10)
-    assert str(info.value) == (
-        "unknown model 'vgg'; valid choices: mlp, cnn-digits, cnn28, resnet"
-    )
+    assert str(info.value) == ("unknown model 'vgg'; valid choices: mlp, cnn-digits, cnn28, resnet")
     with pytest.raises(UnknownNameError):
         check_model_input("vgg", (3, 32, 32))
 
 
 @pytest.mark.parametrize(("name", "shape"), ACCEPTED)
-def test_seed_gives_identical_parameters(
-    name: str, shape: tuple[int, int, int]
-) -> None:
+def test_seed_gives_identical_parameters(name: str, shape: tuple[int, int, int]) -> None:
     a = make_model(name, shape, 10, seed=7).state_dict()
     b = make_model(name, shape, 10, seed=7).state_dict()
     c = make_model(name, shape, 10, seed=8).state_dict()

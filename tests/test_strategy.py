@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import pytest
@@ -16,19 +16,9 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsec import aggregation
 from fedsec.strategies import ArraySpec, FedSecStrategy
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    # Messages built outside a running Flower process need an identity.
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 class FakeGrid:
@@ -51,7 +41,9 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return record
 
 
-def _reply(request: Message, arrays: dict[str, np.ndarray] | None, examples: object = 10) -> Message:
+def _reply(
+    request: Message, arrays: dict[str, np.ndarray] | None, examples: object = 10
+) -> Message:
     content = RecordDict({"metrics": MetricRecord({"num-examples": examples, "train_loss": 1.0})})  # type: ignore[dict-item]
     if arrays is not None:
         content["arrays"] = _record(arrays)
@@ -67,7 +59,9 @@ def _strategy(**kwargs: object) -> FedSecStrategy:
 
 
 def _configure(strategy: FedSecStrategy, nodes: int = 4) -> list[Message]:
-    return list(strategy.configure_train(1, _record(GLOBAL), ConfigRecord(), FakeGrid(range(1, nodes + 1))))  # type: ignore[arg-type]
+    return list(
+        strategy.configure_train(1, _record(GLOBAL), ConfigRecord(), FakeGrid(range(1, nodes + 1)))
+    )  # type: ignore[arg-type]
 
 
 def _flat(record: ArrayRecord) -> torch.Tensor:
@@ -80,7 +74,10 @@ def _flat(record: ArrayRecord) -> torch.Tensor:
 def test_weighted_mean_of_updates() -> None:
     strategy = _strategy()
     requests = _configure(strategy, nodes=2)
-    replies = [_reply(requests[0], _shifted(1.0), 1), _reply(requests[1], _shifted(3.0), 3)]
+    replies = [
+        _reply(requests[0], _shifted(1.0), 1),
+        _reply(requests[1], _shifted(3.0), 3),
+    ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None
     assert torch.allclose(_flat(arrays), torch.full((8,), 2.5))
@@ -107,7 +104,9 @@ def _bad_replies(requests: list[Message]) -> dict[str, Message]:
         "missing ArrayRecord": _reply(requests[3], None),
         "payload": liar,
         "num-examples": _reply(requests[0], _shifted(1.0), examples=-5),
-        "extra array": _reply(requests[1], {**_shifted(1.0), "extra": np.zeros(1, dtype=np.float32)}),
+        "extra array": _reply(
+            requests[1], {**_shifted(1.0), "extra": np.zeros(1, dtype=np.float32)}
+        ),
         "client error": Message(Error(code=3, reason="out of memory"), reply_to=requests[2]),
     }
 
@@ -144,7 +143,9 @@ def test_reply_from_unsampled_node_is_excluded() -> None:
     sampled = {m.metadata.dst_node_id for m in requests}
     outsider = next(n for n in range(1, 5) if n not in sampled)
     stranger = Message(content=RecordDict(), message_type="train", dst_node_id=outsider)
-    arrays, metrics = strategy.aggregate_train(1, [_reply(stranger, _shifted(9.0)), _reply(requests[0], _shifted(1.0))])
+    arrays, metrics = strategy.aggregate_train(
+        1, [_reply(stranger, _shifted(9.0)), _reply(requests[0], _shifted(1.0))]
+    )
     assert arrays is not None and metrics is not None
     assert metrics["num-excluded"] == 1
     assert torch.allclose(_flat(arrays), torch.ones(8))

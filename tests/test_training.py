@@ -50,9 +50,7 @@ def test_digits_models_learn(digits: Split, name: str) -> None:
     """
     x_tr, y_tr, x_te, y_te = digits
     model = make_model(name, (1, 8, 8), 10, seed=0)
-    res = train(
-        model, x_tr, y_tr, epochs=5, batch_size=32, lr=0.05, momentum=0.9, seed=0
-    )
+    res = train(model, x_tr, y_tr, epochs=5, batch_size=32, lr=0.05, momentum=0.9, seed=0)
     assert isinstance(res, TrainResult)
     assert res.num_examples == 1437
     assert res.steps == 5 * math.ceil(1437 / 32)
@@ -71,9 +69,7 @@ def test_training_is_deterministic_for_a_seed(digits: Split, optimizer: str) -> 
 
     def run(seed: int) -> tuple[TrainResult, dict[str, torch.Tensor]]:
         model = make_model("cnn-digits", (1, 8, 8), 10, seed=3)
-        res = train(
-            model, x, y, epochs=2, batch_size=16, optimizer=optimizer, lr=lr, seed=seed
-        )
+        res = train(model, x, y, epochs=2, batch_size=16, optimizer=optimizer, lr=lr, seed=seed)
         return res, model.state_dict()
 
     res_a, a = run(1)
@@ -132,9 +128,7 @@ def test_train_sets_train_mode_and_accepts_float64() -> None:
 def test_train_rejects_bad_loop_settings(kwargs: dict[str, int], match: str) -> None:
     model = make_model("mlp", (1, 8, 8), 10)
     with pytest.raises(ValueError, match=match):
-        train(
-            model, torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), **kwargs
-        )
+        train(model, torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), **kwargs)
 
 
 def test_empty_dataset_is_a_one_line_error() -> None:
@@ -302,9 +296,7 @@ def test_unknown_optimizer_lists_choices() -> None:
     params = list(nn.Linear(2, 2).parameters())
     with pytest.raises(UnknownNameError) as info:
         make_optimizer("rmsprop", params, lr=0.1)
-    assert str(info.value) == (
-        "unknown optimizer 'rmsprop'; valid choices: sgd, adam, adamw"
-    )
+    assert str(info.value) == ("unknown optimizer 'rmsprop'; valid choices: sgd, adam, adamw")
     with pytest.raises(UnknownNameError):
         train(
             make_model("mlp", (1, 8, 8), 10),

@@ -43,9 +43,7 @@ def check_updates(updates: torch.Tensor, weights: torch.Tensor | None) -> torch.
         is not [n], non-negative, finite, with a positive sum.
     """
     if updates.ndim != 2 or updates.shape[0] == 0:
-        raise ValueError(
-            f"updates must have shape [n, d] with n >= 1, got {tuple(updates.shape)}"
-        )
+        raise ValueError(f"updates must have shape [n, d] with n >= 1, got {tuple(updates.shape)}")
     if not updates.is_floating_point():
         raise ValueError(f"updates must be floating point, got {updates.dtype}")
     n = updates.shape[0]
@@ -61,9 +59,7 @@ def check_updates(updates: torch.Tensor, weights: torch.Tensor | None) -> torch.
     return w / w.sum()
 
 
-def weighted_mean(
-    updates: torch.Tensor, weights: torch.Tensor | None = None
-) -> AggregationResult:
+def weighted_mean(updates: torch.Tensor, weights: torch.Tensor | None = None) -> AggregationResult:
     """Weighted mean of the updates: FedAvg's rule.
 
     McMahan et al., "Communication-Efficient Learning of Deep Networks from

@@ -15,12 +15,10 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsec.config import ExperimentConfig, parse_config
+from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
 from fedsec.data import client_dataset, load_dataset
 from fedsec.models import make_model
 from fedsec.training import evaluate, resolve_device, train
-
-CONFIG_RECORD_KEY = "fedsec-config"
 
 app = ClientApp()
 
@@ -34,9 +32,9 @@ def config_from_message(msg: Message) -> ExperimentConfig:
         If the message carries no config or an invalid one.
     """
     config_record = msg.content.config_records.get("config")
-    if config_record is None or CONFIG_RECORD_KEY not in config_record:
-        raise ValueError(f"message carries no '{CONFIG_RECORD_KEY}' config")
-    return parse_config(json.loads(str(config_record[CONFIG_RECORD_KEY])))
+    if config_record is None or WIRE_CONFIG_KEY not in config_record:
+        raise ValueError(f"message carries no '{WIRE_CONFIG_KEY}' config")
+    return parse_config(json.loads(str(config_record[WIRE_CONFIG_KEY])))
 
 
 def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
@@ -46,8 +44,7 @@ def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
     partition_id = int(context.node_config["partition-id"])
     if not 0 <= partition_id < cfg.data.num_clients:
         raise ValueError(
-            f"partition-id {partition_id} is outside [0, {cfg.data.num_clients}) "
-            "(data.num_clients)"
+            f"partition-id {partition_id} is outside [0, {cfg.data.num_clients}) (data.num_clients)"
         )
     return partition_id
 
@@ -68,7 +65,7 @@ def _local_setup(
         shards_per_partition=cfg.data.shards_per_client,
     )
     model = make_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return cfg, partition_id, model, x, y, resolve_device(cfg.experiment.device)
 
 
@@ -76,7 +73,9 @@ def _local_setup(
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition."""
     cfg, partition_id, model, x, y, device = _local_setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = msg.content.config_records["config"].get("server-round", 0)
+    if not isinstance(server_round, int):
+        raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
     result = train(
         model,
         x,

@@ -183,9 +183,7 @@ _CIFAR_RECORD = 1 + _CIFAR_PIXELS
 _Arrays = tuple[_F32Array, _I64Array, _F32Array, _I64Array]
 
 
-def load_dataset(
-    name: str, data_dir: str | Path = "data", *, seed: int = 0
-) -> SplitData:
+def load_dataset(name: str, data_dir: str | Path = "data", *, seed: int = 0) -> SplitData:
     """Load a registered data set from local files, cached per process.
 
     Parameters
@@ -230,9 +228,7 @@ def load_dataset(
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, data_dir: str, seed: int) -> SplitData:
     train_x, train_y, test_x, test_y = _LOADERS[name](Path(data_dir), seed)
-    info = dataclasses.replace(
-        DATASETS.get(name), num_train=len(train_y), num_test=len(test_y)
-    )
+    info = dataclasses.replace(DATASETS.get(name), num_train=len(train_y), num_test=len(test_y))
     return SplitData(
         info=info,
         train_x=torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)),
@@ -292,8 +288,7 @@ def _read_idx(path: Path, magic: int, ndim: int) -> _U8Array:
     found_magic = int.from_bytes(raw[:4], "big")
     if found_magic != magic:
         raise ValueError(
-            f"corrupt IDX file {path}: magic 0x{found_magic:08x}, "
-            f"expected 0x{magic:08x}"
+            f"corrupt IDX file {path}: magic 0x{found_magic:08x}, expected 0x{magic:08x}"
         )
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header_len + int(np.prod(dims, dtype=np.int64))
@@ -324,8 +319,7 @@ def _idx_pair(
         )
     if len(labels) and int(labels.max()) >= num_classes:
         raise ValueError(
-            f"corrupt IDX file {labels_path}: label {int(labels.max())} is not "
-            f"below {num_classes}"
+            f"corrupt IDX file {labels_path}: label {int(labels.max())} is not below {num_classes}"
         )
     return images, labels
 
@@ -451,14 +445,9 @@ def _read_cifar_pickle(path: Path) -> tuple[_U8Array, _I64Array]:
         or data.ndim != 2
         or data.shape[1] != _CIFAR_PIXELS
     ):
-        desc = (
-            f"{data.dtype} {data.shape}"
-            if isinstance(data, np.ndarray)
-            else type(data).__name__
-        )
+        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ValueError(
-            f"corrupt CIFAR-10 batch {path}: b'data' is {desc}, expected uint8 "
-            f"[n, {_CIFAR_PIXELS}]"
+            f"corrupt CIFAR-10 batch {path}: b'data' is {desc}, expected uint8 [n, {_CIFAR_PIXELS}]"
         )
     try:
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
@@ -466,8 +455,7 @@ def _read_cifar_pickle(path: Path) -> tuple[_U8Array, _I64Array]:
         raise ValueError(f"corrupt CIFAR-10 batch {path}: b'labels': {exc}") from None
     if labels.shape != (len(data),):
         raise ValueError(
-            f"corrupt CIFAR-10 batch {path}: {len(data)} images but labels of "
-            f"shape {labels.shape}"
+            f"corrupt CIFAR-10 batch {path}: {len(data)} images but labels of shape {labels.shape}"
         )
     return data, labels
 
@@ -505,8 +493,7 @@ def _load_cifar10(data_dir: Path, seed: int) -> _Arrays:
     for path, (_, labels) in zip(paths, batches, strict=True):
         if len(labels) and int(labels.max()) >= 10:
             raise ValueError(
-                f"corrupt CIFAR-10 batch {path}: label {int(labels.max())} is not "
-                "below 10"
+                f"corrupt CIFAR-10 batch {path}: label {int(labels.max())} is not below 10"
             )
     mean = np.asarray(_CIFAR_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(_CIFAR_STD, dtype=np.float32).reshape(1, 3, 1, 1)

@@ -184,9 +184,7 @@ def _shards(
     """
     del alpha
     if shards_per_partition < 1:
-        raise ValueError(
-            f"shards_per_partition must be >= 1, got {shards_per_partition}"
-        )
+        raise ValueError(f"shards_per_partition must be >= 1, got {shards_per_partition}")
     num_shards = num_partitions * shards_per_partition
     shard_size = len(labels) // num_shards
     if shard_size * shards_per_partition < max(min_partition_size, 1):
@@ -266,9 +264,7 @@ def partition_indices(
     if num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
     if num_partitions > len(labels):
-        raise ValueError(
-            f"num_partitions={num_partitions} is more than the {len(labels)} samples"
-        )
+        raise ValueError(f"num_partitions={num_partitions} is more than the {len(labels)} samples")
     if min_partition_size < 0:
         raise ValueError(f"min_partition_size must be >= 0, got {min_partition_size}")
     canonical = np.ascontiguousarray(labels, dtype=np.int64)
