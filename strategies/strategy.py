@@ -29,7 +29,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsec.aggregation import AggregationRule
+from fedsec.aggregation import Rule
 
 from .arrays import ArraySpec
 
@@ -57,7 +57,7 @@ class FedSecStrategy(Strategy):
 
     Parameters
     ----------
-    rule : AggregationRule
+    rule : Rule
         Callable over stacked updates [n, d] (see :mod:`fedsec.aggregation`).
     rule_name : str
         The rule's config name, for logs.
@@ -80,7 +80,7 @@ class FedSecStrategy(Strategy):
     def __init__(
         self,
         *,
-        rule: AggregationRule,
+        rule: Rule,
         rule_name: str = "mean",
         fraction_train: float = 1.0,
         fraction_evaluate: float = 0.0,

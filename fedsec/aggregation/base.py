@@ -1,11 +1,29 @@
-"""Shared types and the weighted mean (FedAvg) rule."""
+"""Shared types and helpers of the aggregation rules, and the weighted mean.
+
+A rule is a small configured object, called on a stacked update matrix::
+
+    rule = fedsec.aggregation.make("krum", f=2)
+    result = rule(updates)            # updates: torch tensor [n, d]
+    result.aggregate                  # [d]
+    result.weights                    # [n], 0 for clients the rule excluded
+
+Rules check their requirement on (n, f) first and raise ``ValueError`` with the
+numbers. They work on float32 or float64 tensors on any device, never modify
+their input, and bound their temporaries: nothing of size n x n x d, and work
+over d is done in column blocks so that n = 100, d = 10M stays within about
+3x the memory of the stacked updates.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar
 
 import torch
+
+#: Upper bound on the elements of one [n, block] temporary (128 MiB at float32).
+BLOCK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -15,22 +33,63 @@ class AggregationResult:
     Attributes
     ----------
     aggregate : torch.Tensor
-        The aggregated update, shape [d].
+        The aggregated update, shape [d], same dtype and device as the input.
     weights : torch.Tensor
-        Normalised per-client weights actually used, shape [n], summing to 1;
-        0 marks a client the rule excluded.
+        Per-client weights actually used, shape [n], summing to 1; 0 marks a
+        client the rule excluded. For coordinate-wise rules (median, trimmed
+        mean) it is the share of coordinates at which the client's value
+        entered the aggregate, normalised.
     """
 
     aggregate: torch.Tensor
     weights: torch.Tensor
 
 
-class AggregationRule(Protocol):
-    """A rule over stacked updates [n, d] with optional client weights [n]."""
+class Rule:
+    """Base class of configured aggregation rules.
+
+    Subclasses set ``name``, implement :meth:`aggregate` and, when they
+    tolerate f Byzantine clients only for some n, :meth:`check`. Rules that
+    need more than the updates (client identities, a server reference update)
+    list the keyword arguments in ``requires``; the caller passes them.
+    Stateful rules (momentum, history) override :meth:`state_dict` and
+    :meth:`load_state_dict` so a resumed run continues identically.
+    """
+
+    name: ClassVar[str] = "rule"
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def check(self, n: int) -> None:
+        """Raise ``ValueError`` (with the numbers) if n clients are too few."""
+        if n < 1:
+            raise ValueError(f"{self.name} needs n >= 1, got n={n}")
+
+    def aggregate(
+        self, updates: torch.Tensor, weights: torch.Tensor, **context: Any
+    ) -> AggregationResult:
+        """Aggregate validated ``updates`` [n, d] with normalised ``weights`` [n]."""
+        raise NotImplementedError
 
     def __call__(
-        self, updates: torch.Tensor, weights: torch.Tensor | None = None
-    ) -> AggregationResult: ...
+        self, updates: torch.Tensor, weights: torch.Tensor | None = None, **context: Any
+    ) -> AggregationResult:
+        w = check_updates(updates, weights)
+        self.check(updates.shape[0])
+        missing = self.requires - context.keys()
+        if missing:
+            raise ValueError(f"{self.name} needs {', '.join(sorted(missing))}")
+        return self.aggregate(updates, w, **{k: context[k] for k in self.requires})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint (empty for stateless rules)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
 
 
 def check_updates(updates: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -59,13 +118,71 @@ def check_updates(updates: torch.Tensor, weights: torch.Tensor | None) -> torch.
     return w / w.sum()
 
 
-def weighted_mean(updates: torch.Tensor, weights: torch.Tensor | None = None) -> AggregationResult:
+def require(name: str, ok: bool, requirement: str, **numbers: int) -> None:
+    """Raise ``ValueError("krum needs n > 2f + 2, got n=5, f=2")`` unless ``ok``."""
+    if not ok:
+        got = ", ".join(f"{k}={v}" for k, v in numbers.items())
+        raise ValueError(f"{name} needs {requirement}, got {got}")
+
+
+def column_blocks(n: int, d: int, max_elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
+    """Slices of ``range(d)`` whose [n, block] temporaries hold at most ``max_elements``."""
+    step = max(1, max_elements // max(n, 1))
+    for start in range(0, d, step):
+        yield slice(start, min(start + step, d))
+
+
+def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances between rows, [n, n] in float64.
+
+    Computed as a Gram matrix over column blocks of the centred updates:
+    centring makes the ``|a|^2 + |b|^2 - 2ab`` form accurate when updates are
+    close to each other but far from the origin, and blocks keep temporaries
+    at [n, block].
+    """
+    n, d = updates.shape
+    mean = updates.mean(dim=0)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=updates.device)
+    for cols in column_blocks(n, d):
+        block = (updates[:, cols] - mean[cols]).to(torch.float64)
+        gram += block @ block.T
+    sq_norms = gram.diagonal()
+    distances = sq_norms[:, None] + sq_norms[None, :] - 2 * gram
+    distances.clamp_(min=0).fill_diagonal_(0)
+    return distances
+
+
+def dot_products(updates: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    """Gram matrix ``updates @ other.T`` in float64, accumulated over column blocks."""
+    other = updates if other is None else other
+    n, d = updates.shape
+    gram = torch.zeros(n, other.shape[0], dtype=torch.float64, device=updates.device)
+    for cols in column_blocks(max(n, other.shape[0]), d):
+        gram += updates[:, cols].to(torch.float64) @ other[:, cols].to(torch.float64).T
+    return gram
+
+
+def weighted_sum(weights: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    """``weights @ updates`` ([n] x [n, d] -> [d]) without a float64 copy of the updates."""
+    return weights.to(updates.dtype) @ updates
+
+
+class Mean(Rule):
     """Weighted mean of the updates: FedAvg's rule.
 
     McMahan et al., "Communication-Efficient Learning of Deep Networks from
-    Decentralized Data", AISTATS 2017. Offers no robustness: a single client can
-    move the aggregate arbitrarily far. Requires n >= 1.
+    Decentralized Data", AISTATS 2017. No robustness: a single client can move
+    the aggregate arbitrarily far. Requires n >= 1.
     """
-    w = check_updates(updates, weights)
-    # One matrix-vector product over [n, d]; no per-client loop.
-    return AggregationResult(aggregate=w @ updates, weights=w)
+
+    name = "mean"
+
+    def aggregate(
+        self, updates: torch.Tensor, weights: torch.Tensor, **context: Any
+    ) -> AggregationResult:
+        return AggregationResult(aggregate=weighted_sum(weights, updates), weights=weights)
+
+
+def weighted_mean(updates: torch.Tensor, weights: torch.Tensor | None = None) -> AggregationResult:
+    """Plain-function form of :class:`Mean`."""
+    return Mean()(updates, weights)
