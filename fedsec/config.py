@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar, get_origin, get_type_hints
 
 from fedsec.registry import UnknownNameError
 
@@ -107,9 +107,14 @@ class ServerSection:
 
 @dataclass(frozen=True)
 class AggregationSection:
-    """Aggregation rule over the stacked client updates."""
+    """Aggregation rule over the stacked client updates, and what runs before it."""
 
     rule: str = "mean"
+    f: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    pre: tuple[str, ...] = ()
+    bucket_size: int = 2
+    root_size: int = 100
 
 
 @dataclass(frozen=True)
@@ -238,7 +243,21 @@ def _build_section(section: str, cls: type[Any], values: Mapping[str, Any]) -> A
     return cls(**kwargs)
 
 
-def _coerce(where: str, value: Any, expected: type[Any]) -> Any:
+def _coerce(where: str, value: Any, expected: Any) -> Any:
+    origin = get_origin(expected)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(where, f"must be a table such as {{ beta = 0.2 }} (got {value!r})")
+        for key, item in value.items():
+            if isinstance(item, Mapping | list):
+                raise ConfigError(
+                    f"{where}.{key}", f"must be a number, string or boolean (got {item!r})"
+                )
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(where, f"must be a list of strings (got {value!r})")
+        return tuple(value)
     if expected is bool:
         if not isinstance(value, bool):
             raise ConfigError(where, f"must be true or false (got {value!r})")
@@ -281,7 +300,6 @@ def _check_choice(where: str, value: str, choices: tuple[str, ...], kind: str) -
 def _check_values(cfg: ExperimentConfig) -> None:
     # Imported here: the registries pull in torch, and config errors about
     # syntax or unknown keys should not wait for that.
-    from fedsec.aggregation import RULES
     from fedsec.data import DATASETS, PARTITIONERS
     from fedsec.models import MODELS, check_model_input
     from fedsec.training import OPTIMIZERS
@@ -340,7 +358,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _require("server.momentum", server.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
     _require("server.round_timeout", server.round_timeout, lambda v: v > 0, "> 0")
 
-    _resolve("aggregation.rule", RULES.get, cfg.aggregation.rule)
+    _check_aggregation(cfg)
     _check_choice("attack.name", cfg.attack.name, ATTACKS, "attack")
     _check_choice("privacy.mode", cfg.privacy.mode, PRIVACY_MODES, "privacy mode")
     if cfg.secagg.enabled:
@@ -349,6 +367,64 @@ def _check_values(cfg: ExperimentConfig) -> None:
     sim = cfg.simulation
     _require("simulation.cpus_per_client", sim.cpus_per_client, lambda v: v > 0, "> 0")
     _require("simulation.gpus_per_client", sim.gpus_per_client, lambda v: v >= 0, ">= 0")
+
+
+def sampled_clients(cfg: ExperimentConfig) -> int:
+    """Clients sampled per training round (what a rule sees when all of them reply)."""
+    return max(1, round(cfg.client.fraction * cfg.data.num_clients))
+
+
+def build_aggregator(cfg: ExperimentConfig) -> Any:
+    """The configured rule with its pre-aggregation wrappers (a fresh, stateless-so-far object).
+
+    ``aggregation.f`` is passed to every rule or wrapper that takes ``f``;
+    ``bucket_size`` and the experiment seed go to bucketing.
+    """
+    from fedsec.aggregation import PRE_AGGREGATORS, RULES, make_pipeline
+    from fedsec.aggregation.registry import parameters_of
+
+    agg = cfg.aggregation
+    params = dict(agg.params)
+    if "f" in parameters_of(RULES.get(agg.rule)):
+        params.setdefault("f", agg.f)
+    pre_params: dict[str, dict[str, Any]] = {}
+    for step in agg.pre:
+        accepted = parameters_of(PRE_AGGREGATORS.get(step), skip=1)
+        pre_params[step] = {
+            key: value
+            for key, value in {
+                "f": agg.f,
+                "s": agg.bucket_size,
+                "seed": cfg.experiment.seed,
+            }.items()
+            if key in accepted
+        }
+    return make_pipeline(agg.rule, params, agg.pre, pre_params)
+
+
+def _check_aggregation(cfg: ExperimentConfig) -> None:
+    from fedsec.aggregation import PRE_AGGREGATORS, RULES
+
+    agg = cfg.aggregation
+    _resolve("aggregation.rule", RULES.get, agg.rule)
+    for step in agg.pre:
+        _resolve("aggregation.pre", PRE_AGGREGATORS.get, step)
+    if len(set(agg.pre)) != len(agg.pre):
+        raise ConfigError("aggregation.pre", f"lists a step twice ({list(agg.pre)})")
+    _require("aggregation.f", agg.f, lambda v: v >= 0, ">= 0")
+    _require("aggregation.bucket_size", agg.bucket_size, lambda v: v >= 1, ">= 1")
+    _require("aggregation.root_size", agg.root_size, lambda v: v >= 1, ">= 1")
+    if "f" in agg.params:
+        raise ConfigError("aggregation.params.f", "set the number of attackers as aggregation.f")
+    try:
+        rule = build_aggregator(cfg)
+    except ValueError as err:
+        raise ConfigError("aggregation.params", str(err)) from None
+    n = sampled_clients(cfg)
+    try:
+        rule.check(n)
+    except ValueError as err:
+        raise ConfigError("aggregation.f", f"{err} (n = clients sampled per round)") from None
 
 
 def to_toml(cfg: ExperimentConfig) -> str:
@@ -363,6 +439,10 @@ def to_toml(cfg: ExperimentConfig) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -4,6 +4,7 @@ Layout of ``results/<run-name>/``::
 
     config.toml          the validated config the run uses
     manifest.json        machine state: completed rounds, checkpoints and hashes
+    decisions.jsonl      per round: clients sampled, excluded (with reason), weights used
     metrics.json         per-round metrics and the final figures
     rounds.csv           the same rows, one per round
     accuracy.png         test accuracy over rounds
@@ -36,6 +37,7 @@ from fedsec.checkpoint import (
 from fedsec.config import ConfigError, ExperimentConfig, parse_config, to_toml
 
 MANIFEST = "manifest.json"
+DECISIONS = "decisions.jsonl"
 MANIFEST_FORMAT = 1
 SERVER_STATE_PREFIX = "fedsec.server_state."
 
@@ -105,13 +107,31 @@ class RunDirectory:
             raise RunDirectoryError(f"{manifest_path}: config {err}") from None
         except KeyError:
             raise RunDirectoryError(f"{manifest_path}: manifest has no config") from None
-        return cls(
+        run = cls(
             path=path,
             config=config,
             rounds=list(manifest.get("rounds", [])),
             checkpoints=list(manifest.get("checkpoints", [])),
             finished=bool(manifest.get("finished", False)),
         )
+        run._trim_decisions()
+        return run
+
+    def _trim_decisions(self) -> None:
+        # A crash between the manifest and the decisions log can leave lines for
+        # rounds that will be re-run; keep only complete rounds.
+        path = self.path / DECISIONS
+        if not path.exists():
+            return
+        last = self.last_round if self.last_round is not None else -1
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line)["round"]) <= last:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
 
     @property
     def name(self) -> str:
@@ -128,8 +148,13 @@ class RunDirectory:
         metrics: RoundMetrics,
         model_state: dict[str, torch.Tensor],
         server_state: dict[str, torch.Tensor] | None = None,
+        decisions: dict[str, Any] | None = None,
     ) -> None:
-        """Checkpoint the global model after a round, then record its metrics."""
+        """Checkpoint the global model after a round, then record its metrics.
+
+        ``decisions`` (which clients the strategy excluded or down-weighted)
+        goes to ``decisions.jsonl``, one line per round.
+        """
         server_round = int(metrics["round"])
         tensors = dict(model_state)
         for key, value in (server_state or {}).items():
@@ -140,6 +165,9 @@ class RunDirectory:
         self.rounds.append(metrics)
         self._write_manifest()
         self._write_metrics()
+        if decisions is not None:
+            with open(self.path / DECISIONS, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(decisions) + "\n")
 
     def load_last_checkpoint(
         self,

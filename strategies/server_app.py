@@ -23,13 +23,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
-from fedsec import aggregation
 from fedsec.checkpoint import CheckpointError
-from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, default_config, load_config
+from fedsec.config import (
+    WIRE_CONFIG_KEY,
+    ExperimentConfig,
+    build_aggregator,
+    default_config,
+    load_config,
+)
 from fedsec.data import SplitData, load_dataset
 from fedsec.models import make_model
 from fedsec.runs import RoundMetrics, RunDirectory
-from fedsec.training import evaluate, resolve_device
+from fedsec.training import evaluate, resolve_device, train
 
 from .strategy import FedSecStrategy
 
@@ -38,10 +43,56 @@ logger = logging.getLogger("fedsec")
 RoundCallback = Callable[[RoundMetrics], None]
 
 
-def build_strategy(cfg: ExperimentConfig) -> FedSecStrategy:
+def make_reference_fn(
+    cfg: ExperimentConfig, data: SplitData, device: torch.device
+) -> Callable[[ArrayRecord], torch.Tensor]:
+    """The server's own update on a small root data set, for FLTrust-style rules.
+
+    The root set is ``aggregation.root_size`` examples drawn (seeded) from the
+    training pool, as in Cao et al. (NDSS 2021); the server trains the global
+    model on it with the clients' local settings and returns the flat update.
+    """
+    generator = torch.Generator().manual_seed(cfg.experiment.seed + 7919)
+    index = torch.randperm(len(data.train_y), generator=generator)[: cfg.aggregation.root_size]
+    x_root, y_root = data.train_x[index], data.train_y[index]
+    calls = 0
+
+    def reference(arrays: ArrayRecord) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        model = make_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        before = _flat_state(model)
+        train(
+            model,
+            x_root,
+            y_root,
+            epochs=cfg.client.local_epochs,
+            batch_size=cfg.client.batch_size,
+            optimizer=cfg.client.optimizer,
+            lr=cfg.client.lr,
+            momentum=cfg.client.momentum,
+            weight_decay=cfg.client.weight_decay,
+            device=device,
+            seed=cfg.experiment.seed + calls,
+        )
+        return _flat_state(model) - before
+
+    return reference
+
+
+def _flat_state(model: torch.nn.Module) -> torch.Tensor:
+    # Same order as the ArrayRecord built from this state dict (ArraySpec).
+    return torch.cat([v.detach().float().cpu().reshape(-1) for v in model.state_dict().values()])
+
+
+def build_strategy(
+    cfg: ExperimentConfig,
+    reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
+) -> FedSecStrategy:
     """The strategy an experiment config describes."""
     return FedSecStrategy(
-        rule=aggregation.make(cfg.aggregation.rule),
+        rule=build_aggregator(cfg),
         rule_name=cfg.aggregation.rule,
         fraction_train=cfg.client.fraction,
         fraction_evaluate=cfg.client.evaluate_fraction,
@@ -50,6 +101,7 @@ def build_strategy(cfg: ExperimentConfig) -> FedSecStrategy:
         server_lr=cfg.server.lr,
         server_momentum=cfg.server.momentum,
         node_wait_timeout=cfg.server.round_timeout,
+        reference_fn=reference_fn,
     )
 
 
@@ -85,7 +137,11 @@ def run_experiment(
         data.info.num_classes,
         seed=cfg.experiment.seed,
     ).to(device)
-    strategy = build_strategy(cfg)
+    rule = build_aggregator(cfg)
+    needs_reference = "reference" in rule.requires
+    strategy = build_strategy(
+        cfg, make_reference_fn(cfg, data, device) if needs_reference else None
+    )
     strategy.summary()
     on_round = on_round or (lambda _: None)
 
@@ -150,7 +206,9 @@ def run_experiment(
         metrics.update(_server_evaluate(model, data, device))
         metrics["round_time_s"] = time.perf_counter() - t_round
         metrics["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
-        run.record_round(metrics, model.state_dict(), strategy.state_dict())
+        run.record_round(
+            metrics, model.state_dict(), strategy.state_dict(), _decisions(strategy, server_round)
+        )
         logger.info(
             "round %d: test accuracy %.4f, loss %.4f",
             server_round,
@@ -160,6 +218,18 @@ def run_experiment(
         on_round(metrics)
     run.finish()
     return run.rounds
+
+
+def _decisions(strategy: FedSecStrategy, server_round: int) -> dict[str, object]:
+    report = strategy.last_report
+    if report is None or report.server_round != server_round:
+        return {"round": server_round}
+    return {
+        "round": server_round,
+        "sampled": report.sampled,
+        "excluded": {str(k): v for k, v in report.excluded.items()},
+        "weights": {str(k): round(v, 6) for k, v in report.weights.items()},
+    }
 
 
 def make_server_app(

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +75,9 @@ class FedSecStrategy(Strategy):
         Heavy-ball momentum on the aggregated update (FedAvgM, Hsu et al. 2019).
     node_wait_timeout : float
         Seconds to wait for ``min_available_nodes`` before failing.
+    reference_fn : callable, optional
+        Computes the server's own update from the global model (for rules such
+        as FLTrust that require a ``reference``); called once per round.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class FedSecStrategy(Strategy):
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         node_wait_timeout: float = 600.0,
+        reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
     ) -> None:
         self.rule = rule
         self.rule_name = rule_name
@@ -99,6 +103,10 @@ class FedSecStrategy(Strategy):
         self.server_lr = server_lr
         self.server_momentum = server_momentum
         self.node_wait_timeout = node_wait_timeout
+        self.reference_fn = reference_fn
+        if "reference" in rule.requires and reference_fn is None:
+            raise ValueError(f"rule '{rule_name}' needs a server reference update (reference_fn)")
+        self._global_arrays: ArrayRecord | None = None
         self.momentum_buffer: torch.Tensor | None = None
         self.last_report: RoundReport | None = None
         self._spec: ArraySpec | None = None
@@ -118,13 +126,17 @@ class FedSecStrategy(Strategy):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint so a resumed run continues identically."""
-        if self.momentum_buffer is None:
-            return {}
-        return {"momentum_buffer": self.momentum_buffer.clone()}
+        state = {f"rule.{k}": v for k, v in self.rule.state_dict().items()}
+        if self.momentum_buffer is not None:
+            state["momentum_buffer"] = self.momentum_buffer.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.momentum_buffer = state.get("momentum_buffer")
+        self.rule.load_state_dict(
+            {k[len("rule.") :]: v for k, v in state.items() if k.startswith("rule.")}
+        )
 
     # -- sampling -------------------------------------------------------------
 
@@ -153,7 +165,7 @@ class FedSecStrategy(Strategy):
         reason = spec.flatten_into(arrays, global_flat)
         if reason is not None:
             raise ValueError(f"global model is invalid: {reason}")
-        self._spec, self._global_flat = spec, global_flat
+        self._spec, self._global_flat, self._global_arrays = spec, global_flat, arrays
 
         node_ids = self.sample_nodes(grid, server_round, self.fraction_train)
         self.last_report = RoundReport(server_round=server_round, sampled=node_ids)
@@ -223,7 +235,13 @@ class FedSecStrategy(Strategy):
 
         stacked = updates[: len(accepted)]
         stacked.sub_(self._global_flat)  # in place: updates = returned model - global
-        result = self.rule(stacked, torch.tensor(weights, dtype=torch.float32))
+        context: dict[str, object] = {}
+        if "client_ids" in self.rule.requires:
+            context["client_ids"] = list(report.accepted)
+        if "reference" in self.rule.requires:
+            assert self.reference_fn is not None and self._global_arrays is not None
+            context["reference"] = self.reference_fn(self._global_arrays)
+        result = self.rule(stacked, torch.tensor(weights, dtype=torch.float32), **context)
         step = result.aggregate
         if self.server_momentum > 0:
             previous = self.momentum_buffer if self.momentum_buffer is not None else 0.0
@@ -236,6 +254,12 @@ class FedSecStrategy(Strategy):
 
         for node, weight in zip(report.accepted, result.weights.tolist(), strict=True):
             report.weights[node] = weight
+        # Down-weighted: kept, but at less than half of an equal share.
+        equal_share = 1.0 / len(accepted)
+        metrics["num-rule-excluded"] = sum(1 for w in report.weights.values() if w == 0)
+        metrics["num-downweighted"] = sum(
+            1 for w in report.weights.values() if 0 < w < 0.5 * equal_share
+        )
         for key, value in weighted_metrics(accepted, weights).items():
             metrics[key] = value
         return self._spec.to_record(new_flat), metrics
