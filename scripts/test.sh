@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh dev
-echo "== ruff check";  ruff check fedsec strategies tests
-echo "== ruff format"; ruff format --check fedsec strategies tests
+echo "== ruff check";  ruff check fedsec strategies simulations tests
+echo "== ruff format"; ruff format --check fedsec strategies simulations tests
 echo "== mypy";        mypy
 echo "== pytest";      pytest "$@"

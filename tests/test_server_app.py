@@ -18,8 +18,8 @@ from fedsec.checkpoint import CheckpointError
 from fedsec.client.app import app as client_app
 from fedsec.config import ExperimentConfig, parse_config
 from fedsec.runs import RunDirectory
+from fedsec.strategies.inprocess import InProcessGrid
 from fedsec.strategies.server_app import run_experiment
-from inprocess import InProcessGrid
 
 
 def _config(rounds: int, **server: float) -> ExperimentConfig:
