@@ -424,7 +424,7 @@ def _check_aggregation(cfg: ExperimentConfig) -> None:
     try:
         rule.check(n)
     except ValueError as err:
-        raise ConfigError("aggregation.f", f"{err} (n = clients sampled per round)") from None
+        raise ConfigError("aggregation.f", f"{err} ({n} clients sampled per round)") from None
 
 
 def to_toml(cfg: ExperimentConfig) -> str:

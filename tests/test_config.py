@@ -127,3 +127,51 @@ def test_replace_revalidates() -> None:
     assert cfg.replace("experiment", rounds=3).experiment.rounds == 3
     with pytest.raises(ConfigError, match=r"experiment\.rounds"):
         cfg.replace("experiment", rounds=-1)
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "expected"),
+    [
+        ({"rule": "krum", "f": 4}, "aggregation.f: krum needs n > 2f + 2, got n=10, f=4"),
+        ({"rule": "bulyan", "f": 2}, "aggregation.f: bulyan needs n >= 4f + 3, got n=10, f=2"),
+        ({"rule": "trimmed-mean", "params": {"beta": 0.7}}, "aggregation.params: "),
+        (
+            {"rule": "median", "params": {"bogus": 1}},
+            "aggregation.params: aggregation rule 'median' has no parameter 'bogus'",
+        ),
+        (
+            {"rule": "krum", "params": {"f": 1}},
+            "aggregation.params.f: set the number of attackers as aggregation.f",
+        ),
+        (
+            {"rule": "median", "pre": ["bucketin"]},
+            "aggregation.pre: unknown pre-aggregation 'bucketin'; valid choices: bucketing, nnm",
+        ),
+        ({"rule": "median", "pre": "nnm"}, "aggregation.pre: must be a list of strings"),
+        ({"rule": "median", "params": {"x": {"y": 1}}}, "aggregation.params.x: must be a number"),
+        ({"rule": "foolsgold", "pre": ["bucketing"]}, "aggregation.params: "),
+    ],
+)
+def test_aggregation_section(aggregation: dict[str, object], expected: str) -> None:
+    assert _error({"aggregation": aggregation}).startswith(expected)
+
+
+def test_aggregation_f_reaches_rule_and_wrappers() -> None:
+    from fedsec.config import build_aggregator
+
+    raw = {
+        "data": {"num_clients": 20},
+        "aggregation": {"rule": "krum", "f": 2, "pre": ["nnm", "bucketing"], "bucket_size": 2},
+    }
+    cfg = parse_config(raw)
+    assert cfg.aggregation.pre == ("nnm", "bucketing")
+    rule = build_aggregator(cfg)
+    text = repr(rule)
+    assert "NearestNeighborMixing" in text and "Bucketing" in text and "Krum" in text
+    assert parse_config(tomllib.loads(to_toml(cfg))) == cfg
+
+
+def test_bucketing_shrinks_what_the_rule_sees() -> None:
+    # 10 clients in buckets of 3 -> 4 bucket means; Krum with f=2 needs 7.
+    raw = {"aggregation": {"rule": "krum", "f": 2, "pre": ["bucketing"], "bucket_size": 3}}
+    assert _error(raw).startswith("aggregation.f: krum needs n > 2f + 2, got n=4, f=2")

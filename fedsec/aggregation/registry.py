@@ -7,13 +7,37 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fedsec.aggregation.base import Mean, Rule
+from fedsec.aggregation.coordinate import CoordinateMedian, TrimmedMean
+from fedsec.aggregation.dnc import DivideAndConquer
+from fedsec.aggregation.flame import Flame
+from fedsec.aggregation.geometric import CenteredClipping, GeometricMedian, NormBounding
+from fedsec.aggregation.krum import Bulyan, Krum, MultiKrum
+from fedsec.aggregation.trust import FLTrust, FoolsGold
+from fedsec.aggregation.wrappers import Bucketing, NearestNeighborMixing
 from fedsec.registry import Registry
 
 RULES: Registry[type[Rule]] = Registry("aggregation rule")
-RULES.add("mean", Mean)
+for _rule in (
+    Mean,
+    CoordinateMedian,
+    TrimmedMean,
+    Krum,
+    MultiKrum,
+    Bulyan,
+    GeometricMedian,
+    CenteredClipping,
+    NormBounding,
+    FLTrust,
+    FoolsGold,
+    DivideAndConquer,
+    Flame,
+):
+    RULES.add(_rule.name, _rule)
 
 #: Wrappers applied before a rule: ``wrapper(inner_rule, **params) -> Rule``.
 PRE_AGGREGATORS: Registry[Callable[..., Rule]] = Registry("pre-aggregation")
+PRE_AGGREGATORS.add(Bucketing.name, Bucketing)
+PRE_AGGREGATORS.add(NearestNeighborMixing.name, NearestNeighborMixing)
 
 
 def parameters_of(factory: Callable[..., Any], skip: int = 0) -> list[str]:
