@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -385,8 +386,12 @@ def build_aggregator(cfg: ExperimentConfig) -> Any:
 
     agg = cfg.aggregation
     params = dict(agg.params)
-    if "f" in parameters_of(RULES.get(agg.rule)):
-        params.setdefault("f", agg.f)
+    rule_cls = RULES.get(agg.rule)
+    if "f" in parameters_of(rule_cls):
+        # Rules whose f defaults to None (trimmed mean: use beta) only get an explicit f.
+        f_default = inspect.signature(rule_cls).parameters["f"].default
+        if agg.f > 0 or f_default is not None:
+            params["f"] = agg.f
     pre_params: dict[str, dict[str, Any]] = {}
     for step in agg.pre:
         accepted = parameters_of(PRE_AGGREGATORS.get(step), skip=1)

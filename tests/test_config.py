@@ -175,3 +175,16 @@ def test_bucketing_shrinks_what_the_rule_sees() -> None:
     # 10 clients in buckets of 3 -> 4 bucket means; Krum with f=2 needs 7.
     raw = {"aggregation": {"rule": "krum", "f": 2, "pre": ["bucketing"], "bucket_size": 3}}
     assert _error(raw).startswith("aggregation.f: krum needs n > 2f + 2, got n=4, f=2")
+
+
+def test_f_only_overrides_beta_when_set() -> None:
+    from fedsec.config import build_aggregator
+
+    default = build_aggregator(
+        parse_config({"aggregation": {"rule": "trimmed-mean", "params": {"beta": 0.2}}})
+    )
+    assert getattr(default, "f", None) is None and getattr(default, "beta", None) == 0.2
+    explicit = build_aggregator(parse_config({"aggregation": {"rule": "trimmed-mean", "f": 2}}))
+    assert getattr(explicit, "f", None) == 2
+    krum = build_aggregator(parse_config({"aggregation": {"rule": "krum"}}))
+    assert getattr(krum, "f", None) == 0  # aggregation.f's default, not Krum's own

@@ -7,6 +7,7 @@ malformed or missing replies.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,16 @@ from fedsec.strategies.inprocess import InProcessGrid
 from fedsec.strategies.server_app import run_experiment
 
 
-def _config(rounds: int, **server: float) -> ExperimentConfig:
+def _config(
+    rounds: int, aggregation: dict[str, object] | None = None, **server: float
+) -> ExperimentConfig:
     return parse_config(
         {
             "experiment": {"name": "loop", "rounds": rounds, "seed": 1},
             "data": {"num_clients": 3},
             "client": {"local_epochs": 1},
             "server": {"lr": 1.0, **server},
+            "aggregation": aggregation or {},
         }
     )
 
@@ -115,3 +119,45 @@ def test_dropped_client_is_not_an_exclusion(tmp_path: Path) -> None:
     row = run.rounds[1]
     assert row["num-sampled"] == 3 and row["num-replies"] == 2
     assert row["num-excluded"] == 0 and row["status"] == "ok"
+
+
+def test_decisions_are_logged_per_round(tmp_path: Path) -> None:
+    grid = InProcessGrid(client_app, 3, tamper={2: _poison})
+    run = _run(_config(2), tmp_path, grid)
+    lines = [json.loads(line) for line in (run.path / "decisions.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    for line in lines:
+        assert line["sampled"] == [1, 2, 3]
+        assert list(line["excluded"]) == ["2"] and "NaN" in line["excluded"]["2"]
+        assert set(line["weights"]) == {"1", "3"}
+        assert sum(line["weights"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "aggregation",
+    [
+        {"rule": "fltrust", "root_size": 50},  # needs the server's reference update
+        {"rule": "foolsgold"},  # needs client ids, keeps history
+        {"rule": "median", "pre": ["bucketing"], "bucket_size": 1},
+    ],
+)
+def test_rules_needing_context_run_in_the_loop(
+    tmp_path: Path, aggregation: dict[str, object]
+) -> None:
+    run = _run(_config(2, aggregation), tmp_path)
+    assert [r["status"] for r in run.rounds] == ["initial", "ok", "ok"]
+    assert run.rounds[-1]["test_accuracy"] > run.rounds[0]["test_accuracy"]
+
+
+def test_resume_restores_stateful_rule(tmp_path: Path) -> None:
+    aggregation = {"rule": "centered-clipping", "params": {"tau": 0.5}}
+    straight = _run(_config(3, aggregation), tmp_path / "a")
+    interrupted = _run(_config(2, aggregation), tmp_path / "b")
+    assert "rule.center" in interrupted.load_last_checkpoint()[2]
+    resumed = RunDirectory.open(interrupted.path)
+    resumed.config = _config(3, aggregation)
+    run_experiment(InProcessGrid(client_app, 3).as_grid(), resumed.config, resumed)
+    _, expected, _ = straight.load_last_checkpoint()
+    _, actual, _ = resumed.load_last_checkpoint()
+    for key in expected:
+        assert torch.allclose(expected[key], actual[key], atol=1e-6), key
