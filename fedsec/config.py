@@ -27,7 +27,7 @@ from typing import Any, TypeVar, get_origin, get_type_hints
 
 from fedsec.registry import UnknownNameError
 
-ATTACKS = ("none",)
+EVASION_ATTACKS = ("none", "fgsm", "pgd")
 
 #: ConfigRecord key under which the server sends the validated config (JSON) to clients.
 WIRE_CONFIG_KEY = "fedsec-config"
@@ -120,9 +120,28 @@ class AggregationSection:
 
 @dataclass(frozen=True)
 class AttackSection:
-    """Threat model (filled by the attack library)."""
+    """Threat model: the attack, who is malicious, what they know (see fedsec.attacks.threat)."""
 
     name: str = "none"
+    num_malicious: int = 0
+    fraction: float = 0.0
+    knowledge: str = "colluders"
+    adaptive: bool = False
+    start_round: int = 1
+    boost: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvasionSection:
+    """Adversarial examples against the global model, and adversarial training."""
+
+    attack: str = "none"
+    eps: float = 0.1
+    steps: int = 10
+    alpha: float = 0.0
+    eval_samples: int = 0
+    adversarial_training: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +178,7 @@ class ExperimentConfig:
     server: ServerSection = field(default_factory=ServerSection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     attack: AttackSection = field(default_factory=AttackSection)
+    evasion: EvasionSection = field(default_factory=EvasionSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     secagg: SecAggSection = field(default_factory=SecAggSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
@@ -360,7 +380,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _require("server.round_timeout", server.round_timeout, lambda v: v > 0, "> 0")
 
     _check_aggregation(cfg)
-    _check_choice("attack.name", cfg.attack.name, ATTACKS, "attack")
+    _check_attack(cfg)
+    _check_evasion(cfg)
     _check_choice("privacy.mode", cfg.privacy.mode, PRIVACY_MODES, "privacy mode")
     if cfg.secagg.enabled:
         raise ConfigError("secagg.enabled", "secure aggregation is not available yet")
@@ -430,6 +451,80 @@ def _check_aggregation(cfg: ExperimentConfig) -> None:
         rule.check(n)
     except ValueError as err:
         raise ConfigError("aggregation.f", f"{err} ({n} clients sampled per round)") from None
+
+
+def build_configured_attack(cfg: ExperimentConfig) -> Any:
+    """The configured attack object (data or model poisoning), or None for ``"none"``."""
+    from fedsec.attacks.threat import build_attack
+
+    attack = cfg.attack
+    if attack.name == "none":
+        return None
+    return build_attack(
+        attack.name, attack.params, attack.knowledge == "omniscient", cfg.data.dataset
+    )
+
+
+def attack_names() -> tuple[str, ...]:
+    """Every valid ``attack.name``."""
+    from fedsec.attacks.data_poisoning import DATA_ATTACKS
+    from fedsec.attacks.model_poisoning import MODEL_ATTACKS
+
+    return ("none", *DATA_ATTACKS.names(), *MODEL_ATTACKS.names())
+
+
+def _check_attack(cfg: ExperimentConfig) -> None:
+    from fedsec.attacks.base import ModelPoisoningAttack
+    from fedsec.attacks.threat import KNOWLEDGE, num_malicious
+
+    attack = cfg.attack
+    _check_choice("attack.name", attack.name, attack_names(), "attack")
+    _check_choice("attack.knowledge", attack.knowledge, KNOWLEDGE, "knowledge")
+    _require("attack.num_malicious", attack.num_malicious, lambda v: v >= 0, ">= 0")
+    _require("attack.fraction", attack.fraction, lambda v: 0 <= v < 1, "in [0, 1)")
+    _require("attack.start_round", attack.start_round, lambda v: v >= 1, ">= 1")
+    _require("attack.boost", attack.boost, lambda v: v >= 0, ">= 0 (0 = n / server.lr)")
+    n = cfg.data.num_clients
+    m = num_malicious(n, attack.num_malicious, attack.fraction)
+    if attack.name == "none":
+        if m or attack.params:
+            raise ConfigError("attack.name", "malicious clients or params set but no attack named")
+        return
+    if m < 1:
+        raise ConfigError(
+            "attack.num_malicious",
+            f"attack '{attack.name}' needs malicious clients: set attack.num_malicious "
+            "or attack.fraction",
+        )
+    if m >= n:
+        raise ConfigError(
+            "attack.num_malicious", f"{m} malicious of {n} clients leaves no honest one"
+        )
+    try:
+        built = build_configured_attack(cfg)
+    except ValueError as err:
+        raise ConfigError("attack.params", str(err)) from None
+    if isinstance(built, ModelPoisoningAttack):
+        # What the adversary sees in a round where every sampled client replies.
+        sampled = sampled_clients(cfg)
+        expected = m if sampled == n else max(1, round(m * sampled / n))
+        try:
+            built.check(expected, sampled)
+        except ValueError as err:
+            raise ConfigError("attack", f"{err} ({sampled} clients sampled per round)") from None
+    elif attack.adaptive:
+        raise ConfigError(
+            "attack.adaptive", f"'{attack.name}' is data poisoning; it cannot target the rule"
+        )
+
+
+def _check_evasion(cfg: ExperimentConfig) -> None:
+    ev = cfg.evasion
+    _check_choice("evasion.attack", ev.attack, EVASION_ATTACKS, "evasion attack")
+    _require("evasion.eps", ev.eps, lambda v: 0 < v <= 1, "in (0, 1] (pixel units)")
+    _require("evasion.steps", ev.steps, lambda v: v >= 1, ">= 1")
+    _require("evasion.alpha", ev.alpha, lambda v: v >= 0, ">= 0 (0 = 2.5 * eps / steps)")
+    _require("evasion.eval_samples", ev.eval_samples, lambda v: v >= 0, ">= 0 (0 = all)")
 
 
 def to_toml(cfg: ExperimentConfig) -> str:

@@ -14,7 +14,7 @@ alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +26,7 @@ from fedsec.registry import Registry
 
 __all__ = [
     "OPTIMIZERS",
+    "Adversary",
     "EvalResult",
     "OptimizerFactory",
     "TrainResult",
@@ -34,6 +35,10 @@ __all__ = [
     "resolve_device",
     "train",
 ]
+
+
+#: Crafts training inputs from ``(model, x_batch, y_batch)``; see ``train(adversarial=...)``.
+Adversary = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ---- devices ----------------------------------------------------------------
@@ -267,6 +272,7 @@ def train(
     weight_decay: float = 0.0,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    adversarial: Adversary | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy on shuffled mini-batches.
 
@@ -293,6 +299,15 @@ def train(
     seed : int
         Seeds a private generator for the shuffling order, so the same seed,
         data and initial weights give the same result (on CPU bit-for-bit).
+    adversarial : callable, optional
+        Adversarial training (Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards
+        Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018):
+        each batch's inputs are replaced by ``adversarial(model, xb, yb)``
+        before the step, e.g. :func:`fedsec.attacks.evasion.pgd_adversary`.
+        The hook sees the model as it is at that step; the model is put back in
+        training mode afterwards and the crafted inputs are detached. The
+        reported loss and accuracy are then those on the crafted batches.
+        ``None`` (the default) trains on the clean inputs, with no overhead.
 
     Returns
     -------
@@ -332,6 +347,11 @@ def train(
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             xb, yb = x[idx], y[idx]
+            if adversarial is not None:
+                xb = adversarial(model, xb, yb).detach()
+                # The hook may craft in eval mode (dropout, normalisation); the
+                # step itself must run in training mode.
+                model.train()
             opt.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)

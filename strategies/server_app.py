@@ -23,19 +23,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
+from fedsec.attacks.threat import is_colluding
 from fedsec.checkpoint import CheckpointError
 from fedsec.config import (
     WIRE_CONFIG_KEY,
     ExperimentConfig,
     build_aggregator,
+    build_configured_attack,
     default_config,
     load_config,
 )
 from fedsec.data import SplitData, load_dataset
 from fedsec.models import make_model
+from fedsec.params import flatten_state
 from fedsec.runs import RoundMetrics, RunDirectory
 from fedsec.training import evaluate, resolve_device, train
 
+from .adversary import AdversaryGrid
 from .strategy import FedSecStrategy
 
 logger = logging.getLogger("fedsec")
@@ -83,7 +87,7 @@ def make_reference_fn(
 
 def _flat_state(model: torch.nn.Module) -> torch.Tensor:
     # Same order as the ArrayRecord built from this state dict (ArraySpec).
-    return torch.cat([v.detach().float().cpu().reshape(-1) for v in model.state_dict().values()])
+    return flatten_state(model.state_dict())
 
 
 def build_strategy(
@@ -105,11 +109,49 @@ def build_strategy(
     )
 
 
-def _server_evaluate(
-    model: torch.nn.Module, data: SplitData, device: torch.device
-) -> dict[str, float]:
-    result = evaluate(model, data.test_x, data.test_y, device=device)
-    return {"test_loss": result.loss, "test_accuracy": result.accuracy}
+def make_server_evaluator(
+    cfg: ExperimentConfig, data: SplitData, device: torch.device
+) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """Server-side evaluation on the held-out test split.
+
+    Always test loss and accuracy; with a backdoor attack configured, its
+    attack success rate (triggered test images whose true class is not the
+    target, classified as the target); with ``evasion.attack``, robust accuracy
+    under FGSM or PGD at ``evasion.eps`` (pixel units).
+    """
+    from fedsec.attacks.data_poisoning import Backdoor
+    from fedsec.attacks.evasion import pixel_eps_to_input, robust_accuracy
+    from fedsec.data import pixel_bounds
+
+    attack = build_configured_attack(cfg)
+    backdoor = attack if isinstance(attack, Backdoor) else None
+    ev = cfg.evasion
+    count = ev.eval_samples or len(data.test_y)
+    x_robust, y_robust = data.test_x[:count], data.test_y[:count]
+
+    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
+        result = evaluate(model, data.test_x, data.test_y, device=device)
+        out = {"test_loss": result.loss, "test_accuracy": result.accuracy}
+        if backdoor is not None:
+            out["attack_success_rate"] = backdoor.attack_success_rate(
+                model, data.test_x, data.test_y, device=device
+            )
+        if ev.attack != "none":
+            out["robust_accuracy"] = robust_accuracy(
+                model,
+                x_robust,
+                y_robust,
+                attack="fgsm" if ev.attack == "fgsm" else "pgd",
+                eps=pixel_eps_to_input(ev.eps, data.info),
+                alpha=pixel_eps_to_input(ev.alpha, data.info) if ev.alpha else None,
+                steps=ev.steps,
+                device=device,
+                generator=torch.Generator().manual_seed(cfg.experiment.seed),
+                bounds=pixel_bounds(data.info),
+            )
+        return out
+
+    return evaluate_fn
 
 
 def run_experiment(
@@ -143,6 +185,7 @@ def run_experiment(
         cfg, make_reference_fn(cfg, data, device) if needs_reference else None
     )
     strategy.summary()
+    server_evaluate = make_server_evaluator(cfg, data, device)
     on_round = on_round or (lambda _: None)
 
     elapsed_before = 0.0
@@ -151,7 +194,7 @@ def run_experiment(
         initial = {
             "round": 0,
             "status": "initial",
-            **_server_evaluate(model, data, device),
+            **server_evaluate(model),
         }
         initial["elapsed_s"] = 0.0
         run.record_round(initial, model.state_dict())
@@ -170,6 +213,7 @@ def run_experiment(
         elapsed_before = float(run.rounds[-1].get("elapsed_s", 0.0)) if run.rounds else 0.0
         logger.info("resuming %s after round %d", run.name, last)
 
+    grid = _with_adversary(grid, cfg)
     arrays = ArrayRecord(model.state_dict())
     config_json = json.dumps(cfg.to_dict())
     t_start = time.perf_counter()
@@ -203,7 +247,7 @@ def run_experiment(
             federated = strategy.aggregate_evaluate(server_round, eval_replies)
             metrics.update({f"federated_{k}": v for k, v in (federated or {}).items()})
 
-        metrics.update(_server_evaluate(model, data, device))
+        metrics.update(server_evaluate(model))
         metrics["round_time_s"] = time.perf_counter() - t_round
         metrics["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
         run.record_round(
@@ -230,6 +274,29 @@ def _decisions(strategy: FedSecStrategy, server_round: int) -> dict[str, object]
         "excluded": {str(k): v for k, v in report.excluded.items()},
         "weights": {str(k): round(v, 6) for k, v in report.weights.items()},
     }
+
+
+def _with_adversary(grid: Grid, cfg: ExperimentConfig) -> Grid:
+    """Wrap ``grid`` in the adversary component when the attack is a colluding one."""
+    attack = cfg.attack
+    built = build_configured_attack(cfg)
+    if built is None or not is_colluding(built):
+        return grid
+    # An adaptive adversary knows the rule; it gets its own copy, so probing it
+    # cannot disturb the server's state (centered clipping's centre, FoolsGold's history).
+    rule = build_aggregator(cfg) if attack.adaptive else None
+    logger.info(
+        "adversary: %s, %s knowledge%s", built, attack.knowledge, ", adaptive" if rule else ""
+    )
+    return AdversaryGrid(
+        grid,
+        built,
+        omniscient=attack.knowledge == "omniscient",
+        rule=rule,
+        boost=attack.boost,
+        server_lr=cfg.server.lr,
+        seed=cfg.experiment.seed,
+    ).as_grid()
 
 
 def make_server_app(

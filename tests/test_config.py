@@ -98,9 +98,33 @@ def test_round_trip_through_toml_and_dict() -> None:
         ({"dta": {}}, "dta: unknown section (did you mean 'data'?)"),
         ({"data": 3}, "data: must be a table"),
         (
-            {"attack": {"name": "alie"}},
-            "attack.name: unknown attack 'alie'; valid choices: none",
+            {"attack": {"name": "alie2"}},
+            "attack.name: unknown attack 'alie2'; valid choices: none, label-flip",
         ),
+        (
+            {"attack": {"name": "alie"}},
+            "attack.num_malicious: attack 'alie' needs malicious clients",
+        ),
+        ({"attack": {"name": "alie", "num_malicious": 1}}, "attack: alie with colluder knowledge needs m >= 2"),
+        (
+            {"attack": {"name": "mimic", "num_malicious": 2}},
+            "attack: mimic needs omniscient knowledge",
+        ),
+        ({"attack": {"name": "ipm", "fraction": 1.0}}, "attack.fraction: must be in [0, 1)"),
+        (
+            {"attack": {"name": "ipm", "num_malicious": 2, "params": {"eps": 3}}},
+            "attack.params: attack 'ipm' has no parameter 'eps'; valid: epsilon",
+        ),
+        (
+            {"attack": {"name": "backdoor", "num_malicious": 2, "adaptive": True}},
+            "attack.adaptive: 'backdoor' is data poisoning",
+        ),
+        ({"attack": {"knowledge": "god"}}, "attack.knowledge: unknown knowledge 'god'"),
+        (
+            {"evasion": {"attack": "cw"}},
+            "evasion.attack: unknown evasion attack 'cw'; valid choices: none, fgsm, pgd",
+        ),
+        ({"evasion": {"eps": 0}}, "evasion.eps: must be in (0, 1]"),
         ({"secagg": {"enabled": "yes"}}, "secagg.enabled: must be true or false"),
     ],
 )

@@ -1,5 +1,11 @@
 """The fedsec ClientApp: local training and evaluation on the client's partition.
 
+A client in the configured malicious set (see :mod:`fedsec.attacks.threat`)
+poisons its training data (data-poisoning attacks), perturbs or boosts its own
+update (attacks that need no collusion), or tags its reply for the
+simulation's adversary component (colluding attacks), from
+``attack.start_round`` on.
+
 The server sends the validated experiment config with every message (as JSON
 under ``fedsec-config``), so a client needs nothing but its node config:
 ``partition-id`` (which Flower's simulation engine sets, and a SuperNode gets
@@ -10,14 +16,32 @@ from ``--node-config``). Replies carry the trained model in the ArrayRecord
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
+from fedsec.attacks.data_poisoning import DataPoisoningAttack
+from fedsec.attacks.model_poisoning import PerClientAttack
+from fedsec.attacks.threat import (
+    MALICIOUS_TAG,
+    effective_boost,
+    is_colluding,
+    malicious_partitions,
+    num_malicious,
+    round_generator,
+)
+from fedsec.config import (
+    WIRE_CONFIG_KEY,
+    ExperimentConfig,
+    build_configured_attack,
+    parse_config,
+    sampled_clients,
+)
 from fedsec.data import client_dataset, load_dataset
 from fedsec.models import make_model
+from fedsec.params import flatten_state, unflatten_state
 from fedsec.training import evaluate, resolve_device, train
 
 app = ClientApp()
@@ -69,6 +93,33 @@ def _local_setup(
     return cfg, partition_id, model, x, y, resolve_device(cfg.experiment.device)
 
 
+def _is_malicious(cfg: ExperimentConfig, partition_id: int, server_round: int) -> bool:
+    attack = cfg.attack
+    if attack.name == "none" or server_round < attack.start_round:
+        return False
+    count = num_malicious(cfg.data.num_clients, attack.num_malicious, attack.fraction)
+    return partition_id in malicious_partitions(cfg.data.num_clients, count, cfg.experiment.seed)
+
+
+def _adversarial_hook(cfg: ExperimentConfig, seed: int) -> Any:
+    """PGD adversarial training (Madry et al. 2018) when ``evasion.adversarial_training``."""
+    if not cfg.evasion.adversarial_training:
+        return None
+    from fedsec.attacks.evasion import pgd_adversary, pixel_eps_to_input
+    from fedsec.data import DATASETS, pixel_bounds
+
+    info = DATASETS.get(cfg.data.dataset)
+    eps = pixel_eps_to_input(cfg.evasion.eps, info)
+    alpha = cfg.evasion.alpha or 2.5 * cfg.evasion.eps / cfg.evasion.steps
+    return pgd_adversary(
+        eps=eps,
+        alpha=pixel_eps_to_input(alpha, info),
+        steps=cfg.evasion.steps,
+        bounds=pixel_bounds(info),
+        seed=seed,
+    )
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition."""
@@ -76,6 +127,13 @@ def train_handler(msg: Message, context: Context) -> Message:
     server_round = msg.content.config_records["config"].get("server-round", 0)
     if not isinstance(server_round, int):
         raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
+    # Distinct, reproducible randomness per client and round.
+    seed = cfg.experiment.seed * 1_000_003 + server_round * 10_007 + partition_id
+    malicious = _is_malicious(cfg, partition_id, server_round)
+    attack = build_configured_attack(cfg) if malicious else None
+    if isinstance(attack, DataPoisoningAttack):
+        x, y = attack.poison(x, y, round_generator(seed, server_round, salt=1))
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
     result = train(
         model,
         x,
@@ -87,22 +145,49 @@ def train_handler(msg: Message, context: Context) -> Message:
         momentum=cfg.client.momentum,
         weight_decay=cfg.client.weight_decay,
         device=device,
-        # Distinct, reproducible shuffling per client and round.
-        seed=cfg.experiment.seed * 1_000_003 + server_round * 10_007 + partition_id,
+        seed=seed,
+        adversarial=_adversarial_hook(cfg, seed),
     )
-    content = RecordDict(
+    metrics = MetricRecord(
         {
-            "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord(
-                {
-                    "train_loss": result.loss,
-                    "train_accuracy": result.accuracy,
-                    "num-examples": result.num_examples,
-                }
-            ),
+            "train_loss": result.loss,
+            "train_accuracy": result.accuracy,
+            "num-examples": result.num_examples,
         }
     )
+    state = model.state_dict()
+    if malicious:
+        state = _poison_update(cfg, attack, global_state, state, seed, server_round)
+        if is_colluding(attack):
+            # For the simulation's adversary component only; it strips the tag.
+            metrics[MALICIOUS_TAG] = 1
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def _poison_update(
+    cfg: ExperimentConfig,
+    attack: Any,
+    global_state: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    seed: int,
+    server_round: int,
+) -> dict[str, torch.Tensor]:
+    """Apply a non-colluding model attack and the boost to this client's own update.
+
+    Colluding attacks leave the update to the adversary component, which also
+    applies the boost after crafting.
+    """
+    if is_colluding(attack):
+        return state
+    update = flatten_state(state) - flatten_state(global_state)
+    if isinstance(attack, PerClientAttack):
+        generator = round_generator(seed, server_round, salt=2)
+        update = attack.perturb(update, generator, num_clients=sampled_clients(cfg))
+    boost = effective_boost(cfg.attack.boost, sampled_clients(cfg), cfg.server.lr)
+    if boost != 1:
+        update = boost * update
+    return unflatten_state(flatten_state(global_state) + update, global_state)
 
 
 @app.evaluate()

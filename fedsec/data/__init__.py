@@ -6,6 +6,7 @@ from fedsec.data.datasets import (
     DatasetNotFoundError,
     SplitData,
     load_dataset,
+    pixel_bounds,
 )
 from fedsec.data.partition import (
     PARTITIONERS,
@@ -24,4 +25,5 @@ __all__ = [
     "client_dataset",
     "load_dataset",
     "partition_indices",
+    "pixel_bounds",
 ]

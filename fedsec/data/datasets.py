@@ -35,6 +35,7 @@ __all__ = [
     "DatasetNotFoundError",
     "SplitData",
     "load_dataset",
+    "pixel_bounds",
 ]
 
 _U8Array = npt.NDArray[np.uint8]
@@ -61,6 +62,12 @@ class DatasetInfo:
         Number of samples in the server's held-out test split.
     description : str
         One-line human-readable description.
+    pixel_mean : tuple of float, default (0.0,)
+        Per-channel mean subtracted from the ``[0, 1]``-scaled pixels; one value
+        applies to every channel. The default means "not normalised".
+    pixel_std : tuple of float, default (1.0,)
+        Per-channel standard deviation the centred pixels are divided by, so a
+        stored input is ``(pixel - pixel_mean) / pixel_std``.
     """
 
     name: str
@@ -69,6 +76,8 @@ class DatasetInfo:
     num_train: int
     num_test: int
     description: str
+    pixel_mean: tuple[float, ...] = (0.0,)
+    pixel_std: tuple[float, ...] = (1.0,)
 
 
 # eq=False: instances hash and compare by identity. Field-wise equality would
@@ -107,7 +116,58 @@ class DatasetNotFoundError(FileNotFoundError):
     """The files of a data set are not on disk; the message says what goes where."""
 
 
+def pixel_bounds(info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel range of valid normalised inputs of a data set.
+
+    Pixels scaled to ``[0, 1]`` are stored as ``(pixel - mean) / std``, so the
+    valid inputs of channel ``c`` lie in ``[(0 - mean_c) / std_c, (1 - mean_c) /
+    std_c]``. Attacks clamp into this box so that a perturbed or triggered image
+    is still an image the data pipeline could have produced.
+
+    Parameters
+    ----------
+    info : DatasetInfo
+        The data set; a single ``pixel_mean``/``pixel_std`` value applies to all
+        ``input_shape[0]`` channels.
+
+    Returns
+    -------
+    low, high : torch.Tensor
+        ``float32`` tensors of shape ``[C, 1, 1]``, broadcastable against
+        ``[N, C, H, W]`` inputs.
+
+    Raises
+    ------
+    ValueError
+        If the statistics do not have 1 or ``C`` entries, or a std is not > 0.
+    """
+    channels = info.input_shape[0]
+    stats = {"pixel_mean": info.pixel_mean, "pixel_std": info.pixel_std}
+    for field, values in stats.items():
+        if len(values) not in (1, channels):
+            raise ValueError(
+                f"{field} of dataset '{info.name}' needs 1 or {channels} values, got {values}"
+            )
+    if not all(s > 0 for s in info.pixel_std):
+        raise ValueError(f"pixel_std of dataset '{info.name}' must be > 0, got {info.pixel_std}")
+    # float64 for the division, so the bounds match the loaders' float32 output
+    # to within one rounding.
+    mean = torch.tensor(info.pixel_mean, dtype=torch.float64).expand(channels)
+    std = torch.tensor(info.pixel_std, dtype=torch.float64).expand(channels)
+    low = ((0.0 - mean) / std).to(torch.float32).reshape(channels, 1, 1)
+    high = ((1.0 - mean) / std).to(torch.float32).reshape(channels, 1, 1)
+    return low, high
+
+
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+# Mean/std of all 1,797 digits after scaling 0..16 to [0, 1].
+_DIGITS_MEAN = 0.3053
+_DIGITS_STD = 0.3760
+_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 DATASETS.add(
     "digits",
@@ -118,6 +178,8 @@ DATASETS.add(
         num_train=1437,
         num_test=360,
         description="scikit-learn's bundled 8x8 handwritten digits (1,797 images)",
+        pixel_mean=(_DIGITS_MEAN,),
+        pixel_std=(_DIGITS_STD,),
     ),
 )
 DATASETS.add(
@@ -129,6 +191,8 @@ DATASETS.add(
         num_train=60000,
         num_test=10000,
         description="MNIST handwritten digits, 28x28 grayscale",
+        pixel_mean=(_MNIST_MEAN,),
+        pixel_std=(_MNIST_STD,),
     ),
 )
 DATASETS.add(
@@ -140,6 +204,8 @@ DATASETS.add(
         num_train=60000,
         num_test=10000,
         description="Fashion-MNIST clothing images, 28x28 grayscale",
+        pixel_mean=(_FMNIST_MEAN,),
+        pixel_std=(_FMNIST_STD,),
     ),
 )
 DATASETS.add(
@@ -151,16 +217,10 @@ DATASETS.add(
         num_train=50000,
         num_test=10000,
         description="CIFAR-10 natural images, 32x32 RGB",
+        pixel_mean=_CIFAR_MEAN,
+        pixel_std=_CIFAR_STD,
     ),
 )
-
-# Mean/std of all 1,797 digits after scaling 0..16 to [0, 1].
-_DIGITS_MEAN = 0.3053
-_DIGITS_STD = 0.3760
-_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
-_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
-_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-_CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 _IDX_FILES = (
     "train-images-idx3-ubyte",

@@ -1,0 +1,1 @@
+"""Attacks: data poisoning, model poisoning and evasion."""

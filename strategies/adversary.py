@@ -1,0 +1,159 @@
+"""The simulation's adversary component for colluding model-poisoning attacks.
+
+Colluding attacks (ALIE, IPM, Min-Max, Min-Sum, Fang, Mimic) need the pooled
+updates of all malicious clients, and an omniscient adversary also sees the
+honest ones. :class:`AdversaryGrid` plays that adversary between the clients
+and the server: it wraps the grid, takes the round's replies, lets the attack
+rewrite the malicious clients' models, and hands the result to the server.
+It models collusion among the attackers (a side channel outside the protocol),
+never the server's own view: the strategy gets exactly what it would get from
+malicious clients that crafted their updates together.
+
+Malicious clients identify themselves to it with the ``fedsec.malicious``
+reply metric, which it removes before the server sees the replies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message, MessageType
+from flwr.serverapp import Grid
+
+from fedsec.aggregation import Rule
+from fedsec.attacks.base import AdversaryView, ModelPoisoningAttack
+from fedsec.attacks.threat import MALICIOUS_TAG, effective_boost, round_generator
+
+from .arrays import ArraySpec
+
+logger = logging.getLogger("fedsec")
+
+
+class AdversaryGrid:
+    """A grid wrapper in which colluding malicious clients craft their updates.
+
+    Parameters
+    ----------
+    grid : Grid
+        The real grid (Ray simulation or in-process).
+    attack : ModelPoisoningAttack
+        A colluding attack.
+    omniscient : bool
+        Whether the adversary also sees the honest clients' updates.
+    rule : Rule or None
+        The server's aggregation rule, for adaptive attacks.
+    boost : float
+        Factor on the crafted updates (0: n / server_lr).
+    server_lr : float
+        The server learning rate (for ``boost = 0``).
+    seed : int
+        Seeds the attack's randomness per round.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        attack: ModelPoisoningAttack,
+        *,
+        omniscient: bool,
+        rule: Rule | None,
+        boost: float = 1.0,
+        server_lr: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.grid = grid
+        self.attack = attack
+        self.omniscient = omniscient
+        self.rule = rule
+        self.boost = boost
+        self.server_lr = server_lr
+        self.seed = seed
+        self.rounds_attacked = 0
+
+    def as_grid(self) -> Grid:
+        """This wrapper typed as Flower's Grid (it forwards what the strategy uses)."""
+        return self  # type: ignore[return-value]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The real grid's nodes."""
+        return self.grid.get_node_ids()
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Send, then let the colluders rewrite their training replies."""
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self._attack(messages[0], replies)
+        return replies
+
+    def _attack(self, request: Message, replies: list[Message]) -> None:
+        malicious, honest = [], []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is not None and MALICIOUS_TAG in metrics:
+                del metrics[MALICIOUS_TAG]
+                malicious.append(reply)
+            else:
+                honest.append(reply)
+        server_round = int(request.content.config_records["config"].get("server-round", 0))  # type: ignore[arg-type]
+        if not malicious:
+            return
+        # Stable row order (by node id), so attacks that track a row (Mimic) track a client.
+        malicious.sort(key=lambda m: m.metadata.src_node_id)
+        honest.sort(key=lambda m: m.metadata.src_node_id)
+        global_arrays = request.content.array_records["arrays"]
+        spec = ArraySpec.from_record(global_arrays)
+        global_flat = torch.empty(spec.dim)
+        spec.flatten_into(global_arrays, global_flat)
+        own, malicious = self._updates(spec, malicious, global_flat)
+        benign, _ = self._updates(spec, honest, global_flat) if self.omniscient else (None, [])
+        if own is None:
+            return
+        n = len(malicious) + len(honest)
+        try:
+            self.attack.check(len(malicious), n)
+        except ValueError as err:
+            # Dropouts can leave too few colluders this round; they then act honestly.
+            logger.warning("round %d: attack skipped: %s", server_round, err)
+            return
+        view = AdversaryView(
+            own=own,
+            benign=benign,
+            num_clients=n,
+            rule=self.rule,
+            generator=round_generator(self.seed, server_round, salt=3),
+        )
+        crafted = self.attack.craft(view)
+        crafted = crafted * effective_boost(self.boost, n, self.server_lr)
+        for reply, update in zip(malicious, crafted, strict=True):
+            reply.content["arrays"] = spec.to_record(global_flat + update)
+        self.rounds_attacked += 1
+
+    @staticmethod
+    def _updates(
+        spec: ArraySpec, replies: list[Message], global_flat: torch.Tensor
+    ) -> tuple[torch.Tensor | None, list[Message]]:
+        """Updates [k, d] of the replies whose models are well-formed, and those replies."""
+        rows = torch.empty(len(replies), spec.dim)
+        kept: list[Message] = []
+        for reply in replies:
+            arrays = reply.content.array_records.get("arrays")
+            if (
+                isinstance(arrays, ArrayRecord)
+                and spec.check(arrays) is None
+                and spec.flatten_into(arrays, rows[len(kept)]) is None
+            ):
+                kept.append(reply)
+        if not kept:
+            return None, kept
+        return rows[: len(kept)].sub_(global_flat), kept
