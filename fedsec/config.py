@@ -83,6 +83,7 @@ class ClientSection:
     fraction: float = 1.0
     evaluate_fraction: float = 0.0
     local_epochs: int = 2
+    local_steps: int = 0
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float = 0.05
@@ -362,6 +363,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
         "in [0, 1]",
     )
     _require("client.local_epochs", client.local_epochs, lambda v: v >= 1, ">= 1")
+    _require("client.local_steps", client.local_steps, lambda v: v >= 0, ">= 0 (0 = whole epochs)")
     _require("client.batch_size", client.batch_size, lambda v: v >= 1, ">= 1")
     _resolve("client.optimizer", OPTIMIZERS.get, client.optimizer)
     _require("client.lr", client.lr, lambda v: v > 0, "> 0")

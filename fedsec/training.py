@@ -273,6 +273,7 @@ def train(
     device: torch.device | str = "cpu",
     seed: int = 0,
     adversarial: Adversary | None = None,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy on shuffled mini-batches.
 
@@ -308,6 +309,10 @@ def train(
         training mode afterwards and the crafted inputs are detached. The
         reported loss and accuracy are then those on the crafted batches.
         ``None`` (the default) trains on the clean inputs, with no overhead.
+    max_steps : int, optional
+        Stop after this many optimizer steps, even inside an epoch (FedSGD-style
+        rounds of one or a few local steps); the loss and accuracy then cover
+        the examples seen in the last, possibly partial, epoch.
 
     Returns
     -------
@@ -324,6 +329,8 @@ def train(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     n = _check_data(x, y, "train")
     x, y, dev = _to_device(model, x, y, device)
     opt = make_optimizer(
@@ -339,12 +346,18 @@ def train(
     steps = 0
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
+    seen = 0
     for _ in range(epochs):
+        if max_steps is not None and steps >= max_steps:
+            break
         # Per-epoch totals: only the last epoch is reported.
         loss_sum.zero_()
         correct.zero_()
+        seen = 0
         perm = torch.randperm(n, generator=gen).to(dev)
         for start in range(0, n, batch_size):
+            if max_steps is not None and steps >= max_steps:
+                break
             idx = perm[start : start + batch_size]
             xb, yb = x[idx], y[idx]
             if adversarial is not None:
@@ -359,12 +372,13 @@ def train(
             torch.autograd.backward(loss)
             opt.step()
             steps += 1
+            seen += yb.shape[0]
             with torch.no_grad():
                 loss_sum += loss.detach() * yb.shape[0]
                 correct += (logits.argmax(dim=1) == yb).sum()
     return TrainResult(
-        loss=float(loss_sum.item()) / n,
-        accuracy=int(correct.item()) / n,
+        loss=float(loss_sum.item()) / seen,
+        accuracy=int(correct.item()) / seen,
         num_examples=n,
         steps=steps,
     )

@@ -134,7 +134,7 @@ class AdversaryGrid:
             generator=round_generator(self.seed, server_round, salt=3),
         )
         crafted = self.attack.craft(view)
-        crafted = crafted * effective_boost(self.boost, n, self.server_lr)
+        crafted = crafted * effective_boost(self.boost, n, self.server_lr, len(malicious))
         for reply, update in zip(malicious, crafted, strict=True):
             reply.content["arrays"] = spec.to_record(global_flat + update)
         self.rounds_attacked += 1

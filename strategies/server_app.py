@@ -79,6 +79,7 @@ def make_reference_fn(
             weight_decay=cfg.client.weight_decay,
             device=device,
             seed=cfg.experiment.seed + calls,
+            max_steps=cfg.client.local_steps or None,
         )
         return _flat_state(model) - before
 

@@ -105,7 +105,10 @@ def test_round_trip_through_toml_and_dict() -> None:
             {"attack": {"name": "alie"}},
             "attack.num_malicious: attack 'alie' needs malicious clients",
         ),
-        ({"attack": {"name": "alie", "num_malicious": 1}}, "attack: alie with colluder knowledge needs m >= 2"),
+        (
+            {"attack": {"name": "alie", "num_malicious": 1}},
+            "attack: alie with colluder knowledge needs m >= 2",
+        ),
         (
             {"attack": {"name": "mimic", "num_malicious": 2}},
             "attack: mimic needs omniscient knowledge",

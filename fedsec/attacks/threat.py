@@ -10,7 +10,8 @@ The ``[attack]`` section of an experiment config names one attack and fixes:
   known and targeted);
 - from which round it acts (``start_round``) and its parameters (``params``);
 - ``boost``: a factor on the malicious clients' updates (model replacement,
-  Bagdasaryan et al. 2020); 0 means n / server.lr, the paper's default.
+  Bagdasaryan et al. 2020); 0 means n / (server.lr * m), the paper's n / eta
+  shared among the m malicious clients expected in a round.
 
 Where each attack acts, as a real adversary could:
 
@@ -104,6 +105,13 @@ def is_colluding(attack: Any) -> bool:
     return isinstance(attack, ModelPoisoningAttack) and type(attack).collusion
 
 
-def effective_boost(boost: float, num_clients: int, server_lr: float) -> float:
-    """``boost``, with 0 meaning model replacement's gamma = n / eta (Bagdasaryan et al.)."""
-    return num_clients / server_lr if boost == 0 else boost
+def effective_boost(
+    boost: float, num_clients: int, server_lr: float, num_attackers: float = 1.0
+) -> float:
+    """``boost``, with 0 meaning model replacement's gamma = n / (eta * m).
+
+    Bagdasaryan et al. (AISTATS 2020) scale one attacker's update by n / eta so
+    that it replaces the averaged model; m attackers in a round share that
+    scale, each boosting by n / (eta * m).
+    """
+    return num_clients / (server_lr * max(num_attackers, 1.0)) if boost == 0 else boost

@@ -147,6 +147,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         device=device,
         seed=seed,
         adversarial=_adversarial_hook(cfg, seed),
+        max_steps=cfg.client.local_steps or None,
     )
     metrics = MetricRecord(
         {
@@ -184,7 +185,13 @@ def _poison_update(
     if isinstance(attack, PerClientAttack):
         generator = round_generator(seed, server_round, salt=2)
         update = attack.perturb(update, generator, num_clients=sampled_clients(cfg))
-    boost = effective_boost(cfg.attack.boost, sampled_clients(cfg), cfg.server.lr)
+    sampled = sampled_clients(cfg)
+    expected_attackers = (
+        num_malicious(cfg.data.num_clients, cfg.attack.num_malicious, cfg.attack.fraction)
+        * sampled
+        / cfg.data.num_clients
+    )
+    boost = effective_boost(cfg.attack.boost, sampled, cfg.server.lr, expected_attackers)
     if boost != 1:
         update = boost * update
     return unflatten_state(flatten_state(global_state) + update, global_state)
