@@ -68,6 +68,14 @@ def _round_table(rows: list[RoundMetrics], total_rounds: int, limit: int = 0) ->
     table.add_column("test loss", justify="right")
     table.add_column("train loss", justify="right")
     table.add_column("clients", justify="right")
+    # Columns that only some experiments report (backdoor ASR, robust accuracy).
+    optional = [
+        (key, title)
+        for key, title in (("attack_success_rate", "ASR"), ("robust_accuracy", "robust acc"))
+        if any(key in row for row in rows)
+    ]
+    for _, title in optional:
+        table.add_column(title, justify="right")
     table.add_column("elapsed", justify="right")
     shown = rows[-limit:] if limit else rows
     for row in shown:
@@ -82,6 +90,7 @@ def _round_table(rows: list[RoundMetrics], total_rounds: int, limit: int = 0) ->
             f"{row['test_loss']:.4f}",
             f"{train_loss:.4f}" if isinstance(train_loss, float) else "-",
             clients,
+            *(f"{100 * row[key]:.2f}%" if key in row else "-" for key, _ in optional),
             f"{row.get('elapsed_s', 0.0):.1f}s",
         )
     return table

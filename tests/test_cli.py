@@ -48,6 +48,10 @@ def _assert_bad_input(result: subprocess.CompletedProcess[str], *fragments: str)
             "[aggregation]\nrule = 'fedavgg'\n",
             ("aggregation.rule", "valid choices: mean"),
         ),
+        (
+            "[attack]\nname = 'alie'\nnum_malicious = 1\n",
+            ("attack: alie", "m >= 2 malicious clients"),
+        ),
     ],
 )
 def test_bad_config_is_one_line_exit_2(
