@@ -91,11 +91,14 @@ def test_backdoor_with_model_replacement(tmp_path: Path, clean_fedavg: float) ->
     assert final(dormant, "attack_success_rate") <= 0.2  # measured: 0.00
 
 
-def test_alie_hurts_median_more_than_centered_clipping(tmp_path: Path) -> None:
-    alie = {"name": "alie", "num_malicious": 4, "knowledge": "omniscient", "params": {"z": 2.0}}
+def test_alie_hurts_median_and_krum_more_than_centered_clipping(tmp_path: Path) -> None:
+    # z = 0.5 keeps the colluders' update close enough to the honest ones that
+    # Krum selects it (with z >= 1.5 it is rejected and Krum even improves).
+    alie = {"name": "alie", "num_malicious": 4, "knowledge": "omniscient", "params": {"z": 0.5}}
     drops = {}
     for rule, aggregation in {
         "median": {"rule": "median"},
+        "krum": {"rule": "krum", "f": 4},
         "centered-clipping": {"rule": "centered-clipping", "params": {"tau": 0.1}},
     }.items():
         clean = final(simulate(tmp_path / rule / "clean", **_with(FEDSGD, aggregation=aggregation)))
@@ -105,9 +108,11 @@ def test_alie_hurts_median_more_than_centered_clipping(tmp_path: Path) -> None:
             )
         )
         drops[rule] = clean - attacked
-    # measured: median 0.781 -> 0.669 (drop 0.112); centered clipping 0.775 -> 0.733 (0.042)
-    assert drops["median"] >= 0.08
-    assert drops["centered-clipping"] <= drops["median"] - 0.04
+    # measured: median 0.781 -> 0.717 (drop 0.064), Krum 0.603 -> 0.528 (0.075),
+    # centered clipping 0.775 -> 0.842 (no loss)
+    assert drops["median"] >= 0.04
+    assert drops["krum"] >= 0.04
+    assert drops["centered-clipping"] <= min(drops["median"], drops["krum"]) - 0.04
 
 
 def test_pgd_robust_accuracy_improves_with_adversarial_training(tmp_path: Path) -> None:
