@@ -23,8 +23,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
+from fedsec.aggregation import Rule
 from fedsec.attacks.threat import is_colluding
 from fedsec.checkpoint import CheckpointError
+from fedsec.client.app import local_train
 from fedsec.config import (
     WIRE_CONFIG_KEY,
     ExperimentConfig,
@@ -37,7 +39,7 @@ from fedsec.data import SplitData, load_dataset
 from fedsec.models import make_model
 from fedsec.params import flatten_state
 from fedsec.runs import RoundMetrics, RunDirectory
-from fedsec.training import evaluate, resolve_device, train
+from fedsec.training import evaluate, resolve_device
 
 from .adversary import AdversaryGrid
 from .strategy import FedSecStrategy
@@ -67,20 +69,7 @@ def make_reference_fn(
         model = make_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
         model.load_state_dict(arrays.to_torch_state_dict())
         before = _flat_state(model)
-        train(
-            model,
-            x_root,
-            y_root,
-            epochs=cfg.client.local_epochs,
-            batch_size=cfg.client.batch_size,
-            optimizer=cfg.client.optimizer,
-            lr=cfg.client.lr,
-            momentum=cfg.client.momentum,
-            weight_decay=cfg.client.weight_decay,
-            device=device,
-            seed=cfg.experiment.seed + calls,
-            max_steps=cfg.client.local_steps or None,
-        )
+        local_train(cfg, model, x_root, y_root, device=device, seed=cfg.experiment.seed + calls)
         return _flat_state(model) - before
 
     return reference
@@ -93,11 +82,12 @@ def _flat_state(model: torch.nn.Module) -> torch.Tensor:
 
 def build_strategy(
     cfg: ExperimentConfig,
+    rule: Rule | None = None,
     reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
 ) -> FedSecStrategy:
-    """The strategy an experiment config describes."""
+    """The strategy an experiment config describes (``rule`` defaults to the configured one)."""
     return FedSecStrategy(
-        rule=build_aggregator(cfg),
+        rule=rule if rule is not None else build_aggregator(cfg),
         rule_name=cfg.aggregation.rule,
         fraction_train=cfg.client.fraction,
         fraction_evaluate=cfg.client.evaluate_fraction,
@@ -181,10 +171,8 @@ def run_experiment(
         seed=cfg.experiment.seed,
     ).to(device)
     rule = build_aggregator(cfg)
-    needs_reference = "reference" in rule.requires
-    strategy = build_strategy(
-        cfg, make_reference_fn(cfg, data, device) if needs_reference else None
-    )
+    reference_fn = make_reference_fn(cfg, data, device) if "reference" in rule.requires else None
+    strategy = build_strategy(cfg, rule, reference_fn)
     strategy.summary()
     server_evaluate = make_server_evaluator(cfg, data, device)
     on_round = on_round or (lambda _: None)

@@ -42,7 +42,7 @@ from fedsec.config import (
 from fedsec.data import client_dataset, load_dataset
 from fedsec.models import make_model
 from fedsec.params import flatten_state, unflatten_state
-from fedsec.training import evaluate, resolve_device, train
+from fedsec.training import TrainResult, evaluate, resolve_device, train
 
 app = ClientApp()
 
@@ -93,6 +93,34 @@ def _local_setup(
     return cfg, partition_id, model, x, y, resolve_device(cfg.experiment.device)
 
 
+def local_train(
+    cfg: ExperimentConfig,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    device: torch.device,
+    seed: int,
+    adversarial: Any = None,
+) -> TrainResult:
+    """Local training with the config's client settings (clients and the FLTrust server)."""
+    return train(
+        model,
+        x,
+        y,
+        epochs=cfg.client.local_epochs,
+        batch_size=cfg.client.batch_size,
+        optimizer=cfg.client.optimizer,
+        lr=cfg.client.lr,
+        momentum=cfg.client.momentum,
+        weight_decay=cfg.client.weight_decay,
+        device=device,
+        seed=seed,
+        adversarial=adversarial,
+        max_steps=cfg.client.local_steps or None,
+    )
+
+
 def _is_malicious(cfg: ExperimentConfig, partition_id: int, server_round: int) -> bool:
     attack = cfg.attack
     if attack.name == "none" or server_round < attack.start_round:
@@ -134,20 +162,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     if isinstance(attack, DataPoisoningAttack):
         x, y = attack.poison(x, y, round_generator(seed, server_round, salt=1))
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train(
-        model,
-        x,
-        y,
-        epochs=cfg.client.local_epochs,
-        batch_size=cfg.client.batch_size,
-        optimizer=cfg.client.optimizer,
-        lr=cfg.client.lr,
-        momentum=cfg.client.momentum,
-        weight_decay=cfg.client.weight_decay,
-        device=device,
-        seed=seed,
-        adversarial=_adversarial_hook(cfg, seed),
-        max_steps=cfg.client.local_steps or None,
+    result = local_train(
+        cfg, model, x, y, device=device, seed=seed, adversarial=_adversarial_hook(cfg, seed)
     )
     metrics = MetricRecord(
         {
