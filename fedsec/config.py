@@ -32,6 +32,7 @@ EVASION_ATTACKS = ("none", "fgsm", "pgd")
 #: ConfigRecord key under which the server sends the validated config (JSON) to clients.
 WIRE_CONFIG_KEY = "fedsec-config"
 PRIVACY_MODES = ("none",)
+ACCOUNTANTS = ("rdp", "prv")
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -147,9 +148,25 @@ class EvasionSection:
 
 @dataclass(frozen=True)
 class PrivacySection:
-    """Differential privacy (filled by the privacy module)."""
+    """Differential privacy (see the README's "Differential privacy").
+
+    ``mode``: ``dp-sgd`` (record-level DP-SGD on every client, Opacus),
+    ``local`` (each client clips its whole update and adds Gaussian noise) or
+    ``central`` (DP-FedAvg: the server clips each update and noises the mean).
+    Give either ``noise_multiplier`` or ``target_epsilon`` (solved before
+    training for the whole run); ``epsilon_budget`` (default: the target) is
+    what a client's ledger refuses to exceed.
+    """
 
     mode: str = "none"
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    update_clip: float = 1.0
+    epsilon_budget: float = 0.0
+    accountant: str = "rdp"
+    secure_mode: bool = False
 
 
 @dataclass(frozen=True)
@@ -384,7 +401,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _check_aggregation(cfg)
     _check_attack(cfg)
     _check_evasion(cfg)
-    _check_choice("privacy.mode", cfg.privacy.mode, PRIVACY_MODES, "privacy mode")
+    _check_privacy(cfg)
     if cfg.secagg.enabled:
         raise ConfigError("secagg.enabled", "secure aggregation is not available yet")
 
@@ -518,6 +535,42 @@ def _check_attack(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "attack.adaptive", f"'{attack.name}' is data poisoning; it cannot target the rule"
         )
+
+
+def _check_privacy(cfg: ExperimentConfig) -> None:
+    dp = cfg.privacy
+    _check_choice("privacy.mode", dp.mode, PRIVACY_MODES, "privacy mode")
+    _check_choice("privacy.accountant", dp.accountant, ACCOUNTANTS, "accountant")
+    _require("privacy.noise_multiplier", dp.noise_multiplier, lambda v: v >= 0, ">= 0")
+    _require("privacy.target_epsilon", dp.target_epsilon, lambda v: v >= 0, ">= 0")
+    _require("privacy.delta", dp.delta, lambda v: 0 < v < 1, "in (0, 1)")
+    _require("privacy.max_grad_norm", dp.max_grad_norm, lambda v: v > 0, "> 0")
+    _require("privacy.update_clip", dp.update_clip, lambda v: v > 0, "> 0")
+    _require("privacy.epsilon_budget", dp.epsilon_budget, lambda v: v >= 0, ">= 0 (0 = target)")
+    if dp.mode == "none":
+        return
+    if (dp.noise_multiplier > 0) == (dp.target_epsilon > 0):
+        raise ConfigError(
+            "privacy.noise_multiplier",
+            f"privacy mode '{dp.mode}' needs exactly one of privacy.noise_multiplier "
+            "and privacy.target_epsilon",
+        )
+    if dp.mode == "central":
+        if cfg.secagg.enabled:
+            raise ConfigError(
+                "privacy.mode",
+                "central DP adds noise on the server, so it cannot protect updates from the "
+                "server that secure aggregation guards against; use 'local' or 'dp-sgd'",
+            )
+        agg = cfg.aggregation
+        if agg.rule != "mean" or agg.pre:
+            raise ConfigError(
+                "privacy.mode",
+                f"central DP-FedAvg bounds the sensitivity of the mean only; got rule "
+                f"'{agg.rule}' with pre {list(agg.pre)} (use aggregation.rule = \"mean\")",
+            )
+    if cfg.evasion.adversarial_training and dp.mode == "dp-sgd":
+        raise ConfigError("evasion.adversarial_training", "is not supported together with DP-SGD")
 
 
 def _check_evasion(cfg: ExperimentConfig) -> None:

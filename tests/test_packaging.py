@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,22 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_installs_only_fedsec_and_imports(tmp_path: Path) -> None:
+    # Build from a clean copy: setuptools reuses a stale build/ folder, which
+    # would hide a package missing from pyproject.toml.
+    source = tmp_path / "src"
+    top_level_skip = {".venv", ".git", "build", "dist", "results", "data", "fedsec.egg-info"}
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=lambda folder, names: (
+            [n for n in names if n in top_level_skip] if Path(folder) == ROOT else []
+        ),
+    )
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            tmp_path,
-            ROOT,
-        ],
-        check=True,
-        capture_output=True,
-        cwd=tmp_path,
+        [*pip_wheel, "-q", "-w", tmp_path, source], check=True, capture_output=True, cwd=tmp_path
     )
     (wheel,) = tmp_path.glob("fedsec-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -36,42 +34,35 @@ def test_wheel_installs_only_fedsec_and_imports(tmp_path: Path) -> None:
     assert "fedsec/strategies/server_app.py" in names
     assert "fedsec/py.typed" in names
 
+    # Every package in the source tree must be in the wheel.
+    source_packages = {
+        str(p.parent.relative_to(ROOT)).replace("strategies", "fedsec/strategies", 1)
+        if p.parent.name == "strategies" and p.parent.parent == ROOT
+        else str(p.parent.relative_to(ROOT))
+        for p in [*(ROOT / "fedsec").rglob("__init__.py"), ROOT / "strategies" / "__init__.py"]
+    }
+    wheel_packages = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
+    assert source_packages == wheel_packages
+
     target = tmp_path / "site"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "-q",
-            "--target",
-            target,
-            wheel,
-        ],
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel],
         check=True,
         capture_output=True,
     )
-    # Run from an empty folder with only the unpacked wheel in front of the path,
-    # so neither the checkout nor the editable install can answer the imports.
+    # -S: no site processing, so the editable install's .pth finder is absent;
+    # dependencies come from site-packages added by hand, fedsec only from the wheel.
+    site_packages = next(p for p in sys.path if p.endswith("site-packages"))
     code = (
-        "import fedsec, fedsec.strategies.server_app, fedsec.client.app, fedsec.cli;"
-        "import importlib.util;"
+        "import sys;"
+        f"sys.path[:0] = [{str(target)!r}]; sys.path.append({site_packages!r});"
+        "import importlib, pkgutil, fedsec;"
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(fedsec.__path__, 'fedsec.')];"
         "assert importlib.util.find_spec('strategies') is None;"
         "print(fedsec.__file__)"
     )
-    env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-c",
-            f"import sys; sys.path.insert(0, {str(target)!r}); {code}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))
