@@ -31,7 +31,7 @@ EVASION_ATTACKS = ("none", "fgsm", "pgd")
 
 #: ConfigRecord key under which the server sends the validated config (JSON) to clients.
 WIRE_CONFIG_KEY = "fedsec-config"
-PRIVACY_MODES = ("none",)
+PRIVACY_MODES = ("none", "dp-sgd", "local", "central")
 ACCOUNTANTS = ("rdp", "prv")
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -398,10 +398,10 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _require("server.momentum", server.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
     _require("server.round_timeout", server.round_timeout, lambda v: v > 0, "> 0")
 
+    _check_privacy(cfg)  # before the rule is built: central DP wraps it
     _check_aggregation(cfg)
     _check_attack(cfg)
     _check_evasion(cfg)
-    _check_privacy(cfg)
     if cfg.secagg.enabled:
         raise ConfigError("secagg.enabled", "secure aggregation is not available yet")
 
@@ -444,7 +444,38 @@ def build_aggregator(cfg: ExperimentConfig) -> Any:
             }.items()
             if key in accepted
         }
-    return make_pipeline(agg.rule, params, agg.pre, pre_params)
+    rule = make_pipeline(agg.rule, params, agg.pre, pre_params)
+    if cfg.privacy.mode == "central":
+        from fedsec.privacy.client_level import CentralDPFedAvg
+
+        rule = CentralDPFedAvg(
+            rule,
+            clip=cfg.privacy.update_clip,
+            noise_multiplier=central_noise_multiplier(cfg),
+            seed=cfg.experiment.seed,
+        )
+    return rule
+
+
+def central_noise_multiplier(cfg: ExperimentConfig) -> float:
+    """DP-FedAvg's noise multiplier: given, or solved for ``target_epsilon`` over the run.
+
+    Client-level accounting (McMahan et al., ICLR 2018): sampling rate =
+    clients per round / clients, one Gaussian mechanism per round.
+    """
+    from fedsec.privacy.accounting import solve_client_level_noise_multiplier
+
+    dp = cfg.privacy
+    if dp.noise_multiplier:
+        return dp.noise_multiplier
+    return solve_client_level_noise_multiplier(
+        target_epsilon=dp.target_epsilon,
+        target_delta=dp.delta,
+        clients_per_round=sampled_clients(cfg),
+        total_clients=cfg.data.num_clients,
+        rounds=cfg.experiment.rounds,
+        accountant=dp.accountant,  # type: ignore[arg-type]
+    )
 
 
 def _check_aggregation(cfg: ExperimentConfig) -> None:
@@ -569,8 +600,37 @@ def _check_privacy(cfg: ExperimentConfig) -> None:
                 f"central DP-FedAvg bounds the sensitivity of the mean only; got rule "
                 f"'{agg.rule}' with pre {list(agg.pre)} (use aggregation.rule = \"mean\")",
             )
+    if dp.target_epsilon:
+        try:
+            _solve_for_validation(cfg)
+        except ValueError as err:
+            raise ConfigError("privacy.target_epsilon", str(err)) from None
     if cfg.evasion.adversarial_training and dp.mode == "dp-sgd":
         raise ConfigError("evasion.adversarial_training", "is not supported together with DP-SGD")
+
+
+def _solve_for_validation(cfg: ExperimentConfig) -> None:
+    """Solve the noise for ``target_epsilon`` now, so an unreachable target fails early."""
+    from fedsec.data import DATASETS
+    from fedsec.privacy.accounting import solve_noise_multiplier
+
+    dp = cfg.privacy
+    if dp.mode == "central":
+        central_noise_multiplier(cfg)
+        return
+    if dp.mode == "dp-sgd":  # a client of average size; each client solves its own
+        average = DATASETS.get(cfg.data.dataset).num_train / cfg.data.num_clients
+        rate = min(1.0, cfg.client.batch_size / average)
+        steps = cfg.client.local_steps or cfg.client.local_epochs * max(1, round(1 / rate))
+    else:
+        rate, steps = 1.0, 1
+    solve_noise_multiplier(
+        target_epsilon=dp.target_epsilon,
+        target_delta=dp.delta,
+        sample_rate=rate,
+        steps=steps * cfg.experiment.rounds,
+        accountant=dp.accountant,  # type: ignore[arg-type]
+    )
 
 
 def _check_evasion(cfg: ExperimentConfig) -> None:

@@ -32,8 +32,10 @@ from fedsec.config import (
     ExperimentConfig,
     build_aggregator,
     build_configured_attack,
+    central_noise_multiplier,
     default_config,
     load_config,
+    sampled_clients,
 )
 from fedsec.data import SplitData, load_dataset
 from fedsec.models import make_model
@@ -237,6 +239,7 @@ def run_experiment(
             metrics.update({f"federated_{k}": v for k, v in (federated or {}).items()})
 
         metrics.update(server_evaluate(model))
+        metrics.update(_privacy_metrics(cfg, server_round))
         metrics["round_time_s"] = time.perf_counter() - t_round
         metrics["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
         run.record_round(
@@ -251,6 +254,30 @@ def run_experiment(
         on_round(metrics)
     run.finish()
     return run.rounds
+
+
+def _privacy_metrics(cfg: ExperimentConfig, server_round: int) -> dict[str, object]:
+    """The round's privacy bookkeeping: delta and accountant; epsilon for central DP.
+
+    With client-side DP each client reports its own ledger's epsilon
+    (``dp_epsilon_max``: the largest among the round's clients).
+    """
+    dp = cfg.privacy
+    if dp.mode == "none":
+        return {}
+    out: dict[str, object] = {"dp_delta": dp.delta, "dp_accountant": dp.accountant}
+    if dp.mode == "central":
+        from fedsec.privacy.accounting import client_level_epsilon
+
+        out["dp_epsilon"] = client_level_epsilon(
+            noise_multiplier=central_noise_multiplier(cfg),
+            clients_per_round=sampled_clients(cfg),
+            total_clients=cfg.data.num_clients,
+            rounds=server_round,
+            delta=dp.delta,
+            accountant=dp.accountant,  # type: ignore[arg-type]
+        )
+    return out
 
 
 def _decisions(strategy: FedSecStrategy, server_round: int) -> dict[str, object]:

@@ -324,7 +324,8 @@ def weighted_metrics(replies: list[Message], weights: list[float]) -> MetricReco
     """Weighted mean of the scalar metrics every reply reports (finite values only).
 
     Keys missing from some reply, non-scalar or non-finite values are skipped
-    rather than trusted, so a malformed metric cannot break a round.
+    rather than trusted, so a malformed metric cannot break a round. Keys
+    ending in ``_max`` (e.g. ``dp_epsilon_max``) take the maximum instead.
     """
     records = [msg.content.metric_records[METRICS_KEY] for msg in replies]
     total = sum(weights)
@@ -332,7 +333,9 @@ def weighted_metrics(replies: list[Message], weights: list[float]) -> MetricReco
     keys = set.intersection(*(set(r.keys()) for r in records)) - {NUM_EXAMPLES_KEY}
     for key in sorted(keys):
         values = [_scalar(r[key]) for r in records]
-        if all(v is not None for v in values):
+        if key.endswith("_max") and all(v is not None for v in values):
+            out[key] = max(v for v in values if v is not None)
+        elif all(v is not None for v in values):
             out[key] = (
                 sum(w * v for w, v in zip(weights, values, strict=True) if v is not None) / total
             )

@@ -19,7 +19,7 @@ import json
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsec.attacks.data_poisoning import DataPoisoningAttack
@@ -32,6 +32,12 @@ from fedsec.attacks.threat import (
     num_malicious,
     round_generator,
 )
+from fedsec.client.privacy import (
+    PRIVACY_BUDGET_EXHAUSTED,
+    load_ledger,
+    plan_round,
+    save_ledger,
+)
 from fedsec.config import (
     WIRE_CONFIG_KEY,
     ExperimentConfig,
@@ -42,6 +48,8 @@ from fedsec.config import (
 from fedsec.data import client_dataset, load_dataset
 from fedsec.models import make_model
 from fedsec.params import flatten_state, unflatten_state
+from fedsec.privacy.client_level import privatize_update
+from fedsec.privacy.dpsgd import dp_train
 from fedsec.training import TrainResult, evaluate, resolve_device, train
 
 app = ClientApp()
@@ -161,10 +169,39 @@ def train_handler(msg: Message, context: Context) -> Message:
     attack = build_configured_attack(cfg) if malicious else None
     if isinstance(attack, DataPoisoningAttack):
         x, y = attack.poison(x, y, round_generator(seed, server_round, salt=1))
+    ledger, plan = None, None
+    if cfg.privacy.mode in ("dp-sgd", "local"):
+        ledger = load_ledger(context, cfg)
+        plan = plan_round(cfg, len(y))
+        if ledger.would_exceed(plan.noise_multiplier, plan.sample_rate, plan.steps)[0]:
+            reason = ledger.refusal_reason(plan.noise_multiplier, plan.sample_rate, plan.steps)
+            return Message(Error(code=PRIVACY_BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    result = local_train(
-        cfg, model, x, y, device=device, seed=seed, adversarial=_adversarial_hook(cfg, seed)
-    )
+    if cfg.privacy.mode == "dp-sgd":
+        assert ledger is not None and plan is not None
+        dp_result = dp_train(
+            model,
+            x,
+            y,
+            epochs=cfg.client.local_epochs,
+            batch_size=cfg.client.batch_size,
+            lr=cfg.client.lr,
+            momentum=cfg.client.momentum,
+            weight_decay=cfg.client.weight_decay,
+            optimizer=cfg.client.optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            device=device,
+            seed=seed,
+            secure_mode=cfg.privacy.secure_mode,
+            max_steps=cfg.client.local_steps or None,
+        )
+        result = dp_result.train
+        ledger.record(plan.noise_multiplier, dp_result.sample_rate, dp_result.steps)
+    else:
+        result = local_train(
+            cfg, model, x, y, device=device, seed=seed, adversarial=_adversarial_hook(cfg, seed)
+        )
     metrics = MetricRecord(
         {
             "train_loss": result.loss,
@@ -173,6 +210,21 @@ def train_handler(msg: Message, context: Context) -> Message:
         }
     )
     state = model.state_dict()
+    if cfg.privacy.mode == "local":
+        # Clip and noise the whole update on the device, before anything leaves it.
+        assert ledger is not None and plan is not None
+        update = privatize_update(
+            flatten_state(state) - flatten_state(global_state),
+            clip=cfg.privacy.update_clip,
+            noise_multiplier=plan.noise_multiplier,
+            generator=None if cfg.privacy.secure_mode else round_generator(seed, server_round, 4),
+            secure=cfg.privacy.secure_mode,
+        )
+        state = unflatten_state(flatten_state(global_state) + update, global_state)
+        ledger.record(plan.noise_multiplier, plan.sample_rate, plan.steps)
+    if ledger is not None:
+        save_ledger(context, ledger)
+        metrics["dp_epsilon_max"] = ledger.spent()
     if malicious:
         state = _poison_update(cfg, attack, global_state, state, seed, server_round)
         if is_colluding(attack):
