@@ -71,7 +71,12 @@ def _round_table(rows: list[RoundMetrics], total_rounds: int, limit: int = 0) ->
     # Columns that only some experiments report (backdoor ASR, robust accuracy).
     optional = [
         (key, title)
-        for key, title in (("attack_success_rate", "ASR"), ("robust_accuracy", "robust acc"))
+        for key, title in (
+            ("attack_success_rate", "ASR"),
+            ("robust_accuracy", "robust acc"),
+            ("dp_epsilon_max", "client eps"),
+            ("dp_epsilon", "eps"),
+        )
         if any(key in row for row in rows)
     ]
     for _, title in optional:
@@ -90,10 +95,17 @@ def _round_table(rows: list[RoundMetrics], total_rounds: int, limit: int = 0) ->
             f"{row['test_loss']:.4f}",
             f"{train_loss:.4f}" if isinstance(train_loss, float) else "-",
             clients,
-            *(f"{100 * row[key]:.2f}%" if key in row else "-" for key, _ in optional),
+            *(_cell(row, key) for key, _ in optional),
             f"{row.get('elapsed_s', 0.0):.1f}s",
         )
     return table
+
+
+def _cell(row: RoundMetrics, key: str) -> str:
+    if key not in row:
+        return "-"
+    value = float(row[key])
+    return f"{value:.2f}" if key.startswith("dp_") else f"{100 * value:.2f}%"
 
 
 def _quiet_logs(verbose: bool) -> None:

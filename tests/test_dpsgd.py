@@ -82,13 +82,18 @@ class _Scale(nn.Module):
 
 
 def test_per_sample_gradients_of_other_layers() -> None:
-    """Strided/dilated/'same'/grouped convolutions, LayerNorm (Opacus sampler), custom layer."""
+    """Strided, dilated, 'same', grouped and reflect-padded convolutions, LayerNorm, a custom layer.
+
+    These take the three other routes: our Conv2d rule, Opacus's grad samplers
+    (grouped conv, LayerNorm) and the functorch fallback (reflect padding, _Scale).
+    """
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1),
         nn.ReLU(),
         nn.Conv2d(4, 4, 3, padding="same", dilation=2),
         nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect"),
         nn.Flatten(),
         nn.LayerNorm(6 * 4 * 4),
         _Scale(6 * 4 * 4),
