@@ -1,0 +1,1 @@
+"""Secure aggregation (SecAgg+) building blocks: encoding, Shamir sharing, key agreement, masking, neighbour graph."""  # noqa: E501

@@ -1,0 +1,245 @@
+"""Fixed-point encoding of float updates for summation modulo ``2**modulus_bits``.
+
+Secure aggregation (Bonawitz et al., "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", CCS 2017; Bell et al., CCS 2020) sums
+masked integer vectors in the ring ``Z_R`` with ``R = 2**modulus_bits``.  Each
+client clips its float update to ``[-clip, clip]``, maps it onto the integer grid
+``{0, ..., 2**bits - 1}`` with unbiased stochastic rounding, and the server
+decodes the (unmasked) sum.  The encoder refuses parameters for which the sum of
+``num_clients`` encodings could exceed ``R - 1``, so the modular sum equals the
+integer sum and decoding is exact up to quantisation.
+
+Weighted averaging
+------------------
+The ring only carries a sum.  For a weighted mean each client multiplies its
+update by its (public) weight ``w_i`` *before* encoding, the server decodes the
+sum and divides it by the total weight ``sum_i w_i``.  ``clip`` must then cover
+the weighted range, i.e. ``clip >= max_i w_i * max|x_i|`` (values beyond it are
+clipped).  Normalised weights (``w_i = n_i / sum_j n_j``, scaled by
+``num_clients``) keep ``clip`` small.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+__all__ = ["MAX_BITS", "FixedPointEncoder", "max_bits_for"]
+
+#: Largest quantisation depth: the scaled values are computed in float64, whose
+#: 53-bit significand represents every integer of the grid exactly.
+MAX_BITS = 53
+
+_MODULUS_BITS = (32, 64)
+
+
+def max_bits_for(num_clients: int, modulus_bits: int = 32) -> int:
+    """Largest ``bits`` for which ``num_clients`` encodings sum without wrapping.
+
+    Parameters
+    ----------
+    num_clients : int
+        Number ``n >= 1`` of encoded vectors that will be summed.
+    modulus_bits : int, default 32
+        Ring size ``2**modulus_bits``; 32 or 64.
+
+    Returns
+    -------
+    int
+        The largest ``b <= MAX_BITS`` with ``n * (2**b - 1) < 2**modulus_bits``.
+
+    Raises
+    ------
+    ValueError
+        If ``num_clients < 1``, ``modulus_bits`` is not 32 or 64, or no ``b >= 1``
+        fits (``num_clients >= 2**modulus_bits``).
+    """
+    if modulus_bits not in _MODULUS_BITS:
+        raise ValueError(f"modulus_bits must be 32 or 64, got {modulus_bits}")
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    limit = 1 << modulus_bits
+    best = 0
+    for b in range(1, MAX_BITS + 1):
+        if num_clients * ((1 << b) - 1) < limit:
+            best = b
+        else:
+            break
+    if best == 0:
+        raise ValueError(f"no bit depth fits: n={num_clients} clients x max 1 >= 2^{modulus_bits}")
+    return best
+
+
+@dataclass(frozen=True)
+class FixedPointEncoder:
+    """Clip, quantise and stochastically round floats to unsigned integers.
+
+    A value ``v`` is clipped to ``[-clip, clip]`` and mapped to
+    ``(v + clip) / (2 clip) * (2**bits - 1)``, then rounded up with probability
+    equal to its fractional part (unbiased stochastic rounding).  The sum of
+    ``count`` encodings decodes to the sum of the clipped inputs with an error
+    below :meth:`quantisation_bound` per coordinate.
+
+    Parameters
+    ----------
+    clip : float
+        Clipping bound, ``> 0``; values are clipped to ``[-clip, clip]``.
+    bits : int, default 16
+        Quantisation depth: ``2**bits - 1`` steps over ``[-clip, clip]``;
+        ``1 <= bits <= MAX_BITS``.
+    num_clients : int, default 2
+        Maximum number ``n`` of encoded vectors that will be summed.
+    modulus_bits : int, default 32
+        Ring size ``2**modulus_bits`` (``np.uint32`` or ``np.uint64``).
+
+    Raises
+    ------
+    ValueError
+        On invalid parameters, or if ``n * (2**bits - 1) >= 2**modulus_bits``
+        (the sum could wrap around the modulus).
+
+    References
+    ----------
+    Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving
+    Machine Learning", CCS 2017.  Bell et al., "Secure Single-Server
+    Aggregation with (Poly)Logarithmic Overhead", CCS 2020.
+    """
+
+    clip: float
+    bits: int = 16
+    num_clients: int = 2
+    modulus_bits: int = 32
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"clip must be a finite number > 0, got {self.clip}")
+        if not 1 <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be in [1, {MAX_BITS}], got {self.bits}")
+        if self.num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
+        if self.modulus_bits not in _MODULUS_BITS:
+            raise ValueError(f"modulus_bits must be 32 or 64, got {self.modulus_bits}")
+        worst = self.num_clients * self.levels
+        if worst >= 1 << self.modulus_bits:
+            raise ValueError(
+                f"encoding overflows: n={self.num_clients} clients x max {self.levels}"
+                f" = {worst} >= 2^{self.modulus_bits}; use bits <= "
+                f"{_max_bits_or_zero(self.num_clients, self.modulus_bits)} or a larger modulus"
+            )
+
+    @property
+    def levels(self) -> int:
+        """Largest code, ``2**bits - 1`` (the number of quantisation steps)."""
+        return (1 << self.bits) - 1
+
+    @property
+    def dtype(self) -> type[np.unsignedinteger[Any]]:
+        """``np.uint32`` for a 32-bit modulus, ``np.uint64`` for 64 bits."""
+        return np.uint32 if self.modulus_bits == 32 else np.uint64
+
+    def encode(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> npt.NDArray[np.unsignedinteger[Any]]:
+        """Encode a 1-D float tensor as integers in ``[0, 2**bits - 1]``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Shape ``[d]``, floating point; NaN is rejected, values (including
+            infinities) are clipped to ``[-clip, clip]``.
+        generator : torch.Generator, optional
+            CPU generator for the rounding coins.  ``None`` seeds a fresh one
+            from ``os.urandom`` so the rounding cannot be predicted.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``[d]``, dtype :attr:`dtype`.
+
+        Raises
+        ------
+        ValueError
+            If ``x`` is not 1-D floating point or contains NaN.
+        """
+        if x.ndim != 1 or not x.is_floating_point():
+            raise ValueError(
+                f"x must be a 1-D floating tensor, got shape {tuple(x.shape)} {x.dtype}"
+            )
+        xd = x.detach().to(device="cpu", dtype=torch.float64)
+        if bool(torch.isnan(xd).any()):
+            raise ValueError("x contains NaN")
+        if generator is None:
+            generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        levels = float(self.levels)
+        scaled = (xd.clamp(-self.clip, self.clip) + self.clip) / (2.0 * self.clip) * levels
+        scaled = scaled.clamp(0.0, levels)
+        low = torch.floor(scaled)
+        coins = torch.rand(scaled.shape, generator=generator, dtype=torch.float64)
+        q = (low + (coins < scaled - low).to(torch.float64)).clamp(0.0, levels)
+        return q.to(torch.int64).numpy().astype(self.dtype)
+
+    def decode_sum(self, total: npt.NDArray[np.unsignedinteger[Any]], count: int) -> torch.Tensor:
+        """Map the sum of ``count`` encodings back to the sum of the clipped floats.
+
+        Parameters
+        ----------
+        total : numpy.ndarray
+            Shape ``[d]``, unsigned integers: the (modular) sum of ``count``
+            outputs of :meth:`encode`.
+        count : int
+            Number of summed encodings, ``1 <= count <= num_clients``.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 ``[d]``: ``total / (2**bits - 1) * 2 clip - count * clip``.
+
+        Raises
+        ------
+        ValueError
+            If ``count`` is out of range, ``total`` is not 1-D unsigned, or an
+            entry exceeds ``count * (2**bits - 1)`` (a wrapped or wrong sum).
+        """
+        if not 1 <= count <= self.num_clients:
+            raise ValueError(f"count must be in [1, {self.num_clients}], got {count}")
+        arr = np.asarray(total)
+        if arr.ndim != 1 or arr.dtype.kind != "u":
+            raise ValueError(f"total must be a 1-D unsigned array, got {arr.shape} {arr.dtype}")
+        if arr.size and int(arr.max()) > count * self.levels:
+            raise ValueError(
+                f"total entry {int(arr.max())} exceeds count x max = {count * self.levels}:"
+                " wrong count or the sum wrapped"
+            )
+        out = arr.astype(np.float64) / float(self.levels) * (2.0 * self.clip) - count * self.clip
+        return torch.from_numpy(out.astype(np.float32))
+
+    def quantisation_bound(self, count: int) -> float:
+        """Largest per-coordinate error of :meth:`decode_sum` vs the clipped sum.
+
+        Each encoding is off by less than one step ``2 clip / (2**bits - 1)``, so
+        the sum of ``count`` of them is off by less than ``count`` steps (in
+        exact arithmetic; the float32 result adds at most half an ulp).
+
+        Parameters
+        ----------
+        count : int
+            Number of summed encodings.
+
+        Returns
+        -------
+        float
+            ``count * 2 clip / (2**bits - 1)``.
+        """
+        return count * 2.0 * self.clip / self.levels
+
+
+def _max_bits_or_zero(num_clients: int, modulus_bits: int) -> int:
+    try:
+        return max_bits_for(num_clients, modulus_bits)
+    except ValueError:
+        return 0
