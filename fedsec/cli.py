@@ -120,6 +120,8 @@ def _quiet_logs(verbose: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s fedsec: %(message)s"))
         fedsec_logger.addHandler(handler)
+    # Ray configures the root logger; without this each warning would print twice.
+    fedsec_logger.propagate = False
     # Ray and gRPC chatter would tear the live display apart.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
