@@ -1,4 +1,4 @@
-"""Model state <-> one flat vector, for code that works on whole updates."""
+"""State-dict utilities: model state <-> one flat vector, and nested state by key prefix."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ def unflatten_state(
         out[name] = flat[offset : offset + size].reshape(ref.shape).to(ref.dtype)
         offset += size
     return out
+
+
+def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``state`` with every key put under ``prefix`` (e.g. ``"inner."``)."""
+    return {prefix + key: value for key, value in state.items()}
+
+
+def unprefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, with the prefix removed."""
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}

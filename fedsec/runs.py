@@ -35,6 +35,7 @@ from fedsec.checkpoint import (
     save_checkpoint,
 )
 from fedsec.config import ConfigError, ExperimentConfig, parse_config, to_toml
+from fedsec.params import prefixed, unprefixed
 
 MANIFEST = "manifest.json"
 DECISIONS = "decisions.jsonl"
@@ -156,9 +157,7 @@ class RunDirectory:
         goes to ``decisions.jsonl``, one line per round.
         """
         server_round = int(metrics["round"])
-        tensors = dict(model_state)
-        for key, value in (server_state or {}).items():
-            tensors[SERVER_STATE_PREFIX + key] = value
+        tensors = {**model_state, **prefixed(server_state or {}, SERVER_STATE_PREFIX)}
         relative = f"checkpoints/round_{server_round:04d}.safetensors"
         digest = save_checkpoint(self.path / relative, tensors)
         self.checkpoints.append({"round": server_round, "file": relative, "sha256": digest})
@@ -184,11 +183,7 @@ class RunDirectory:
         entry = self.checkpoints[-1]
         tensors = load_checkpoint(self.path / entry["file"], entry["sha256"])
         model_state = {k: v for k, v in tensors.items() if not k.startswith(SERVER_STATE_PREFIX)}
-        server_state = {
-            k[len(SERVER_STATE_PREFIX) :]: v
-            for k, v in tensors.items()
-            if k.startswith(SERVER_STATE_PREFIX)
-        }
+        server_state = unprefixed(tensors, SERVER_STATE_PREFIX)
         return int(entry["round"]), model_state, server_state
 
     def finish(self) -> None:

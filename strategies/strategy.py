@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsec.aggregation import Rule
+from fedsec.params import prefixed, unprefixed
 
 from .arrays import ArraySpec
 
@@ -126,7 +127,7 @@ class FedSecStrategy(Strategy):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint so a resumed run continues identically."""
-        state = {f"rule.{k}": v for k, v in self.rule.state_dict().items()}
+        state = prefixed(self.rule.state_dict(), "rule.")
         if self.momentum_buffer is not None:
             state["momentum_buffer"] = self.momentum_buffer.clone()
         return state
@@ -134,9 +135,7 @@ class FedSecStrategy(Strategy):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.momentum_buffer = state.get("momentum_buffer")
-        self.rule.load_state_dict(
-            {k[len("rule.") :]: v for k, v in state.items() if k.startswith("rule.")}
-        )
+        self.rule.load_state_dict(unprefixed(state, "rule."))
 
     # -- sampling -------------------------------------------------------------
 

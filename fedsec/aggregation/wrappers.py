@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fedsec.aggregation.base import AggregationResult, Rule, pairwise_sq_distances, require
+from fedsec.params import prefixed, unprefixed
 
 
 def _non_negative_int(rule: str, name: str, value: Any, minimum: int = 0) -> int:
@@ -145,15 +146,12 @@ class Bucketing(Rule):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The call counter, and the inner rule's state under ``inner.``."""
         state = {"counter": torch.tensor(self._counter, dtype=torch.int64)}
-        state.update({f"inner.{k}": v for k, v in self.inner.state_dict().items()})
+        state.update(prefixed(self.inner.state_dict(), "inner."))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._counter = int(state["counter"])
-        prefix = "inner."
-        self.inner.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        )
+        self.inner.load_state_dict(unprefixed(state, "inner."))
 
 
 class NearestNeighborMixing(Rule):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fedsec.aggregation.base import AggregationResult, Mean, Rule
+from fedsec.params import prefixed, unprefixed
 
 #: Pairs of normals drawn per block by :func:`secure_standard_normal` (bounds its
 #: float64 temporaries to a few times 8 MiB).
@@ -315,12 +316,9 @@ class CentralDPFedAvg(Rule):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The call counter, and the inner rule's state under ``inner.``."""
         state = {"counter": torch.tensor(self._counter, dtype=torch.int64)}
-        state.update({f"inner.{k}": v for k, v in self.inner.state_dict().items()})
+        state.update(prefixed(self.inner.state_dict(), "inner."))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._counter = int(state["counter"])
-        prefix = "inner."
-        self.inner.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        )
+        self.inner.load_state_dict(unprefixed(state, "inner."))
