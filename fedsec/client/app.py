@@ -15,6 +15,7 @@ from ``--node-config``). Replies carry the trained model in the ArrayRecord
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -66,7 +67,14 @@ def config_from_message(msg: Message) -> ExperimentConfig:
     config_record = msg.content.config_records.get("config")
     if config_record is None or WIRE_CONFIG_KEY not in config_record:
         raise ValueError(f"message carries no '{WIRE_CONFIG_KEY}' config")
-    return parse_config(json.loads(str(config_record[WIRE_CONFIG_KEY])))
+    return _parse_wire_config(str(config_record[WIRE_CONFIG_KEY]))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_wire_config(text: str) -> ExperimentConfig:
+    # The same config arrives every round; validation builds the rule and the
+    # attack and may solve for the DP noise, so do it once per process.
+    return parse_config(json.loads(text))
 
 
 def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
