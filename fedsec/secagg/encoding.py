@@ -176,14 +176,19 @@ class FixedPointEncoder:
         if generator is None:
             generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
         levels = float(self.levels)
-        scaled = (xd.clamp(-self.clip, self.clip) + self.clip) / (2.0 * self.clip) * levels
-        scaled = scaled.clamp(0.0, levels)
-        low = torch.floor(scaled)
-        coins = torch.rand(scaled.shape, generator=generator, dtype=torch.float64)
-        q = (low + (coins < scaled - low).to(torch.float64)).clamp(0.0, levels)
-        return q.to(torch.int64).numpy().astype(self.dtype)
+        # In place on the clamped copy: floor(s + U[0,1)) rounds s up with
+        # probability frac(s), i.e. unbiased stochastic rounding in one pass.
+        scaled = xd.clamp(-self.clip, self.clip).add_(self.clip).mul_(levels / (2.0 * self.clip))
+        scaled.add_(torch.rand(scaled.shape, generator=generator, dtype=torch.float64))
+        scaled.floor_().clamp_(0.0, levels)
+        return scaled.to(torch.int64).numpy().astype(self.dtype)
 
-    def decode_sum(self, total: npt.NDArray[np.unsignedinteger[Any]], count: int) -> torch.Tensor:
+    def decode_sum(
+        self,
+        total: npt.NDArray[np.unsignedinteger[Any]],
+        count: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """Map the sum of ``count`` encodings back to the sum of the clipped floats.
 
         Parameters
@@ -193,11 +198,13 @@ class FixedPointEncoder:
             outputs of :meth:`encode`.
         count : int
             Number of summed encodings, ``1 <= count <= num_clients``.
+        dtype : torch.dtype, default torch.float32
+            Result dtype; ``torch.float64`` keeps the sum exact to the grid.
 
         Returns
         -------
         torch.Tensor
-            float32 ``[d]``: ``total / (2**bits - 1) * 2 clip - count * clip``.
+            ``dtype`` ``[d]``: ``total / (2**bits - 1) * 2 clip - count * clip``.
 
         Raises
         ------
@@ -216,7 +223,7 @@ class FixedPointEncoder:
                 " wrong count or the sum wrapped"
             )
         out = arr.astype(np.float64) / float(self.levels) * (2.0 * self.clip) - count * self.clip
-        return torch.from_numpy(out.astype(np.float32))
+        return torch.from_numpy(out).to(dtype)
 
     def quantisation_bound(self, count: int) -> float:
         """Largest per-coordinate error of :meth:`decode_sum` vs the clipped sum.

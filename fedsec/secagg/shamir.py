@@ -126,7 +126,13 @@ def _eval_poly(coeffs: Sequence[int], x: int) -> int:
     return acc
 
 
-def split(secret: bytes, threshold: int, num_shares: int) -> list[Share]:
+def split(
+    secret: bytes,
+    threshold: int,
+    num_shares: int | None = None,
+    *,
+    points: Sequence[int] | None = None,
+) -> list[Share]:
     """Split ``secret`` into ``num_shares`` shares, any ``threshold`` of which recover it.
 
     Parameters
@@ -135,13 +141,16 @@ def split(secret: bytes, threshold: int, num_shares: int) -> list[Share]:
         1 to 480 bytes (e.g. a 32-byte X25519 private key or PRG seed).
     threshold : int
         ``t``, with ``1 <= t <= num_shares``.
-    num_shares : int
+    num_shares : int, optional
         ``k``, with ``k < 2**32``; shares are evaluated at ``x = 1..k``.
+    points : sequence of int, optional
+        Instead of ``num_shares``: the distinct evaluation points, each in
+        ``[1, 2**32)`` (SecAgg+ uses the holders' client ids).
 
     Returns
     -------
     list of Share
-        ``k`` shares, the ``i``-th at ``x = i + 1``.
+        One share per point, in order (``x = 1..k`` for ``num_shares``).
 
     Raises
     ------
@@ -154,9 +163,16 @@ def split(secret: bytes, threshold: int, num_shares: int) -> list[Share]:
     """
     if not 1 <= len(secret) <= MAX_SECRET_BYTES:
         raise ValueError(f"secret must be 1..{MAX_SECRET_BYTES} bytes, got {len(secret)}")
-    if not 1 <= threshold <= num_shares <= _MAX_X:
+    if (num_shares is None) == (points is None):
+        raise ValueError("give exactly one of num_shares and points")
+    if num_shares is not None and not 1 <= num_shares <= _MAX_X:
+        raise ValueError(f"need 1 <= num_shares <= {_MAX_X}, got {num_shares}")
+    xs = list(range(1, num_shares + 1)) if num_shares is not None else list(points or ())
+    if any(not 1 <= x <= _MAX_X for x in xs) or len(set(xs)) != len(xs):
+        raise ValueError(f"share points must be distinct and in [1, {_MAX_X}]")
+    if not 1 <= threshold <= len(xs) <= _MAX_X:
         raise ValueError(
-            f"need 1 <= threshold <= num_shares <= {_MAX_X}, got t={threshold}, k={num_shares}"
+            f"need 1 <= threshold <= num_shares <= {_MAX_X}, got t={threshold}, k={len(xs)}"
         )
     payload = len(secret).to_bytes(_LEN_BYTES, "big") + bytes(secret)
     payload += bytes(-len(payload) % CHUNK_BYTES)
@@ -165,9 +181,7 @@ def split(secret: bytes, threshold: int, num_shares: int) -> list[Share]:
         for i in range(0, len(payload), CHUNK_BYTES)
     ]
     polys = [[c] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)] for c in chunks]
-    return [
-        Share(x=x, values=tuple(_eval_poly(p, x) for p in polys)) for x in range(1, num_shares + 1)
-    ]
+    return [Share(x=x, values=tuple(_eval_poly(p, x) for p in polys)) for x in xs]
 
 
 def combine(shares: Sequence[Share]) -> bytes:

@@ -1,0 +1,482 @@
+"""The client side of SecAgg+, one method per protocol stage.
+
+A :class:`SecAggClient` walks through the stages of Bonawitz et al.,
+"Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS
+2017 (Figure 4) on the Harary neighbour graph of Bell et al., "Secure
+Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020:
+
+1. :meth:`~SecAggClient.advertise_keys`: fresh X25519 pairs ``(c, s)`` for the
+   round (``c`` encrypts shares, ``s`` seeds pairwise masks), Ed25519-signed in
+   the malicious-server mode.
+2. :meth:`~SecAggClient.share_keys`: a fresh 32-byte self-mask seed ``b``; ``b``
+   and ``s``'s private key are Shamir-shared ``t``-of-``k`` among the neighbours
+   that advertised keys, each pair of shares AES-GCM-encrypted to its holder.
+3. :meth:`~SecAggClient.receive_shares` then :meth:`~SecAggClient.mask`: store
+   the shares addressed to this client, encode the (weighted) update in fixed
+   point and add the self mask and one pairwise mask per neighbour that shared.
+4. :meth:`~SecAggClient.consistency_check` (signed mode): sign the survivor set.
+5. :meth:`~SecAggClient.unmask`: release, for each neighbour, the share of its
+   self-mask seed if it survived, or of its mask key if it dropped; never both,
+   and only once per round.
+
+Every method checks the stage order and the request's session and round, and
+raises :class:`~fedsec.secagg.messages.ProtocolError` without changing state
+when a request is refused. :meth:`~SecAggClient.to_state` and
+:meth:`~SecAggClient.from_state` carry the state between messages (a Flower
+client keeps it in ``context.state``).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedsec.secagg import shamir
+from fedsec.secagg.encoding import FixedPointEncoder
+from fedsec.secagg.graph import harary_graph
+from fedsec.secagg.keys import decrypt_share, derive_key, encrypt_share, generate_keypair
+from fedsec.secagg.masking import apply_masks
+from fedsec.secagg.messages import (
+    SHARE_BYTES,
+    AdvertiseKeysReply,
+    AdvertiseKeysRequest,
+    ConsistencyCheckReply,
+    ConsistencyCheckRequest,
+    MaskedInputReply,
+    MaskedInputRequest,
+    PeerKeys,
+    ProtocolError,
+    Record,
+    ShareKeysReply,
+    ShareKeysRequest,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from fedsec.secagg.signing import sign_keys, sign_survivors, verify_keys, verify_survivors
+
+__all__ = ["ClientStage", "SecAggClient", "encoder_for", "neighbours_of"]
+
+
+class ClientStage(enum.Enum):
+    """Where a client stands in the current round."""
+
+    IDLE = "idle"
+    KEYS_ADVERTISED = "keys-advertised"
+    SHARES_SENT = "shares-sent"
+    SHARES_RECEIVED = "shares-received"
+    MASKED_SENT = "masked-sent"
+    CHECKED = "checked"
+    DONE = "done"
+
+
+def encoder_for(setup: AdvertiseKeysRequest) -> FixedPointEncoder:
+    """The round's fixed-point encoder; refuses parameters whose sum could wrap."""
+    try:
+        return FixedPointEncoder(
+            clip=setup.clip,
+            bits=setup.bits,
+            num_clients=setup.num_clients,
+            modulus_bits=setup.modulus_bits,
+        )
+    except ValueError as err:
+        raise ProtocolError(f"secagg encoding refused: {err}") from None
+
+
+def neighbours_of(setup: AdvertiseKeysRequest) -> frozenset[int]:
+    """Protocol ids (``1..n``) of the client's neighbours in the round's Harary graph."""
+    graph = harary_graph(setup.num_clients, setup.degree, setup.graph_seed)
+    return frozenset(v + 1 for v in graph[setup.client_id - 1])
+
+
+def _raw_private(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+class SecAggClient:
+    """One client's SecAgg+ state machine for one round at a time.
+
+    Parameters
+    ----------
+    identity : str, optional
+        Long-term identity (signed mode): the name the server must list for
+        this client and under which peers find its verification key.
+    signing_key : Ed25519PrivateKey, optional
+        Long-term signing key (signed mode).
+    trusted_keys : mapping of str to bytes, optional
+        Raw Ed25519 public keys of the identities this client trusts, obtained
+        out of band (a PKI), never from the server (signed mode).
+    """
+
+    def __init__(
+        self,
+        *,
+        identity: str = "",
+        signing_key: Ed25519PrivateKey | None = None,
+        trusted_keys: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.signing_key = signing_key
+        self.trusted_keys = dict(trusted_keys or {})
+        self._reset()
+
+    def _reset(self) -> None:
+        self.stage = ClientStage.IDLE
+        self.setup: AdvertiseKeysRequest | None = None
+        self._c_private = b""
+        self._s_private = b""
+        self._own_public: tuple[bytes, ...] = ()
+        self._seed = b""
+        self._peers: dict[int, PeerKeys] = {}
+        self._shares: dict[int, bytes] = {}  # sender -> its decrypted share pair
+        self._survivors: tuple[int, ...] = ()
+        self._neighbours: frozenset[int] | None = None
+
+    # -- helpers ------------------------------------------------------------------
+
+    @property
+    def client_id(self) -> int:
+        """This round's protocol id."""
+        return self._setup().client_id
+
+    def _setup(self) -> AdvertiseKeysRequest:
+        if self.setup is None:
+            raise ProtocolError("secagg client has no round in progress")
+        return self.setup
+
+    def _expect(self, request: Any, *stages: ClientStage) -> AdvertiseKeysRequest:
+        setup = self._setup()
+        if self.stage not in stages:
+            raise ProtocolError(
+                f"secagg {request.stage} request refused: client is at stage {self.stage.value}"
+            )
+        if request.session != setup.session or request.round != setup.round:
+            raise ProtocolError(
+                f"secagg {request.stage} request refused: it belongs to another session or round"
+            )
+        return setup
+
+    @property
+    def neighbours(self) -> frozenset[int]:
+        """The client's neighbours in this round's graph."""
+        if self._neighbours is None:
+            self._neighbours = neighbours_of(self._setup())
+        return self._neighbours
+
+    def _trusted(self, client_id: int) -> tuple[str, bytes]:
+        identity = self._setup().identities[client_id - 1]
+        if identity not in self.trusted_keys:
+            raise ProtocolError(f"no trusted signing key for identity {identity!r}")
+        return identity, self.trusted_keys[identity]
+
+    # -- stages -------------------------------------------------------------------
+
+    def advertise_keys(self, request: AdvertiseKeysRequest) -> AdvertiseKeysReply:
+        """Start a round: check its parameters and answer with fresh public keys.
+
+        Any round in progress is abandoned (its server moved on), so its
+        shares can never be released.
+        """
+        encoder_for(request)  # refuse an overflow-prone configuration up front
+        if request.signed:
+            if self.signing_key is None or not self.identity:
+                raise ProtocolError("signed secagg needs this client's identity and signing key")
+            listed = request.identities[request.client_id - 1]
+            if listed != self.identity:
+                raise ProtocolError(
+                    f"server lists identity {listed!r} for this client, which is {self.identity!r}"
+                )
+        c_private, c_public = generate_keypair()
+        s_private, s_public = generate_keypair()
+        signature = b""
+        if request.signed:
+            assert self.signing_key is not None
+            signature = sign_keys(
+                self.signing_key,
+                session=request.session,
+                server_round=request.round,
+                client_id=request.client_id,
+                identity=self.identity,
+                c_public=c_public,
+                s_public=s_public,
+            )
+        self._reset()
+        self.setup = request
+        self._c_private, self._s_private = _raw_private(c_private), _raw_private(s_private)
+        self._own_public = (c_public, s_public)
+        self.stage = ClientStage.KEYS_ADVERTISED
+        return AdvertiseKeysReply(c_public=c_public, s_public=s_public, signature=signature)
+
+    def share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
+        """Share ``b`` and the mask key ``t``-of-``k`` among the neighbours that advertised."""
+        setup = self._expect(request, ClientStage.KEYS_ADVERTISED)
+        me, t = setup.client_id, setup.threshold
+        peers = {p.client_id: p for p in request.peers}
+        strangers = sorted(set(peers) - self.neighbours)
+        if strangers:
+            raise ProtocolError(f"share-keys request lists non-neighbours {strangers}")
+        if len(peers) < t:
+            raise ProtocolError(
+                f"only {len(peers)} neighbours advertised keys; the threshold is t={t}"
+            )
+        keys = [k for p in peers.values() for k in (p.c_public, p.s_public)]
+        keys += list(self._own_public)
+        if len(set(keys)) != len(keys):
+            raise ProtocolError("share-keys request repeats a public key")
+        if setup.signed:
+            for peer in peers.values():
+                identity, trusted = self._trusted(peer.client_id)
+                verify_keys(
+                    trusted,
+                    peer.signature,
+                    session=setup.session,
+                    server_round=setup.round,
+                    client_id=peer.client_id,
+                    identity=identity,
+                    c_public=peer.c_public,
+                    s_public=peer.s_public,
+                )
+        seed = os.urandom(32)
+        holders = sorted(peers)
+        seed_shares = shamir.split(seed, t, points=holders)
+        key_shares = shamir.split(self._s_private, t, points=holders)
+        c_private = X25519PrivateKey.from_private_bytes(self._c_private)
+        ciphertexts: dict[int, bytes] = {}
+        for holder, seed_share, key_share in zip(holders, seed_shares, key_shares, strict=True):
+            key = derive_key(
+                c_private,
+                peers[holder].c_public,
+                session=setup.session,
+                round=setup.round,
+                purpose="shares",
+            )
+            ciphertexts[holder] = encrypt_share(
+                key,
+                seed_share.to_bytes() + key_share.to_bytes(),
+                sender=me,
+                receiver=holder,
+                session=setup.session,
+                round=setup.round,
+            )
+        self._seed, self._peers = seed, peers
+        self.stage = ClientStage.SHARES_SENT
+        return ShareKeysReply(ciphertexts)
+
+    def receive_shares(self, request: MaskedInputRequest) -> None:
+        """Decrypt and keep the share pairs the neighbours addressed to this client.
+
+        Raises
+        ------
+        ProtocolError
+            A sender is not a neighbour that advertised keys, fewer than ``t``
+            neighbours shared, or a ciphertext fails authentication (tampered,
+            replayed from another round, or addressed to someone else).
+        """
+        setup = self._expect(request, ClientStage.SHARES_SENT)
+        me, t = setup.client_id, setup.threshold
+        unknown = sorted(set(request.ciphertexts) - set(self._peers))
+        if unknown:
+            raise ProtocolError(f"masked-input request holds shares from non-peers {unknown}")
+        if len(request.ciphertexts) < t:
+            raise ProtocolError(
+                f"only {len(request.ciphertexts)} neighbours shared keys; the threshold is t={t}"
+            )
+        c_private = X25519PrivateKey.from_private_bytes(self._c_private)
+        shares: dict[int, bytes] = {}
+        for sender, ciphertext in request.ciphertexts.items():
+            key = derive_key(
+                c_private,
+                self._peers[sender].c_public,
+                session=setup.session,
+                round=setup.round,
+                purpose="shares",
+            )
+            plain = decrypt_share(
+                key,
+                ciphertext,
+                sender=sender,
+                receiver=me,
+                session=setup.session,
+                round=setup.round,
+            )
+            if len(plain) != 2 * SHARE_BYTES or any(
+                shamir.Share.from_bytes(half).x != me
+                for half in (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
+            ):
+                raise ProtocolError(f"share pair from client {sender} is malformed")
+            shares[sender] = plain
+        self._shares = shares
+        self.stage = ClientStage.SHARES_RECEIVED
+
+    def mask(self, update: torch.Tensor, weight: float = 1.0) -> MaskedInputReply:
+        """Encode ``[weight * clip(update), weight * clip]`` and add the masks.
+
+        Parameters
+        ----------
+        update : torch.Tensor
+            Float ``[dim]``; clipped coordinate-wise to ``[-clip, clip]``.
+        weight : float, default 1.0
+            In ``(0, 1]``; the server divides the weighted sum by the summed
+            weights (e.g. example counts over a public cap).
+        """
+        setup = self._setup()
+        if self.stage is not ClientStage.SHARES_RECEIVED:
+            raise ProtocolError(f"cannot mask at stage {self.stage.value}")
+        if tuple(update.shape) != (setup.dim,) or not update.is_floating_point():
+            raise ProtocolError(
+                f"update must be a float vector of {setup.dim}, got {tuple(update.shape)}"
+            )
+        if not 0.0 < weight <= 1.0:
+            raise ProtocolError(f"weight must be in (0, 1], got {weight}")
+        clip = setup.clip
+        vector = torch.empty(setup.dim + 1, dtype=torch.float64)
+        torch.clamp(update.detach().to("cpu", torch.float64), -clip, clip, out=vector[:-1])
+        vector[:-1].mul_(weight)
+        vector[-1] = weight * clip
+        encoded = encoder_for(setup).encode(vector)
+        s_private = X25519PrivateKey.from_private_bytes(self._s_private)
+        pairwise = [
+            (
+                peer,
+                derive_key(
+                    s_private,
+                    self._peers[peer].s_public,
+                    session=setup.session,
+                    round=setup.round,
+                    purpose="mask",
+                ),
+            )
+            for peer in sorted(self._shares)
+        ]
+        masked = apply_masks(encoded, self._seed, pairwise, setup.client_id)
+        self.stage = ClientStage.MASKED_SENT
+        return MaskedInputReply(masked)
+
+    def consistency_check(self, request: ConsistencyCheckRequest) -> ConsistencyCheckReply:
+        """Signed mode: sign the survivor set the server claims."""
+        setup = self._expect(request, ClientStage.MASKED_SENT)
+        if not setup.signed or self.signing_key is None:
+            raise ProtocolError("consistency check requested in an unsigned round")
+        self._check_survivors(setup, request.survivors)
+        self._survivors = tuple(sorted(request.survivors))
+        self.stage = ClientStage.CHECKED
+        signature = sign_survivors(
+            self.signing_key,
+            session=setup.session,
+            server_round=setup.round,
+            survivors=self._survivors,
+        )
+        return ConsistencyCheckReply(signature)
+
+    def _check_survivors(self, setup: AdvertiseKeysRequest, survivors: tuple[int, ...]) -> None:
+        if setup.client_id not in survivors:
+            raise ProtocolError("survivor set omits this client, which sent its masked input")
+        if any(not 1 <= v <= setup.num_clients for v in survivors):
+            raise ProtocolError("survivor set holds ids outside the round")
+        if len(survivors) < setup.threshold:
+            raise ProtocolError(
+                f"only {len(survivors)} survivors; the threshold is t={setup.threshold}"
+            )
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        """Release one share per neighbour: its seed share if it survived, else its key share.
+
+        Answered once per round; in signed mode only for the survivor set this
+        client signed, backed by at least ``t`` valid signatures on it.
+        """
+        setup = self._expect(
+            request, ClientStage.CHECKED if setup_signed(self.setup) else ClientStage.MASKED_SENT
+        )
+        survivors = tuple(sorted(request.survivors))
+        self._check_survivors(setup, survivors)
+        if setup.signed:
+            if survivors != self._survivors:
+                raise ProtocolError("unmask survivor set differs from the one this client signed")
+            if not set(request.signatures) <= set(survivors):
+                raise ProtocolError("unmask request holds signatures from non-survivors")
+            if len(request.signatures) < setup.threshold:
+                raise ProtocolError(
+                    f"only {len(request.signatures)} survivors signed; need t={setup.threshold}"
+                )
+            for signer, signature in request.signatures.items():
+                identity, trusted = self._trusted(signer)
+                verify_survivors(
+                    trusted,
+                    signature,
+                    session=setup.session,
+                    server_round=setup.round,
+                    survivors=survivors,
+                    signer=f"survivor set of client {signer} ({identity})",
+                )
+        alive = set(survivors)
+        seed_shares = {v: p[:SHARE_BYTES] for v, p in self._shares.items() if v in alive}
+        key_shares = {v: p[SHARE_BYTES:] for v, p in self._shares.items() if v not in alive}
+        self.stage = ClientStage.DONE
+        self._shares = {}
+        return UnmaskReply(seed_shares=seed_shares, key_shares=key_shares)
+
+    # -- persistence between messages -------------------------------------------------
+
+    def to_state(self) -> Record:
+        """The round state as a flat record (secrets included: keep it on the client)."""
+        if self.setup is None:
+            return {"stage": self.stage.value}
+        setup = {f"setup.{k}": v for k, v in self.setup.to_record().items()}
+        peers = sorted(self._peers.values(), key=lambda p: p.client_id)
+        return {
+            "stage": self.stage.value,
+            **setup,
+            "c_private": self._c_private,
+            "s_private": self._s_private,
+            "own_public": list(self._own_public),
+            "seed": self._seed,
+            "peer_ids": [p.client_id for p in peers],
+            "peer_c_public": [p.c_public for p in peers],
+            "peer_s_public": [p.s_public for p in peers],
+            "share_ids": list(self._shares),
+            "shares": list(self._shares.values()),
+            "survivors": list(self._survivors),
+        }
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, Any],
+        *,
+        identity: str = "",
+        signing_key: Ed25519PrivateKey | None = None,
+        trusted_keys: Mapping[str, bytes] | None = None,
+    ) -> SecAggClient:
+        """Rebuild a client from :meth:`to_state` output."""
+        client = cls(identity=identity, signing_key=signing_key, trusted_keys=trusted_keys)
+        client.stage = ClientStage(state.get("stage", ClientStage.IDLE.value))
+        if "setup.session" not in state:
+            return client
+        setup = {k[len("setup.") :]: v for k, v in state.items() if k.startswith("setup.")}
+        client.setup = AdvertiseKeysRequest.from_record(setup)
+        client._c_private = bytes(state["c_private"])
+        client._s_private = bytes(state["s_private"])
+        client._own_public = tuple(state["own_public"])
+        client._seed = bytes(state["seed"])
+        client._peers = {
+            i: PeerKeys(i, c, s)
+            for i, c, s in zip(
+                state["peer_ids"], state["peer_c_public"], state["peer_s_public"], strict=True
+            )
+        }
+        client._shares = dict(zip(state["share_ids"], state["shares"], strict=True))
+        client._survivors = tuple(state["survivors"])
+        return client
+
+
+def setup_signed(setup: AdvertiseKeysRequest | None) -> bool:
+    """Whether a round runs in the malicious-server (signed) mode."""
+    return setup is not None and setup.signed
