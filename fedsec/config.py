@@ -8,9 +8,9 @@ and cross-field constraints such as "more clients than training samples". Every
 problem raises :class:`ConfigError`, whose message is one line that names the
 field, e.g. ``data.alpha: must be > 0 (got 0.0)``.
 
-Sections ``[aggregation]``, ``[attack]``, ``[privacy]`` and ``[secagg]`` are
-placeholders that later parts of fedsec fill; today they accept only their
-"off" values.
+Sections ``[aggregation]``, ``[attack]``, ``[privacy]`` and ``[secagg]``
+configure the defenses, the threat model, differential privacy and secure
+aggregation.
 """
 
 from __future__ import annotations
@@ -171,9 +171,30 @@ class PrivacySection:
 
 @dataclass(frozen=True)
 class SecAggSection:
-    """Secure aggregation (filled by the secagg module)."""
+    """Secure aggregation (SecAgg+, :mod:`fedsec.secagg`): the server sees only the sum.
+
+    ``clip`` bounds every update coordinate before fixed-point encoding;
+    ``weight_cap`` turns example counts into weights ``min(n, cap) / cap`` (0:
+    every client weighs 1). ``degree`` / ``threshold`` override the graph
+    degree ``k`` and Shamir threshold ``t`` derived from the sampled clients,
+    ``dropout_rate`` and ``corrupt_fraction``. ``bits`` = 0 takes the finest
+    grid that cannot wrap. ``signed`` adds Ed25519-signed keys and the
+    consistency check against a malicious server; ``key_dir`` then holds each
+    client's ``<identity>.pem`` and everyone's ``<identity>.pub``.
+    """
 
     enabled: bool = False
+    clip: float = 1.0
+    bits: int = 0
+    modulus_bits: int = 32
+    weight_cap: int = 10_000
+    degree: int = 0
+    threshold: int = 0
+    dropout_rate: float = 0.1
+    corrupt_fraction: float = 0.05
+    stage_timeout: float = 0.0
+    signed: bool = False
+    key_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -402,8 +423,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _check_aggregation(cfg)
     _check_attack(cfg)
     _check_evasion(cfg)
-    if cfg.secagg.enabled:
-        raise ConfigError("secagg.enabled", "secure aggregation is not available yet")
+    _check_secagg(cfg)
 
     sim = cfg.simulation
     _require("simulation.cpus_per_client", sim.cpus_per_client, lambda v: v > 0, "> 0")
@@ -501,6 +521,60 @@ def _check_aggregation(cfg: ExperimentConfig) -> None:
         rule.check(n)
     except ValueError as err:
         raise ConfigError("aggregation.f", f"{err} ({n} clients sampled per round)") from None
+
+
+def _check_secagg(cfg: ExperimentConfig) -> None:
+    sa = cfg.secagg
+    _require("secagg.clip", sa.clip, lambda v: v > 0, "> 0")
+    _require("secagg.bits", sa.bits, lambda v: 0 <= v <= 53, "in [0, 53] (0 = finest that fits)")
+    _require("secagg.weight_cap", sa.weight_cap, lambda v: v >= 0, ">= 0 (0 = equal weights)")
+    _require("secagg.degree", sa.degree, lambda v: v >= 0, ">= 0 (0 = derived)")
+    _require("secagg.threshold", sa.threshold, lambda v: v >= 0, ">= 0 (0 = derived)")
+    _require("secagg.dropout_rate", sa.dropout_rate, lambda v: 0 <= v < 1, "in [0, 1)")
+    _require("secagg.corrupt_fraction", sa.corrupt_fraction, lambda v: 0 <= v < 1, "in [0, 1)")
+    _require("secagg.stage_timeout", sa.stage_timeout, lambda v: v >= 0, ">= 0 (0 = round)")
+    if sa.modulus_bits not in (32, 64):
+        raise ConfigError("secagg.modulus_bits", f"must be 32 or 64 (got {sa.modulus_bits})")
+    if not sa.enabled:
+        return
+    agg = cfg.aggregation
+    if agg.rule != "mean" or agg.pre:
+        steps = " + ".join([*agg.pre, agg.rule])
+        raise ConfigError(
+            "aggregation.rule",
+            f"'{steps}' needs individual client updates, which secure aggregation hides from "
+            "the server; only 'mean' works on the secure sum (robust rules under secure "
+            "aggregation need the bucketed mode)",
+        )
+    built = build_configured_attack(cfg)
+    if built is not None:
+        from fedsec.attacks.threat import is_colluding
+
+        if is_colluding(built):
+            raise ConfigError(
+                "attack.name",
+                f"'{cfg.attack.name}' is crafted by colluding clients from the others' updates, "
+                "which the simulation's adversary cannot read under secure aggregation",
+            )
+    if sa.signed and not sa.key_dir:
+        raise ConfigError("secagg.key_dir", "signed secure aggregation needs the clients' key dir")
+    from fedsec.secagg.server import SecAggParams
+
+    n = sampled_clients(cfg)
+    try:
+        SecAggParams.for_round(
+            n,
+            1,
+            clip=sa.clip,
+            dropout_rate=sa.dropout_rate,
+            corrupt_fraction=sa.corrupt_fraction,
+            degree=sa.degree,
+            threshold=sa.threshold,
+            bits=sa.bits,
+            modulus_bits=sa.modulus_bits,
+        )
+    except ValueError as err:
+        raise ConfigError("secagg", f"{err} ({n} clients sampled per round)") from None
 
 
 def build_configured_attack(cfg: ExperimentConfig) -> Any:

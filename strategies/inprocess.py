@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-Tamper = Callable[[Message], Message]
+Tamper = Callable[[Message], Message | None]
 
 
 class InProcessGrid:
@@ -31,7 +31,8 @@ class InProcessGrid:
     num_nodes : int
         Number of nodes (clients).
     tamper : dict[int, callable], optional
-        Rewrites a node's reply (to play a faulty or malicious client in tests).
+        Rewrites a node's reply (to play a faulty or malicious client in tests);
+        returning None drops the reply (a node that vanishes mid-protocol).
     dead : iterable of int
         Nodes that never reply (dropouts).
     """
@@ -83,5 +84,7 @@ class InProcessGrid:
             except Exception as err:  # Flower turns a ClientApp exception into an error reply
                 reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             tamper = self.tamper.get(node)
-            replies.append(tamper(reply) if tamper else reply)
+            kept = tamper(reply) if tamper else reply
+            if kept is not None:
+                replies.append(kept)
         return replies

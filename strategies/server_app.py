@@ -19,7 +19,7 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
@@ -44,6 +44,7 @@ from fedsec.runs import RoundMetrics, RunDirectory
 from fedsec.training import evaluate, resolve_device
 
 from .adversary import AdversaryGrid
+from .secagg import SecAggWorkflow
 from .strategy import FedSecStrategy
 
 logger = logging.getLogger("fedsec")
@@ -99,6 +100,7 @@ def build_strategy(
         server_momentum=cfg.server.momentum,
         node_wait_timeout=cfg.server.round_timeout,
         reference_fn=reference_fn,
+        secure=cfg.secagg.enabled,
     )
 
 
@@ -205,19 +207,29 @@ def run_experiment(
         logger.info("resuming %s after round %d", run.name, last)
 
     grid = _with_adversary(grid, cfg)
+    secure = SecAggWorkflow(cfg.secagg, cfg.server.round_timeout) if cfg.secagg.enabled else None
     arrays = ArrayRecord(model.state_dict())
     config_json = json.dumps(cfg.to_dict())
     t_start = time.perf_counter()
     for server_round in range(start_round, cfg.experiment.rounds + 1):
         t_round = time.perf_counter()
         train_config = ConfigRecord({WIRE_CONFIG_KEY: config_json})
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config, grid),
-            timeout=cfg.server.round_timeout,
-        )
         metrics: RoundMetrics = {"round": server_round, "status": "ok"}
+        new_arrays: ArrayRecord | None
+        train_metrics: MetricRecord | None
         try:
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            if secure is not None:
+                new_arrays, train_metrics = secure.run_round(
+                    grid, strategy, server_round, arrays, train_config
+                )
+                if secure.last_error:
+                    metrics["error"] = secure.last_error
+            else:
+                replies = grid.send_and_receive(
+                    strategy.configure_train(server_round, arrays, train_config, grid),
+                    timeout=cfg.server.round_timeout,
+                )
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         except Exception as err:  # a failed round leaves the global model as it was
             logger.exception("round %d: aggregation failed; global model unchanged", server_round)
             new_arrays, train_metrics = None, None

@@ -79,6 +79,10 @@ class FedSecStrategy(Strategy):
     reference_fn : callable, optional
         Computes the server's own update from the global model (for rules such
         as FLTrust that require a ``reference``); called once per round.
+    secure : bool, default False
+        Rounds run under secure aggregation (:mod:`fedsec.strategies.secagg`):
+        the strategy only ever gets the weighted mean, so the rule must be the
+        plain ``mean``.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class FedSecStrategy(Strategy):
         server_momentum: float = 0.0,
         node_wait_timeout: float = 600.0,
         reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
+        secure: bool = False,
     ) -> None:
         self.rule = rule
         self.rule_name = rule_name
@@ -105,6 +110,12 @@ class FedSecStrategy(Strategy):
         self.server_momentum = server_momentum
         self.node_wait_timeout = node_wait_timeout
         self.reference_fn = reference_fn
+        if secure and rule_name != "mean":
+            raise ValueError(
+                f"rule '{rule_name}' needs individual client updates, which secure aggregation "
+                "hides; only 'mean' works on the secure sum (robust rules need the bucketed mode)"
+            )
+        self.secure = secure
         if "reference" in rule.requires and reference_fn is None:
             raise ValueError(f"rule '{rule_name}' needs a server reference update (reference_fn)")
         self._global_arrays: ArrayRecord | None = None
@@ -241,15 +252,7 @@ class FedSecStrategy(Strategy):
             assert self.reference_fn is not None and self._global_arrays is not None
             context["reference"] = self.reference_fn(self._global_arrays)
         result = self.rule(stacked, torch.tensor(weights, dtype=torch.float32), **context)
-        step = result.aggregate
-        if self.server_momentum > 0:
-            previous = self.momentum_buffer if self.momentum_buffer is not None else 0.0
-            step = self.server_momentum * previous + step
-        new_flat = self._global_flat + self.server_lr * step
-        if not torch.isfinite(new_flat).all():
-            raise FloatingPointError("aggregation produced non-finite parameters")
-        if self.server_momentum > 0:
-            self.momentum_buffer = step  # committed only once the round succeeded
+        new_flat = self._server_step(result.aggregate)
 
         for node, weight in zip(report.accepted, result.weights.tolist(), strict=True):
             report.weights[node] = weight
@@ -262,6 +265,70 @@ class FedSecStrategy(Strategy):
         for key, value in weighted_metrics(accepted, weights).items():
             metrics[key] = value
         return self._spec.to_record(new_flat), metrics
+
+    @property
+    def dim(self) -> int:
+        """Number of model parameters in the current round (after configure_train)."""
+        if self._spec is None:
+            raise RuntimeError("dim is known once configure_train has run")
+        return self._spec.dim
+
+    def aggregate_secure(
+        self,
+        server_round: int,
+        mean_update: torch.Tensor,
+        *,
+        total_weight: float,
+        contributors: list[int],
+        dropped: dict[int, str],
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Server step on a securely aggregated weighted mean of the contributors' updates.
+
+        Parameters
+        ----------
+        mean_update : torch.Tensor
+            float32 ``[d]``: ``sum_i w_i u_i / sum_i w_i`` over ``contributors``.
+        total_weight : float
+            ``sum_i w_i``.
+        contributors : list of int
+            Node ids whose updates are in the mean.
+        dropped : dict of int to str
+            Sampled nodes that left the protocol, with the stage and reason.
+        """
+        if self._spec is None or self._global_flat is None or self.last_report is None:
+            raise RuntimeError("aggregate_secure called before configure_train")
+        if tuple(mean_update.shape) != (self._spec.dim,):
+            raise ValueError(
+                f"secure aggregate has shape {tuple(mean_update.shape)}, "
+                f"the model has {self._spec.dim} parameters"
+            )
+        report = self.last_report
+        report.accepted = list(contributors)
+        report.excluded = dict(dropped)
+        report.weights = {}  # individual weights stay hidden under secure aggregation
+        new_flat = self._server_step(mean_update.to(torch.float32))
+        metrics = MetricRecord(
+            {
+                "num-sampled": len(report.sampled),
+                "num-accepted": len(contributors),
+                "num-excluded": len(dropped),
+                "secagg_total_weight": total_weight,
+            }
+        )
+        return self._spec.to_record(new_flat), metrics
+
+    def _server_step(self, step: torch.Tensor) -> torch.Tensor:
+        """Global model after a step along ``step`` (server momentum committed on success)."""
+        assert self._global_flat is not None
+        if self.server_momentum > 0:
+            previous = self.momentum_buffer if self.momentum_buffer is not None else 0.0
+            step = self.server_momentum * previous + step
+        new_flat = self._global_flat + self.server_lr * step
+        if not torch.isfinite(new_flat).all():
+            raise FloatingPointError("aggregation produced non-finite parameters")
+        if self.server_momentum > 0:
+            self.momentum_buffer = step  # committed only once the round succeeded
+        return new_flat
 
     # -- federated evaluation -----------------------------------------------------
 

@@ -39,6 +39,7 @@ from fedsec.client.privacy import (
     plan_round,
     save_ledger,
 )
+from fedsec.client.secagg_mod import secagg_mod
 from fedsec.config import (
     WIRE_CONFIG_KEY,
     ExperimentConfig,
@@ -164,7 +165,7 @@ def _adversarial_hook(cfg: ExperimentConfig, seed: int) -> Any:
     )
 
 
-@app.train()
+@app.train(mods=[secagg_mod])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition."""
     cfg, partition_id, model, x, y, device = _local_setup(msg, context)

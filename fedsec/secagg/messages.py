@@ -49,7 +49,18 @@ __all__ = [
     "request_from_record",
 ]
 
-RecordValue = int | float | bool | bytes | str | list[int] | list[bytes] | list[str]
+RecordValue = (
+    int
+    | float
+    | str
+    | bytes
+    | bool
+    | list[int]
+    | list[float]
+    | list[str]
+    | list[bytes]
+    | list[bool]
+)
 Record = dict[str, RecordValue]
 
 STAGES = ("advertise-keys", "share-keys", "masked-input", "consistency-check", "unmask")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -30,6 +31,7 @@ __all__ = [
     "sign_survivors",
     "verify_keys",
     "verify_survivors",
+    "write_key_dir",
 ]
 
 _KEYS_DOMAIN = b"fedsec-secagg/v1/advertise"
@@ -124,3 +126,23 @@ def _verify(public: bytes, signature: bytes, payload: bytes, what: str) -> None:
         Ed25519PublicKey.from_public_bytes(public).verify(signature, payload)
     except (InvalidSignature, ValueError):
         raise ProtocolError(f"bad signature on the {what}") from None
+
+
+def write_key_dir(folder: str | Path, identities: Iterable[str]) -> None:
+    """Create ``<identity>.pem`` (private, PKCS#8) and ``<identity>.pub`` (raw) per identity.
+
+    For tests and simulations; in a deployment each node keeps only its own
+    ``.pem`` and receives the others' ``.pub`` files out of band.
+    """
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    for identity in identities:
+        key, public = generate_signing_key()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        (path / f"{identity}.pem").write_bytes(pem)
+        (path / f"{identity}.pem").chmod(0o600)
+        (path / f"{identity}.pub").write_bytes(public)

@@ -1,0 +1,251 @@
+"""Client side of secure aggregation as a Flower mod on the ``train`` handler.
+
+The server's SecAgg+ workflow (:mod:`fedsec.strategies.secagg`) sends each
+protocol stage as a ``train`` message carrying the ConfigRecord
+``fedsec-secagg``; messages without it pass straight to the training function.
+The mod keeps the round's :class:`~fedsec.secagg.client.SecAggClient` state in
+``context.state`` between messages. At the masked-input stage it runs the
+training function, turns the returned model into the update (returned minus
+received), weights it by ``min(num_examples, weight_cap) / weight_cap`` and
+replies with the masked vector only: no model, no per-client metrics.
+
+Anything the mod refuses (a malformed or out-of-order request, a tampered
+share, too few neighbours) becomes an error reply, which the server treats as
+a dropout; the client's state is left as it was.
+
+Signed mode (malicious server): the client's identity is the node config
+``secagg-identity`` (default ``client-<partition-id>``); its Ed25519 key
+``<identity>.pem`` and every trusted ``<name>.pub`` are read from the node
+config ``secagg-key-dir``, which in a simulation may come from the
+experiment's ``secagg.key_dir`` instead (there server and clients share a
+machine; a deployment must not take its trust anchors from the server).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedsec.config import WIRE_CONFIG_KEY
+from fedsec.secagg.client import SecAggClient
+from fedsec.secagg.messages import (
+    AdvertiseKeysRequest,
+    ConsistencyCheckRequest,
+    MaskedInputRequest,
+    ProtocolError,
+    ShareKeysRequest,
+    UnmaskRequest,
+    request_from_record,
+)
+
+__all__ = [
+    "IDENTIFY_STAGE",
+    "MASKED_KEY",
+    "SECAGG_KEY",
+    "SECAGG_REFUSED",
+    "load_identity",
+    "secagg_mod",
+]
+
+logger = logging.getLogger("fedsec")
+
+#: RecordDict key of the protocol payload, both ways.
+SECAGG_KEY = "fedsec-secagg"
+#: ArrayRecord (and Array) key of the masked vector in the masked-input reply.
+MASKED_KEY = "masked"
+#: Error code of a refused secagg request.
+SECAGG_REFUSED = 4601
+#: Stage asking a node for its long-term identity (signed mode, once per node).
+IDENTIFY_STAGE = "identify"
+#: Metrics a client may reveal under secure aggregation (they are not about its data).
+PUBLIC_METRICS = ("dp_epsilon_max",)
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    logger.warning("secagg: refused %s", reason)
+    return Message(Error(code=SECAGG_REFUSED, reason=reason), reply_to=msg)
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run one SecAgg+ stage for a ``train`` message carrying ``fedsec-secagg``."""
+    if (
+        msg.metadata.message_type != MessageType.TRAIN
+        or SECAGG_KEY not in msg.content.config_records
+    ):
+        return call_next(msg, context)
+    record = dict(msg.content.config_records[SECAGG_KEY])
+    try:
+        if record.get("stage") == IDENTIFY_STAGE:
+            identity, _, _ = load_identity(context, msg)
+            return _reply(msg, {"identity": identity})
+        request = request_from_record(record)
+        client = _load_client(context, msg, signed=_signed(context, request))
+        if isinstance(request, AdvertiseKeysRequest):
+            reply = client.advertise_keys(request).to_record()
+        elif isinstance(request, ShareKeysRequest):
+            reply = client.share_keys(request).to_record()
+        elif isinstance(request, MaskedInputRequest):
+            return _masked_input(msg, context, call_next, client, request)
+        elif isinstance(request, ConsistencyCheckRequest):
+            reply = client.consistency_check(request).to_record()
+        else:
+            assert isinstance(request, UnmaskRequest)
+            reply = client.unmask(request).to_record()
+    except (ProtocolError, OSError, ValueError) as err:
+        stage = record.get("stage")
+        return _refuse(msg, f"{stage if isinstance(stage, str) else '?'}: {err}")
+    _save_client(context, client)
+    return _reply(msg, reply)
+
+
+def _reply(msg: Message, record: dict[str, Any]) -> Message:
+    return Message(RecordDict({SECAGG_KEY: ConfigRecord(record)}), reply_to=msg)
+
+
+def _masked_input(
+    msg: Message,
+    context: Context,
+    call_next: ClientAppCallable,
+    client: SecAggClient,
+    request: MaskedInputRequest,
+) -> Message:
+    """Check the shares, train, then answer with the masked weighted update only."""
+    client.receive_shares(request)  # refuse before spending time on training
+    setup = client.setup
+    assert setup is not None
+    trained = call_next(msg, context)
+    if trained.has_error():
+        return trained  # e.g. privacy budget exhausted: this client drops out
+    sent = msg.content.array_records.get("arrays")
+    back = trained.content.array_records.get("arrays")
+    if sent is None or back is None:
+        raise ProtocolError("masked-input stage needs the model in 'arrays' both ways")
+    update = _flat_update(sent, back)
+    if update.numel() != setup.dim:
+        raise ProtocolError(f"update has {update.numel()} values, the round expects {setup.dim}")
+    metrics = trained.content.metric_records.get("metrics", MetricRecord())
+    masked = client.mask(update, _weight(metrics.get("num-examples"), _weight_cap(msg)))
+    _save_client(context, client)
+    public = MetricRecord({k: metrics[k] for k in PUBLIC_METRICS if k in metrics})
+    content = RecordDict(
+        {
+            MASKED_KEY: ArrayRecord({MASKED_KEY: Array(masked.masked)}),
+            "metrics": public,
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _flat_update(sent: ArrayRecord, back: ArrayRecord) -> torch.Tensor:
+    """Returned minus received model, flattened in the order the server sent it."""
+    if list(sent.keys()) != list(back.keys()):
+        raise ProtocolError("trained model's arrays differ from the ones received")
+    parts = []
+    for key in sent:
+        before, after = sent[key].numpy(), back[key].numpy()
+        if before.shape != after.shape:
+            raise ProtocolError(f"array '{key}' changed shape in training")
+        parts.append(
+            torch.from_numpy(after).reshape(-1).double()
+            - torch.from_numpy(before).reshape(-1).double()
+        )
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
+
+
+def _weight_cap(msg: Message) -> int:
+    config = msg.content.config_records.get("config")
+    if config is None or WIRE_CONFIG_KEY not in config:
+        raise ProtocolError(f"masked-input stage carries no '{WIRE_CONFIG_KEY}' config")
+    from fedsec.client.app import config_from_message
+
+    return config_from_message(msg).secagg.weight_cap
+
+
+def _weight(num_examples: Any, cap: int) -> float:
+    """``min(n, cap) / cap``, or 1 when ``cap`` is 0 (equal weights)."""
+    if cap == 0:
+        return 1.0
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int | float):
+        raise ProtocolError(f"'num-examples' must be a number, got {num_examples!r}")
+    if not (math.isfinite(num_examples) and num_examples > 0):
+        raise ProtocolError(f"'num-examples' must be > 0, got {num_examples}")
+    return min(float(num_examples), cap) / cap
+
+
+# -- state and identity -------------------------------------------------------------
+
+
+def _signed(context: Context, request: Any) -> bool:
+    if isinstance(request, AdvertiseKeysRequest):
+        return request.signed
+    state = context.state.config_records.get(SECAGG_KEY)
+    return bool(state is not None and state.get("setup.signed", False))
+
+
+def _load_client(context: Context, msg: Message, *, signed: bool) -> SecAggClient:
+    identity, key, trusted = load_identity(context, msg) if signed else ("", None, {})
+    state = context.state.config_records.get(SECAGG_KEY)
+    return SecAggClient.from_state(
+        dict(state) if state is not None else {},
+        identity=identity,
+        signing_key=key,
+        trusted_keys=trusted,
+    )
+
+
+def _save_client(context: Context, client: SecAggClient) -> None:
+    context.state[SECAGG_KEY] = ConfigRecord(client.to_state())
+
+
+def load_identity(
+    context: Context, msg: Message
+) -> tuple[str, Ed25519PrivateKey, dict[str, bytes]]:
+    """This node's identity, its Ed25519 signing key and the trusted public keys.
+
+    Raises
+    ------
+    ProtocolError
+        No key directory, or this identity's ``.pem`` is missing or not Ed25519.
+    """
+    node = context.node_config
+    identity = str(node.get("secagg-identity", "")) or f"client-{node.get('partition-id', '')}"
+    key_dir = str(node.get("secagg-key-dir", "")) or _key_dir_from_server(msg)
+    if not key_dir:
+        raise ProtocolError("signed secagg needs the node config 'secagg-key-dir'")
+    folder = Path(key_dir).expanduser()
+    pem = folder / f"{identity}.pem"
+    try:
+        key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
+    except (OSError, ValueError) as err:
+        raise ProtocolError(f"cannot read signing key {pem}: {err}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ProtocolError(f"{pem} is not an Ed25519 private key")
+    trusted = {path.stem: path.read_bytes() for path in sorted(folder.glob("*.pub"))}
+    return identity, key, trusted
+
+
+def _key_dir_from_server(msg: Message) -> str:
+    config = msg.content.config_records.get("config")
+    if config is None or WIRE_CONFIG_KEY not in config:
+        return ""
+    from fedsec.client.app import config_from_message
+
+    return config_from_message(msg).secagg.key_dir
