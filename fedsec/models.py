@@ -105,6 +105,22 @@ def _build_mlp(input_shape: InputShape, num_classes: int) -> nn.Module:
     )
 
 
+def _build_mlp_wide(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """Wide perceptron (1024 and 960 units): about 1.06M parameters on 8x8 digits.
+
+    Sized for communication and secure-aggregation benchmarks at d ~ 1M.
+    """
+    in_features = input_shape[0] * input_shape[1] * input_shape[2]
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 960),
+        nn.ReLU(),
+        nn.Linear(960, num_classes),
+    )
+
+
 # ---- cnn-digits -------------------------------------------------------------
 
 
@@ -244,6 +260,15 @@ MODELS.add(
         _build_mlp,
         None,
         "MLP on flattened pixels, hidden layers 128-64; any input size",
+    ),
+)
+MODELS.add(
+    "mlp-wide",
+    ModelSpec(
+        "mlp-wide",
+        _build_mlp_wide,
+        None,
+        "MLP, hidden layers 1024-960 (about 1.06M parameters on digits); for d ~ 1M benchmarks",
     ),
 )
 MODELS.add(

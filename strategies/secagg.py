@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ from fedsec.secagg.messages import (
 from fedsec.secagg.server import SecAggAbortedError, SecAggParams, SecAggServer
 
 from .strategy import CONFIG_KEY, FedSecStrategy
+from .transport import send_and_receive
 
 __all__ = ["SecAggWorkflow"]
 
@@ -91,9 +93,20 @@ class SecAggWorkflow:
         content = {m.metadata.dst_node_id: m.content for m in train_messages}
         stage_times: dict[str, float] = {}
         metrics = MetricRecord({"num-sampled": len(nodes)})
+        unidentified: dict[int, str] = {}
         try:
+            identities: tuple[str, ...] = ()
+            if self.settings.signed:
+                known = self._identify(grid, nodes, config)
+                unidentified = {n: "identify: no identity stated" for n in nodes if n not in known}
+                claims = Counter(known.values())
+                for node, name in list(known.items()):
+                    if claims[name] > 1:  # cannot tell which one holds the key
+                        unidentified[node] = f"identify: identity {name!r} claimed by several nodes"
+                        del known[node]
+                nodes = [n for n in nodes if n in known]
+                identities = tuple(known[n] for n in nodes)
             params = self._params(len(nodes), strategy.dim)
-            identities = self._identify(grid, nodes, config) if params.signed else ()
             server = SecAggServer(params, server_round=server_round, identities=identities)
             exchange = _Exchange(grid, server, nodes, self.timeout, config, stage_times)
             requests: Mapping[int, Any] = server.advertise_keys()
@@ -120,7 +133,7 @@ class SecAggWorkflow:
             return None, metrics
         self.last_error = ""
         contributors = [nodes[cid - 1] for cid in result.contributors]
-        dropped = {nodes[cid - 1]: reason for cid, reason in result.dropped.items()}
+        dropped = unidentified | {nodes[cid - 1]: reason for cid, reason in result.dropped.items()}
         new_arrays, round_metrics = strategy.aggregate_secure(
             server_round,
             result.aggregate,
@@ -151,8 +164,11 @@ class SecAggWorkflow:
             signed=s.signed,
         )
 
-    def _identify(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> tuple[str, ...]:
-        """Ask nodes not seen before for their long-term identity (signed mode)."""
+    def _identify(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> dict[int, str]:
+        """Long-term identities of ``nodes``, asking those not seen before (signed mode).
+
+        A node that does not state one sits the round out.
+        """
         unknown = [node for node in nodes if node not in self.identities]
         if unknown:
             messages = [
@@ -168,15 +184,12 @@ class SecAggWorkflow:
                 )
                 for node in unknown
             ]
-            for reply in grid.send_and_receive(messages, timeout=self.timeout):
+            for reply in send_and_receive(grid, messages, timeout=self.timeout):
                 record = None if reply.has_error() else reply.content.config_records.get(SECAGG_KEY)
                 identity = None if record is None else record.get("identity")
                 if isinstance(identity, str) and identity:
                     self.identities[reply.metadata.src_node_id] = identity
-        missing = [node for node in nodes if node not in self.identities]
-        if missing:
-            raise ValueError(f"nodes {missing} did not state their secagg identity")
-        return tuple(self.identities[node] for node in nodes)
+        return {node: self.identities[node] for node in nodes if node in self.identities}
 
 
 class _Exchange:
@@ -211,7 +224,7 @@ class _Exchange:
             body = RecordDict({**base, SECAGG_KEY: ConfigRecord(request.to_record())})
             messages.append(Message(body, message_type=MessageType.TRAIN, dst_node_id=node))
         replies: dict[int, _Reply] = {}
-        for msg in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for msg in send_and_receive(self.grid, messages, timeout=self.timeout):
             sender = self.ids.get(msg.metadata.src_node_id)
             if sender is None or sender not in requests:
                 continue

@@ -46,6 +46,7 @@ from fedsec.training import evaluate, resolve_device
 from .adversary import AdversaryGrid
 from .secagg import SecAggWorkflow
 from .strategy import FedSecStrategy
+from .transport import send_and_receive
 
 logger = logging.getLogger("fedsec")
 
@@ -225,7 +226,8 @@ def run_experiment(
                 if secure.last_error:
                     metrics["error"] = secure.last_error
             else:
-                replies = grid.send_and_receive(
+                replies = send_and_receive(
+                    grid,
                     strategy.configure_train(server_round, arrays, train_config, grid),
                     timeout=cfg.server.round_timeout,
                 )
@@ -243,7 +245,8 @@ def run_experiment(
 
         if strategy.fraction_evaluate > 0:
             eval_config = ConfigRecord({WIRE_CONFIG_KEY: config_json})
-            eval_replies = grid.send_and_receive(
+            eval_replies = send_and_receive(
+                grid,
                 strategy.configure_evaluate(server_round, arrays, eval_config, grid),
                 timeout=cfg.server.round_timeout,
             )

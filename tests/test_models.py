@@ -24,7 +24,7 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def test_registry_lists_the_documented_models() -> None:
-    assert MODELS.names() == ["mlp", "cnn-digits", "cnn28", "resnet"]
+    assert MODELS.names() == ["mlp", "mlp-wide", "cnn-digits", "cnn28", "resnet"]
     for name in MODELS.names():
         spec = MODELS.get(name)
         assert isinstance(spec, ModelSpec)

@@ -235,6 +235,7 @@ class SecAggServer:
         self.neighbours = {u + 1: frozenset(v + 1 for v in vs) for u, vs in graph.items()}
         self.dropped: dict[int, str] = {}
         self._stage = "advertise-keys"
+        self._outstanding = "advertise-keys"  # stage of the requests last sent
         self._asked: set[int] = set()
         self._keys: dict[int, AdvertiseKeysReply] = {}
         self._peers_sent: dict[int, frozenset[int]] = {}
@@ -246,9 +247,12 @@ class SecAggServer:
     # -- bookkeeping ----------------------------------------------------------------
 
     def drop(self, client_id: int, reason: str) -> None:
-        """Record that ``client_id`` left the round (a dropout or a refused reply)."""
+        """Record that ``client_id`` left the round (a dropout or a refused reply).
+
+        The reason is prefixed with the stage whose requests were last sent.
+        """
         if client_id not in self.dropped:
-            self.dropped[client_id] = f"{self._stage}: {reason}"
+            self.dropped[client_id] = f"{self._outstanding}: {reason}"
             logger.info("secagg round %d: client %d out: %s", self.round, client_id, reason)
 
     def _advance(self, expected: str, new: str) -> None:
@@ -288,6 +292,7 @@ class SecAggServer:
         self._advance("advertise-keys", "share-keys")
         p = self.params
         self._asked = set(range(1, p.num_clients + 1))
+        self._outstanding = "advertise-keys"
         return {
             cid: AdvertiseKeysRequest(
                 **self._header(),
@@ -329,6 +334,7 @@ class SecAggServer:
             )
         self._asked = set(requests)
         self._require(requests, "have enough neighbours to share keys")
+        self._outstanding = "share-keys"
         return requests
 
     def masked_input(self, replies: Mapping[int, ShareKeysReply]) -> dict[int, MaskedInputRequest]:
@@ -357,6 +363,7 @@ class SecAggServer:
             requests[holder] = MaskedInputRequest(**self._header(), ciphertexts=incoming)
         self._asked = set(requests)
         self._require(requests, "received enough shares to mask")
+        self._outstanding = "masked-input"
         return requests
 
     def _collect_masked(self, replies: Mapping[int, MaskedInputReply]) -> None:
@@ -385,6 +392,7 @@ class SecAggServer:
         self._advance("masked-input-sent", "consistency-check")
         self._collect_masked(replies)
         self._asked = set(self._survivors)
+        self._outstanding = "consistency-check"
         return {
             cid: ConsistencyCheckRequest(**self._header(), survivors=self._survivors)
             for cid in self._survivors
@@ -406,6 +414,7 @@ class SecAggServer:
             self._collect_masked(replies)  # type: ignore[arg-type]
             asked = list(self._survivors)
         self._asked = set(asked)
+        self._outstanding = "unmask"
         return {
             cid: UnmaskRequest(**self._header(), survivors=self._survivors, signatures=signatures)
             for cid in asked

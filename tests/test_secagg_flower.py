@@ -1,0 +1,235 @@
+"""Secure aggregation through the real apps: client mod, server workflow, strategy.
+
+Rounds run over the in-process grid (real ClientApp with its secagg mod, real
+ServerApp loop and strategy); a reply "tamper" that returns None plays a node
+that vanishes at a given protocol stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedsec.aggregation import make as make_rule
+from fedsec.checkpoint import load_checkpoint
+from fedsec.client.app import app as client_app
+from fedsec.client.secagg_mod import MASKED_KEY, SECAGG_KEY, SECAGG_REFUSED
+from fedsec.config import ConfigError, ExperimentConfig, parse_config
+from fedsec.runs import RunDirectory
+from fedsec.secagg.signing import write_key_dir
+from fedsec.strategies.inprocess import InProcessGrid
+from fedsec.strategies.server_app import run_experiment
+from fedsec.strategies.strategy import FedSecStrategy
+
+CLIENTS = 6
+
+
+def _config(clients: int = CLIENTS, rounds: int = 1, **secagg: Any) -> ExperimentConfig:
+    return parse_config(
+        {
+            "experiment": {"name": "secure", "rounds": rounds, "seed": 3},
+            "data": {"partition": "iid", "num_clients": clients},
+            "client": {"local_epochs": 1},
+            "secagg": {"enabled": True, "clip": 4.0, **secagg},
+        }
+    )
+
+
+def _plain(cfg: ExperimentConfig) -> ExperimentConfig:
+    raw = cfg.to_dict()
+    raw["secagg"]["enabled"] = False
+    return parse_config(raw)
+
+
+def _run(
+    cfg: ExperimentConfig,
+    tmp_path: Path,
+    tamper: dict[int, Callable[[Message], Message | None]] | None = None,
+    dead: tuple[int, ...] = (),
+) -> RunDirectory:
+    run = RunDirectory.create(cfg, tmp_path)
+    grid = InProcessGrid(client_app, cfg.data.num_clients, tamper=tamper, dead=dead)
+    run_experiment(grid.as_grid(), cfg, run)
+    return run
+
+
+def _model(run: RunDirectory, round_: int) -> torch.Tensor:
+    entry = next(e for e in run.checkpoints if e["round"] == round_)
+    state = load_checkpoint(run.path / entry["file"], entry["sha256"])
+    return torch.cat([v.reshape(-1).float() for k, v in sorted(state.items()) if "." in k])
+
+
+def _stage(reply: Message) -> str:
+    """Which protocol stage a client's reply answers."""
+    if reply.has_error():
+        return "error"
+    if MASKED_KEY in reply.content.array_records:
+        return "masked-input"
+    record = reply.content.config_records.get(SECAGG_KEY)
+    if record is None:
+        return "plain"
+    for key, stage in (
+        ("c_public", "advertise-keys"),
+        ("ciphertexts", "share-keys"),
+        ("seed_ids", "unmask"),
+        ("signature", "consistency-check"),
+    ):
+        if key in record:
+            return stage
+    return "other"
+
+
+def _vanish_at(stage: str) -> Callable[[Message], Message | None]:
+    return lambda reply: None if _stage(reply) == stage else reply
+
+
+def test_secure_round_gives_the_plain_federated_average(tmp_path: Path) -> None:
+    """Same sampling, same local training: the secure mean equals FedAvg's (to quantisation)."""
+    cfg = _config(rounds=2)
+    secure = _run(cfg, tmp_path / "secure")
+    plain = _run(_plain(cfg), tmp_path / "plain")
+    assert [r["status"] for r in secure.rounds[1:]] == ["ok", "ok"]
+    assert secure.rounds[1]["num-accepted"] == CLIENTS
+    assert secure.rounds[1]["secagg_degree"] >= secure.rounds[1]["secagg_threshold"] >= 1
+    moved = (_model(plain, 2) - _model(plain, 0)).abs().max()
+    diff = (_model(secure, 2) - _model(plain, 2)).abs().max()
+    # 27-bit grid over [-4, 4] for 6 clients: the error is ~1e-7, far below the moves.
+    assert moved > 0.05 and diff < 1e-5, (float(moved), float(diff))
+    assert secure.rounds[-1]["test_accuracy"] == pytest.approx(
+        plain.rounds[-1]["test_accuracy"], abs=0.01
+    )
+
+
+@pytest.mark.parametrize("stage", ["advertise-keys", "share-keys", "masked-input"])
+def test_dropout_before_the_sum_is_recovered(tmp_path: Path, stage: str) -> None:
+    """Node 2 vanishes at ``stage``: the round averages the other five, as plain FedAvg would."""
+    cfg = _config()
+    secure = _run(cfg, tmp_path / "secure", tamper={2: _vanish_at(stage)})
+    plain = _run(_plain(cfg), tmp_path / "plain", dead=(2,))
+    assert secure.rounds[1]["status"] == "ok"
+    assert secure.rounds[1]["num-accepted"] == CLIENTS - 1
+    decisions = (secure.path / "decisions.jsonl").read_text()
+    assert "no reply" in decisions and stage in decisions
+    assert (_model(secure, 1) - _model(plain, 1)).abs().max() < 1e-5
+
+
+def test_dropout_at_unmask_keeps_the_input(tmp_path: Path) -> None:
+    """A node that sent its masked input and then vanished is still in the sum."""
+    cfg = _config()
+    secure = _run(cfg, tmp_path / "secure", tamper={4: _vanish_at("unmask")})
+    plain = _run(_plain(cfg), tmp_path / "plain")
+    assert secure.rounds[1]["num-accepted"] == CLIENTS
+    assert (_model(secure, 1) - _model(plain, 1)).abs().max() < 1e-5
+
+
+def test_too_many_dropouts_abort_and_keep_the_model(tmp_path: Path) -> None:
+    """Beyond the threshold the round fails cleanly and the global model stays put."""
+    cfg = _config(clients=4, degree=3, threshold=3)
+    run = _run(cfg, tmp_path, tamper={1: _vanish_at("masked-input"), 2: _vanish_at("unmask")})
+    first = run.rounds[1]
+    assert first["status"] == "failed"
+    assert "t=3" in first["error"] and "aborted" in first["error"]
+    assert torch.equal(_model(run, 1), _model(run, 0))
+
+
+def test_server_receives_only_masked_vectors(tmp_path: Path) -> None:
+    """No reply in a secure round carries a model or per-client training metrics."""
+    seen: list[Message] = []
+
+    def record(reply: Message) -> Message:
+        seen.append(reply)
+        return reply
+
+    cfg = _config()
+    _run(cfg, tmp_path, tamper={node: record for node in range(1, CLIENTS + 1)})
+    stages = [_stage(m) for m in seen]
+    assert stages.count("masked-input") == CLIENTS and "plain" not in stages
+    for msg in seen:
+        assert "arrays" not in msg.content.array_records
+        for metrics in msg.content.metric_records.values():
+            assert set(metrics) <= {"dp_epsilon_max"}
+        if MASKED_KEY in msg.content.array_records:
+            assert msg.content.array_records[MASKED_KEY][MASKED_KEY].numpy().dtype == np.uint32
+
+
+def test_signed_mode_round(tmp_path: Path) -> None:
+    """Malicious-server mode: identities, Ed25519-signed keys, consistency check."""
+    keys = tmp_path / "keys"
+    write_key_dir(keys, [f"client-{i}" for i in range(4)])
+    cfg = _config(clients=4, signed=True, key_dir=str(keys))
+    run = _run(cfg, tmp_path / "run")
+    assert run.rounds[1]["status"] == "ok" and run.rounds[1]["num-accepted"] == 4
+    plain = _run(_plain(cfg), tmp_path / "plain")
+    assert (_model(run, 1) - _model(plain, 1)).abs().max() < 1e-5
+
+
+def test_signed_mode_client_without_key_drops_out(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    write_key_dir(keys, [f"client-{i}" for i in range(5)])
+    (keys / "client-3.pem").unlink()
+    cfg = _config(clients=5, signed=True, key_dir=str(keys), degree=4, threshold=2)
+    run = _run(cfg, tmp_path / "run")
+    assert run.rounds[1]["status"] == "ok" and run.rounds[1]["num-accepted"] == 4
+
+
+def test_client_mod_refuses_a_bad_request_and_keeps_its_state() -> None:
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0},
+        state=RecordDict(),
+        run_config={},
+    )
+    InProcessGrid(client_app, 1)  # sets the task identity messages need
+    msg = Message(
+        RecordDict({SECAGG_KEY: ConfigRecord({"stage": "bogus"})}),
+        message_type=MessageType.TRAIN,
+        dst_node_id=1,
+    )
+    reply = client_app(msg, context)
+    assert reply.has_error() and reply.error.code == SECAGG_REFUSED
+    assert "advertise-keys" in reply.error.reason  # lists the valid stages
+    assert SECAGG_KEY not in context.state.config_records
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"aggregation": {"rule": "krum", "f": 1}}, "aggregation.rule", "bucketed"),
+        ({"aggregation": {"pre": ["nnm"], "f": 1}}, "aggregation.rule", "individual"),
+        ({"attack": {"name": "alie", "num_malicious": 2}}, "attack.name", "colluding"),
+        (
+            {"privacy": {"mode": "central", "noise_multiplier": 1.0}},
+            "privacy.mode",
+            "local",
+        ),
+        ({"data": {"num_clients": 2}}, "secagg", "at least 3"),
+        ({"secagg": {"bits": 31}}, "secagg", "overflows"),
+        ({"secagg": {"signed": True}}, "secagg.key_dir", "key dir"),
+        ({"secagg": {"modulus_bits": 16}}, "secagg.modulus_bits", "32 or 64"),
+    ],
+)
+def test_config_refuses_what_secure_aggregation_cannot_do(
+    changes: dict[str, dict[str, Any]], field: str, words: str
+) -> None:
+    raw: dict[str, dict[str, Any]] = {
+        "data": {"num_clients": 10},
+        "secagg": {"enabled": True},
+    }
+    for section, values in changes.items():
+        raw.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert str(err.value).startswith(f"{field}:") and words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_strategy_refuses_a_rule_that_needs_individual_updates() -> None:
+    with pytest.raises(ValueError, match="bucketed"):
+        FedSecStrategy(rule=make_rule("median"), rule_name="median", secure=True)
