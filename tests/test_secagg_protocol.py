@@ -5,7 +5,8 @@ A small in-process driver (:class:`Round`) runs one round between a
 dropouts at each stage, and hooks that inspect or rewrite messages in transit.
 The protocol's own randomness (keys, seeds, shares, rounding coins) comes from
 the OS CSPRNG and cannot be seeded, so every assertion holds with overwhelming
-probability for any draw of it.
+probability for any draw of it, except the two chi-square uniformity checks, which
+a truly uniform mask fails with probability 1e-4 each (see ``CHI2_255_Q9999``).
 """
 
 from __future__ import annotations
@@ -844,7 +845,7 @@ def test_unknown_stage_lists_the_valid_ones() -> None:
     strict=True,
     raises=TypeError,
     reason=(
-        "messages.py request_from_record (line 474) tests `stage not in _REQUESTS` on the raw "
+        "messages.py request_from_record (line 485) tests `stage not in _REQUESTS` on the raw "
         "value, so a list-valued 'stage' (a ConfigRecord may hold list[str]) raises "
         "TypeError: unhashable type: 'list'"
     ),

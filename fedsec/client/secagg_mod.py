@@ -163,11 +163,8 @@ def _flat_update(sent: ArrayRecord, back: ArrayRecord) -> torch.Tensor:
         before, after = sent[key].numpy(), back[key].numpy()
         if before.shape != after.shape:
             raise ProtocolError(f"array '{key}' changed shape in training")
-        parts.append(
-            torch.from_numpy(after).reshape(-1).double()
-            - torch.from_numpy(before).reshape(-1).double()
-        )
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
+        parts.append(torch.from_numpy(after).reshape(-1) - torch.from_numpy(before).reshape(-1))
+    return torch.cat(parts).float() if parts else torch.empty(0)
 
 
 def _weight_cap(msg: Message) -> int:
