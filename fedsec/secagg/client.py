@@ -244,22 +244,35 @@ class SecAggClient:
                     c_public=peer.c_public,
                     s_public=peer.s_public,
                 )
+        c_private = X25519PrivateKey.from_private_bytes(self._c_private)
+        s_private = X25519PrivateKey.from_private_bytes(self._s_private)
+        share_keys: dict[int, bytes] = {}
+        for peer in peers.values():
+            try:  # a low-order point must be refused now, not when masking
+                derive_key(
+                    s_private,
+                    peer.s_public,
+                    session=setup.session,
+                    round=setup.round,
+                    purpose="mask",
+                )
+                share_keys[peer.client_id] = derive_key(
+                    c_private,
+                    peer.c_public,
+                    session=setup.session,
+                    round=setup.round,
+                    purpose="shares",
+                )
+            except ValueError as err:
+                raise ProtocolError(f"keys of client {peer.client_id}: {err}") from None
         seed = os.urandom(32)
         holders = sorted(peers)
         seed_shares = shamir.split(seed, t, points=holders)
         key_shares = shamir.split(self._s_private, t, points=holders)
-        c_private = X25519PrivateKey.from_private_bytes(self._c_private)
         ciphertexts: dict[int, bytes] = {}
         for holder, seed_share, key_share in zip(holders, seed_shares, key_shares, strict=True):
-            key = derive_key(
-                c_private,
-                peers[holder].c_public,
-                session=setup.session,
-                round=setup.round,
-                purpose="shares",
-            )
             ciphertexts[holder] = encrypt_share(
-                key,
+                share_keys[holder],
                 seed_share.to_bytes() + key_share.to_bytes(),
                 sender=me,
                 receiver=holder,
@@ -299,18 +312,24 @@ class SecAggClient:
                 round=setup.round,
                 purpose="shares",
             )
-            plain = decrypt_share(
-                key,
-                ciphertext,
-                sender=sender,
-                receiver=me,
-                session=setup.session,
-                round=setup.round,
-            )
-            if len(plain) != 2 * SHARE_BYTES or any(
-                shamir.Share.from_bytes(half).x != me
-                for half in (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
-            ):
+            try:
+                plain = decrypt_share(
+                    key,
+                    ciphertext,
+                    sender=sender,
+                    receiver=me,
+                    session=setup.session,
+                    round=setup.round,
+                )
+            except ValueError as err:
+                raise ProtocolError(f"share from client {sender}: {err}") from None
+            try:
+                points = [
+                    shamir.Share.from_bytes(h).x for h in (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
+                ]
+            except ValueError:
+                points = []
+            if len(plain) != 2 * SHARE_BYTES or points != [me, me]:
                 raise ProtocolError(f"share pair from client {sender} is malformed")
             shares[sender] = plain
         self._shares = shares

@@ -482,6 +482,6 @@ _REQUESTS: dict[str, type[Any]] = {
 def request_from_record(record: Mapping[str, Any]) -> Any:
     """Parse any request by its ``stage`` field; raises :class:`ProtocolError`."""
     stage = record.get(STAGE_KEY)
-    if stage not in _REQUESTS:
+    if not isinstance(stage, str) or stage not in _REQUESTS:
         raise _fail(f"unknown secagg stage {stage!r}; expected one of {', '.join(STAGES)}")
-    return _REQUESTS[str(stage)].from_record(record)
+    return _REQUESTS[stage].from_record(record)
