@@ -33,6 +33,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -136,6 +137,7 @@ class SecAggClient:
         self._own_public: tuple[bytes, ...] = ()
         self._seed = b""
         self._peers: dict[int, PeerKeys] = {}
+        self._mask_seeds: dict[int, bytes] = {}  # peer -> pairwise mask seed s_uv
         self._shares: dict[int, bytes] = {}  # sender -> its decrypted share pair
         self._survivors: tuple[int, ...] = ()
         self._neighbours: frozenset[int] | None = None
@@ -247,9 +249,10 @@ class SecAggClient:
         c_private = X25519PrivateKey.from_private_bytes(self._c_private)
         s_private = X25519PrivateKey.from_private_bytes(self._s_private)
         share_keys: dict[int, bytes] = {}
+        mask_seeds: dict[int, bytes] = {}
         for peer in peers.values():
-            try:  # a low-order point must be refused now, not when masking
-                derive_key(
+            try:  # a low-order point is refused now, not when masking
+                mask_seeds[peer.client_id] = derive_key(
                     s_private,
                     peer.s_public,
                     session=setup.session,
@@ -279,7 +282,7 @@ class SecAggClient:
                 session=setup.session,
                 round=setup.round,
             )
-        self._seed, self._peers = seed, peers
+        self._seed, self._peers, self._mask_seeds = seed, peers, mask_seeds
         self.stage = ClientStage.SHARES_SENT
         return ShareKeysReply(ciphertexts)
 
@@ -355,27 +358,18 @@ class SecAggClient:
             )
         if not 0.0 < weight <= 1.0:
             raise ProtocolError(f"weight must be in (0, 1], got {weight}")
-        clip = setup.clip
-        vector = torch.empty(setup.dim + 1, dtype=torch.float64)
-        torch.clamp(update.detach().to("cpu", torch.float64), -clip, clip, out=vector[:-1])
-        vector[:-1].mul_(weight)
-        vector[-1] = weight * clip
-        encoded = encoder_for(setup).encode(vector)
-        s_private = X25519PrivateKey.from_private_bytes(self._s_private)
-        pairwise = [
-            (
-                peer,
-                derive_key(
-                    s_private,
-                    self._peers[peer].s_public,
-                    session=setup.session,
-                    round=setup.round,
-                    purpose="mask",
-                ),
-            )
-            for peer in sorted(self._shares)
-        ]
-        masked = apply_masks(encoded, self._seed, pairwise, setup.client_id)
+        encoder = encoder_for(setup)
+        encoded = np.empty(setup.dim + 1, dtype=encoder.dtype)
+        try:
+            encoder.encode(update, weight=weight, out=encoded[:-1])
+        except ValueError as err:
+            raise ProtocolError(f"cannot encode the update: {err}") from None
+        # The weight rides along as one more coordinate, w * clip in [0, clip].
+        encoder.encode(
+            torch.tensor([setup.clip], dtype=torch.float64), weight=weight, out=encoded[-1:]
+        )
+        pairwise = [(peer, self._mask_seeds[peer]) for peer in sorted(self._shares)]
+        masked = apply_masks(encoded, self._seed, pairwise, setup.client_id, in_place=True)
         self.stage = ClientStage.MASKED_SENT
         return MaskedInputReply(masked)
 
@@ -460,6 +454,9 @@ class SecAggClient:
             "peer_ids": [p.client_id for p in peers],
             "peer_c_public": [p.c_public for p in peers],
             "peer_s_public": [p.s_public for p in peers],
+            "mask_seeds": [
+                self._mask_seeds[p.client_id] for p in peers if p.client_id in self._mask_seeds
+            ],
             "share_ids": list(self._shares),
             "shares": list(self._shares.values()),
             "survivors": list(self._survivors),
@@ -491,6 +488,9 @@ class SecAggClient:
                 state["peer_ids"], state["peer_c_public"], state["peer_s_public"], strict=True
             )
         }
+        seeds = list(state["mask_seeds"])
+        if seeds:
+            client._mask_seeds = dict(zip(sorted(client._peers), seeds, strict=True))
         client._shares = dict(zip(state["share_ids"], state["shares"], strict=True))
         client._survivors = tuple(state["survivors"])
         return client

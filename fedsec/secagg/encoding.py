@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = ["MAX_BITS", "FixedPointEncoder", "max_bits_for"]
 
@@ -143,9 +144,18 @@ class FixedPointEncoder:
         return np.uint32 if self.modulus_bits == 32 else np.uint64
 
     def encode(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        weight: float = 1.0,
+        out: npt.NDArray[np.unsignedinteger[Any]] | None = None,
     ) -> npt.NDArray[np.unsignedinteger[Any]]:
-        """Encode a 1-D float tensor as integers in ``[0, 2**bits - 1]``.
+        """Encode ``weight * clip(x)`` as integers in ``[0, 2**bits - 1]``.
+
+        Works in cache-sized chunks (clip, scale, add the coins, floor, store)
+        so a million values take a few milliseconds and no full-size
+        temporaries.
 
         Parameters
         ----------
@@ -156,33 +166,57 @@ class FixedPointEncoder:
             CPU generator for the rounding coins (reproducible tests).  ``None``
             draws them from an AES-256-CTR keystream under a fresh
             ``os.urandom`` key (32-bit coins, so the rounding probability is
-            exact to ``2**-32``), which is unpredictable and several times
-            faster than ``torch.rand`` in float64.
+            exact to ``2**-32``), which is unpredictable and fast.
+        weight : float, default 1.0
+            In ``[0, 1]``: encodes ``weight * clip(x)`` (weighted averaging).
+        out : numpy.ndarray, optional
+            Contiguous ``[d]`` array of :attr:`dtype` to write into.
 
         Returns
         -------
         numpy.ndarray
-            Shape ``[d]``, dtype :attr:`dtype`.
+            Shape ``[d]``, dtype :attr:`dtype` (``out`` when given).
 
         Raises
         ------
         ValueError
-            If ``x`` is not 1-D floating point or contains NaN.
+            If ``x`` is not 1-D floating point or contains NaN, ``weight`` is
+            outside ``[0, 1]``, or ``out`` does not fit.
         """
         if x.ndim != 1 or not x.is_floating_point():
             raise ValueError(
                 f"x must be a 1-D floating tensor, got shape {tuple(x.shape)} {x.dtype}"
             )
-        xd = x.detach().to(device="cpu", dtype=torch.float64)
-        if bool(torch.isnan(xd).any()):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight must be in [0, 1], got {weight}")
+        values = x.detach().to("cpu")
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.to(torch.float64)
+        source = values.numpy()
+        if np.isnan(source).any():
             raise ValueError("x contains NaN")
+        size = source.size
+        if out is None:
+            out = np.empty(size, dtype=self.dtype)
+        elif out.dtype != self.dtype or out.shape != (size,) or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous ({size},) array of {np.dtype(self.dtype)}")
         levels = float(self.levels)
-        # In place on the clamped copy: floor(s + U[0,1)) rounds s up with
-        # probability frac(s), i.e. unbiased stochastic rounding in one pass.
-        scaled = xd.clamp(-self.clip, self.clip).add_(self.clip).mul_(levels / (2.0 * self.clip))
-        scaled.add_(_coins(scaled.numel(), generator))
-        scaled.floor_().clamp_(0.0, levels)
-        return scaled.to(torch.int64).numpy().astype(self.dtype)
+        # v = weight * clip(x) in [-clip, clip] maps to (v + clip) / (2 clip) * levels.
+        slope, offset = weight * levels / (2.0 * self.clip), levels / 2.0
+        coins = _Coins(generator, min(size, _CHUNK))
+        scaled = np.empty(min(size, _CHUNK), dtype=np.float64)
+        for start in range(0, size, _CHUNK):
+            stop = min(start + _CHUNK, size)
+            chunk = scaled[: stop - start]
+            np.clip(source[start:stop], -self.clip, self.clip, out=chunk)
+            chunk *= slope
+            chunk += offset
+            # floor(s + U[0, 1)) rounds s up with probability frac(s): unbiased.
+            chunk += coins.draw(stop - start)
+            np.floor(chunk, out=chunk)
+            np.clip(chunk, 0.0, levels, out=chunk)
+            np.copyto(out[start:stop], chunk, casting="unsafe")
+        return out
 
     def decode_sum(
         self,
@@ -246,14 +280,27 @@ class FixedPointEncoder:
         return count * 2.0 * self.clip / self.levels
 
 
-def _coins(size: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``size`` uniform draws from ``[0, 1)`` in float64 for stochastic rounding."""
-    if generator is not None:
-        return torch.rand(size, generator=generator, dtype=torch.float64)
-    from fedsec.secagg.masking import expand_mask
+_CHUNK = 1 << 16  # values per encoding chunk: 512 KiB of float64 stays in cache
 
-    words = expand_mask(os.urandom(32), size, np.uint32)
-    return torch.from_numpy(words.astype(np.float64)).mul_(2.0**-32)
+
+class _Coins:
+    """Uniform ``[0, 1)`` coins for stochastic rounding, drawn chunk by chunk."""
+
+    def __init__(self, generator: torch.Generator | None, chunk: int) -> None:
+        self.generator = generator
+        self.floats = np.empty(chunk, dtype=np.float64)
+        if generator is None:
+            key = os.urandom(32)
+            self.stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+            self.words = np.empty(chunk, dtype=np.uint32)
+            self.zeros = bytes(4 * chunk)
+
+    def draw(self, size: int) -> npt.NDArray[np.float64]:
+        if self.generator is not None:
+            return torch.rand(size, generator=self.generator, dtype=torch.float64).numpy()
+        words = self.words[:size]
+        self.stream.update_into(self.zeros[: 4 * size], words.data.cast("B"))
+        return np.multiply(words, 2.0**-32, out=self.floats[:size])
 
 
 def _max_bits_or_zero(num_clients: int, modulus_bits: int) -> int:

@@ -106,6 +106,8 @@ def apply_masks(
     self_seed: bytes,
     pairwise: Sequence[tuple[int, bytes]],
     my_id: int,
+    *,
+    in_place: bool = False,
 ) -> UIntArray:
     """Mask a client's encoded input (Bonawitz et al. 2017, MaskedInputCollection).
 
@@ -123,14 +125,18 @@ def apply_masks(
         :func:`fedsec.secagg.keys.derive_key` with ``purpose="mask"``.
     my_id : int
         This client's id ``u``.
+    in_place : bool, default False
+        Mask ``vector`` itself (it must be C-contiguous) instead of a copy.
 
     Returns
     -------
     numpy.ndarray
-        The masked vector ``y`` (a new array of the same dtype).
+        The masked vector ``y`` (``vector`` itself when ``in_place``).
     """
     dt = _check_vector(vector)
-    y: UIntArray = np.array(vector, dtype=dt, copy=True, order="C")
+    if in_place and not vector.flags.c_contiguous:
+        raise ValueError("in-place masking needs a C-contiguous vector")
+    y: UIntArray = vector if in_place else np.array(vector, dtype=dt, copy=True, order="C")
     scratch: UIntArray = np.empty_like(y)
     np.add(y, expand_mask(self_seed, y.size, dt, out=scratch), out=y)
     for peer, seed in pairwise:
