@@ -82,8 +82,9 @@ def make_bench_app(cfg: ExperimentConfig, rounds: int, results: list[dict[str, A
                 )
                 new_arrays, metrics = strategy.aggregate_train(server_round, replies)
             else:
+                ahead = server_round + 2 if server_round + 2 <= len(schedule) else None
                 new_arrays, metrics = workflow.run_round(
-                    grid, strategy, server_round, arrays, config
+                    grid, strategy, server_round, arrays, config, next_round=ahead
                 )
             elapsed = time.perf_counter() - started
             if new_arrays is None:

@@ -220,8 +220,9 @@ def run_experiment(
         train_metrics: MetricRecord | None
         try:
             if secure is not None:
+                ahead = server_round + 1 if server_round < cfg.experiment.rounds else None
                 new_arrays, train_metrics = secure.run_round(
-                    grid, strategy, server_round, arrays, train_config
+                    grid, strategy, server_round, arrays, train_config, next_round=ahead
                 )
                 if secure.last_error:
                     metrics["error"] = secure.last_error

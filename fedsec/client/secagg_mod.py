@@ -45,7 +45,7 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsec.config import WIRE_CONFIG_KEY
-from fedsec.secagg.client import SecAggClient
+from fedsec.secagg.client import ClientStage, SecAggClient
 from fedsec.secagg.messages import (
     AdvertiseKeysRequest,
     ConsistencyCheckRequest,
@@ -60,6 +60,7 @@ __all__ = [
     "IDENTIFY_STAGE",
     "MASKED_KEY",
     "SECAGG_KEY",
+    "SECAGG_NEXT_KEY",
     "SECAGG_REFUSED",
     "load_identity",
     "secagg_mod",
@@ -69,6 +70,8 @@ logger = logging.getLogger("fedsec")
 
 #: RecordDict key of the protocol payload, both ways.
 SECAGG_KEY = "fedsec-secagg"
+#: RecordDict key of the next round's set-up stage riding along (pipelining).
+SECAGG_NEXT_KEY = "fedsec-secagg-next"
 #: ArrayRecord (and Array) key of the masked vector in the masked-input reply.
 MASKED_KEY = "masked"
 #: Error code of a refused secagg request.
@@ -85,39 +88,57 @@ def _refuse(msg: Message, reason: str) -> Message:
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Run one SecAgg+ stage for a ``train`` message carrying ``fedsec-secagg``."""
-    if (
-        msg.metadata.message_type != MessageType.TRAIN
-        or SECAGG_KEY not in msg.content.config_records
+    """Run the SecAgg+ stages a ``train`` message carries, or pass it on.
+
+    ``fedsec-secagg`` holds a stage of the current round; ``fedsec-secagg-next``
+    (pipelining) a set-up stage of the next round, answered after it under the
+    same key. Each round's state lives in its own slot of ``context.state``.
+    """
+    records = msg.content.config_records
+    if msg.metadata.message_type != MessageType.TRAIN or not (
+        SECAGG_KEY in records or SECAGG_NEXT_KEY in records
     ):
         return call_next(msg, context)
-    record = dict(msg.content.config_records[SECAGG_KEY])
-    try:
-        if record.get("stage") == IDENTIFY_STAGE:
-            identity, _, _ = load_identity(context, msg)
-            return _reply(msg, {"identity": identity})
-        request = request_from_record(record)
-        client = _load_client(context, msg, signed=_signed(context, request))
-        if isinstance(request, AdvertiseKeysRequest):
-            reply = client.advertise_keys(request).to_record()
-        elif isinstance(request, ShareKeysRequest):
-            reply = client.share_keys(request).to_record()
-        elif isinstance(request, MaskedInputRequest):
-            return _masked_input(msg, context, call_next, client, request)
-        elif isinstance(request, ConsistencyCheckRequest):
-            reply = client.consistency_check(request).to_record()
-        else:
-            assert isinstance(request, UnmaskRequest)
-            reply = client.unmask(request).to_record()
-    except (ProtocolError, OSError, ValueError) as err:
+    reply = RecordDict()
+    for key in (SECAGG_KEY, SECAGG_NEXT_KEY):
+        if key not in records:
+            continue
+        record = dict(records[key])
         stage = record.get("stage")
-        return _refuse(msg, f"{stage if isinstance(stage, str) else '?'}: {err}")
-    _save_client(context, client)
-    return _reply(msg, reply)
+        try:
+            if stage == IDENTIFY_STAGE and key == SECAGG_KEY:
+                reply[key] = ConfigRecord({"identity": load_identity(context, msg)[0]})
+                continue
+            request = request_from_record(record)
+            if key == SECAGG_NEXT_KEY and not isinstance(
+                request, AdvertiseKeysRequest | ShareKeysRequest
+            ):
+                raise ProtocolError(f"stage {request.stage} cannot run ahead")
+            client = _load_client(context, msg, request)
+            if isinstance(request, MaskedInputRequest):
+                trained = _masked_input(msg, context, call_next, client, request)
+                if trained.has_error():
+                    return trained  # e.g. privacy budget exhausted: a dropout
+                for name, item in trained.content.items():
+                    reply[name] = item
+            else:
+                reply[key] = ConfigRecord(_answer(client, request))
+            _save_client(context, client)
+        except (ProtocolError, OSError, ValueError) as err:
+            return _refuse(msg, f"{stage if isinstance(stage, str) else '?'}: {err}")
+    return Message(reply, reply_to=msg)
 
 
-def _reply(msg: Message, record: dict[str, Any]) -> Message:
-    return Message(RecordDict({SECAGG_KEY: ConfigRecord(record)}), reply_to=msg)
+def _answer(client: SecAggClient, request: Any) -> dict[str, Any]:
+    """The record answering a request of any stage but masked-input."""
+    if isinstance(request, AdvertiseKeysRequest):
+        return client.advertise_keys(request).to_record()
+    if isinstance(request, ShareKeysRequest):
+        return client.share_keys(request).to_record()
+    if isinstance(request, ConsistencyCheckRequest):
+        return client.consistency_check(request).to_record()
+    assert isinstance(request, UnmaskRequest)
+    return client.unmask(request).to_record()
 
 
 def _masked_input(
@@ -133,7 +154,7 @@ def _masked_input(
     assert setup is not None
     trained = call_next(msg, context)
     if trained.has_error():
-        return trained  # e.g. privacy budget exhausted: this client drops out
+        return trained
     sent = msg.content.array_records.get("arrays")
     back = trained.content.array_records.get("arrays")
     if sent is None or back is None:
@@ -143,7 +164,6 @@ def _masked_input(
         raise ProtocolError(f"update has {update.numel()} values, the round expects {setup.dim}")
     metrics = trained.content.metric_records.get("metrics", MetricRecord())
     masked = client.mask(update, _weight(metrics.get("num-examples"), _weight_cap(msg)))
-    _save_client(context, client)
     public = MetricRecord({k: metrics[k] for k in PUBLIC_METRICS if k in metrics})
     content = RecordDict(
         {
@@ -190,18 +210,18 @@ def _weight(num_examples: Any, cap: int) -> float:
 # -- state and identity -------------------------------------------------------------
 
 
-def _signed(context: Context, request: Any) -> bool:
-    if isinstance(request, AdvertiseKeysRequest):
-        return request.signed
-    state = context.state.config_records.get(SECAGG_KEY)
-    return bool(state is not None and state.get("setup.signed", False))
+def _slot(server_round: int) -> str:
+    return f"{SECAGG_KEY}.r{server_round}"
 
 
-def _load_client(context: Context, msg: Message, *, signed: bool) -> SecAggClient:
+def _load_client(context: Context, msg: Message, request: Any) -> SecAggClient:
+    """The client state of ``request``'s round (a fresh one for advertise-keys)."""
+    state = context.state.config_records.get(_slot(request.round))
+    fresh = isinstance(request, AdvertiseKeysRequest)
+    signed = request.signed if fresh else bool(state and state.get("setup.signed", False))
     identity, key, trusted = load_identity(context, msg) if signed else ("", None, {})
-    state = context.state.config_records.get(SECAGG_KEY)
     return SecAggClient.from_state(
-        dict(state) if state is not None else {},
+        {} if fresh or state is None else dict(state),
         identity=identity,
         signing_key=key,
         trusted_keys=trusted,
@@ -209,7 +229,15 @@ def _load_client(context: Context, msg: Message, *, signed: bool) -> SecAggClien
 
 
 def _save_client(context: Context, client: SecAggClient) -> None:
-    context.state[SECAGG_KEY] = ConfigRecord(client.to_state())
+    """Keep this round's state; drop finished rounds and any older than the previous one."""
+    current = client.client_round
+    for name in list(context.state.config_records):
+        if name.startswith(f"{SECAGG_KEY}.r"):
+            held = int(name.rsplit("r", 1)[1])
+            if held < current - 1 or (held == current and client.stage is ClientStage.DONE):
+                del context.state[name]
+    if client.stage is not ClientStage.DONE:
+        context.state[_slot(current)] = ConfigRecord(client.to_state())
 
 
 def load_identity(

@@ -145,6 +145,11 @@ class SecAggClient:
     # -- helpers ------------------------------------------------------------------
 
     @property
+    def client_round(self) -> int:
+        """The round in progress (or last finished)."""
+        return self._setup().round
+
+    @property
     def client_id(self) -> int:
         """This round's protocol id."""
         return self._setup().client_id
