@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Smoke test: secure aggregation (SecAgg+) across separate processes on Flower's
 # deployment engine -- one SuperLink, four SuperNodes, and `flwr run` of this
-# repository's app against them, with simulations/secagg_grpc.toml.
+# repository's app against them, with simulations/secagg_deploy.toml.
 #
-#   bash scripts/secagg_grpc_smoke.sh            # exit 0 = passed, 1 = failed
+#   bash scripts/secagg_deploy_smoke.sh            # exit 0 = passed, 1 = failed
 #
 # Environment (all optional):
 #   SUPERLINK_PORT   port of the SuperLink's API (default 9093)
@@ -27,8 +27,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV_BIN="$ROOT/.venv/bin"
-CONFIG="$ROOT/simulations/secagg_grpc.toml"
-RUN_NAME="secagg-grpc"
+CONFIG="$ROOT/simulations/secagg_deploy.toml"
+RUN_NAME="secagg-deploy"
 NUM_NODES=4
 SUPERLINK_PORT="${SUPERLINK_PORT:-9093}"
 NODE_PORT_BASE="${NODE_PORT_BASE:-9101}"
@@ -157,9 +157,13 @@ echo "SuperLink on 127.0.0.1:$SUPERLINK_PORT, $NUM_NODES SuperNodes; running $CO
 # The server waits (server.round_timeout) until all 4 SuperNodes have registered.
 # Note: a --run-config value that ends in ".toml" is read as a TOML file by flwr,
 # so the values stay quoted.
-set +e
+# In the background + `wait`, so that INT/TERM reach the trap at once (bash defers
+# traps until a foreground child exits).
 timeout "$SMOKE_TIMEOUT" flwr run . "$CONNECTION" --stream \
-    --run-config "config-file='$CONFIG' results-dir='$RESULTS'" >"$LOGS/flwr-run.log" 2>&1
+    --run-config "config-file='$CONFIG' results-dir='$RESULTS'" >"$LOGS/flwr-run.log" 2>&1 &
+PIDS+=($!)
+set +e
+wait "${PIDS[-1]}"
 run_rc=$?
 set -e
 if [[ $run_rc -eq 124 ]]; then
