@@ -15,6 +15,7 @@ from fedsec.registry import UnknownNameError
 ACCEPTED = [
     ("mlp", (1, 8, 8)),
     ("mlp", (3, 32, 32)),
+    ("mlp-wide", (1, 8, 8)),
     ("cnn-digits", (1, 8, 8)),
     ("cnn28", (1, 28, 28)),
     ("resnet", (3, 32, 32)),
@@ -54,7 +55,7 @@ def test_forward_shape(name: str, shape: tuple[int, int, int], num_classes: int)
 def test_no_batchnorm_and_opacus_strict(name: str, shape: tuple[int, int, int]) -> None:
     model = make_model(name, shape, 10, seed=0)
     assert not any(isinstance(m, BATCH_NORMS) for m in model.modules())
-    if name != "mlp":
+    if not name.startswith("mlp"):  # perceptrons have no normalisation layer at all
         assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
     # strict=True raises on any DP-incompatible layer instead of returning a list.
     ModuleValidator.validate(model, strict=True)
@@ -127,7 +128,9 @@ def test_too_few_classes_raises() -> None:
 def test_unknown_model_lists_choices() -> None:
     with pytest.raises(UnknownNameError) as info:
         make_model("vgg", (3, 32, 32), 10)
-    assert str(info.value) == ("unknown model 'vgg'; valid choices: mlp, cnn-digits, cnn28, resnet")
+    assert str(info.value) == (
+        "unknown model 'vgg'; valid choices: mlp, mlp-wide, cnn-digits, cnn28, resnet"
+    )
     with pytest.raises(UnknownNameError):
         check_model_input("vgg", (3, 32, 32))
 
