@@ -18,17 +18,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedsec.aggregation import make as make_rule
 from fedsec.checkpoint import load_checkpoint
 from fedsec.client.app import app as client_app
 from fedsec.client.secagg_mod import MASKED_KEY, SECAGG_KEY, SECAGG_REFUSED
-from fedsec.config import ConfigError, ExperimentConfig, parse_config
+from fedsec.config import WIRE_CONFIG_KEY, ConfigError, ExperimentConfig, parse_config
+from fedsec.models import make_model
 from fedsec.runs import RunDirectory
 from fedsec.secagg.signing import write_key_dir
 from fedsec.strategies.inprocess import InProcessGrid
-from fedsec.strategies.server_app import run_experiment
+from fedsec.strategies.secagg import SecAggWorkflow
+from fedsec.strategies.server_app import build_strategy, run_experiment
 from fedsec.strategies.strategy import FedSecStrategy
 
 CLIENTS = 6
@@ -309,3 +311,23 @@ def test_signed_secure_aggregation_on_ray(tmp_path: Path) -> None:
     assert [r["status"] for r in rounds] == ["initial", "ok", "ok"]
     assert all(r["num-accepted"] == 4 for r in rounds[1:])
     assert rounds[-1]["test_accuracy"] > rounds[0]["test_accuracy"] + 0.2
+
+
+def test_pipelining_across_a_plain_round(tmp_path: Path) -> None:
+    """Secure rounds 1 and 3 around a plain round 2: round 3's keys, set up during
+    round 1, survive in the clients' state and round 3 runs pipelined."""
+    cfg = _config(rounds=3)
+    grid = InProcessGrid(client_app, cfg.data.num_clients).as_grid()
+    strategy = build_strategy(cfg)
+    workflow = SecAggWorkflow(cfg.secagg, cfg.server.round_timeout)
+    model = make_model("mlp", (1, 8, 8), 10, seed=0)
+    arrays = ArrayRecord(model.state_dict())
+    wire = ConfigRecord({WIRE_CONFIG_KEY: json.dumps(cfg.to_dict())})
+    new, metrics = workflow.run_round(grid, strategy, 1, arrays, wire, next_round=3)
+    assert new is not None and metrics["secagg_pipelined"] == 0
+    replies = grid.send_and_receive(strategy.configure_train(2, new, wire, grid))
+    plain, _ = strategy.aggregate_train(2, replies)
+    assert plain is not None
+    new, metrics = workflow.run_round(grid, strategy, 3, plain, wire)
+    assert new is not None, workflow.last_error
+    assert metrics["secagg_pipelined"] == 1 and metrics["num-accepted"] == CLIENTS

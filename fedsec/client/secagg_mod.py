@@ -210,8 +210,12 @@ def _weight(num_examples: Any, cap: int) -> float:
 # -- state and identity -------------------------------------------------------------
 
 
+_SLOT_PREFIX = f"{SECAGG_KEY}.r"
+
+
 def _slot(server_round: int) -> str:
-    return f"{SECAGG_KEY}.r{server_round}"
+    """``context.state`` key of one round's client state."""
+    return f"{_SLOT_PREFIX}{server_round}"
 
 
 def _load_client(context: Context, msg: Message, request: Any) -> SecAggClient:
@@ -229,15 +233,23 @@ def _load_client(context: Context, msg: Message, request: Any) -> SecAggClient:
 
 
 def _save_client(context: Context, client: SecAggClient) -> None:
-    """Keep this round's state; drop finished rounds and any older than the previous one."""
+    """Keep this round's state; drop it once done, and keep at most two rounds.
+
+    At most two rounds are ever in flight (the current one and the one set up
+    ahead of it), so older slots belong to rounds the server abandoned.
+    """
     current = client.client_round
-    for name in list(context.state.config_records):
-        if name.startswith(f"{SECAGG_KEY}.r"):
-            held = int(name.rsplit("r", 1)[1])
-            if held < current - 1 or (held == current and client.stage is ClientStage.DONE):
-                del context.state[name]
-    if client.stage is not ClientStage.DONE:
+    if client.stage is ClientStage.DONE:
+        context.state.pop(_slot(current), None)
+    else:
         context.state[_slot(current)] = ConfigRecord(client.to_state())
+    held = sorted(
+        int(name[len(_SLOT_PREFIX) :])
+        for name in context.state.config_records
+        if name.startswith(_SLOT_PREFIX)
+    )
+    for stale in held[:-2]:
+        del context.state[_slot(stale)]
 
 
 def load_identity(
