@@ -161,3 +161,26 @@ def test_rejects_bad_inputs() -> None:
         enc.decode_sum(np.array([2 * 65535 + 1], dtype=np.uint32), 2)
     with pytest.raises(ValueError, match="unsigned"):
         enc.decode_sum(np.zeros(3, dtype=np.int64), 1)
+
+
+def test_weighted_encoding_decodes_to_the_weighted_value() -> None:
+    """``weight`` scales the clipped value before rounding; ``out`` is filled in place."""
+    enc = FixedPointEncoder(clip=2.0, bits=20, num_clients=4)
+    x = torch.tensor([-5.0, -1.0, 0.0, 0.5, 1.5, 5.0])
+    out = np.zeros(6, dtype=np.uint32)
+    code = enc.encode(x, weight=0.25, out=out)
+    assert code is out
+    expected = 0.25 * x.clamp(-2.0, 2.0)
+    assert torch.allclose(enc.decode_sum(out, 1), expected, atol=enc.quantisation_bound(1))
+    with pytest.raises(ValueError, match="weight"):
+        enc.encode(x, weight=1.5)
+    with pytest.raises(ValueError, match="out must be"):
+        enc.encode(x, out=np.zeros(5, dtype=np.uint32))
+
+
+def test_encoding_is_chunked_without_seams() -> None:
+    """Vectors longer than one chunk encode every element (no gap at chunk borders)."""
+    enc = FixedPointEncoder(clip=1.0, bits=12, num_clients=2)
+    x = torch.linspace(-1.0, 1.0, 200_003)
+    decoded = enc.decode_sum(enc.encode(x), 1)
+    assert (decoded - x).abs().max() <= enc.quantisation_bound(1)

@@ -110,3 +110,12 @@ def test_apply_masks_leaves_input_and_rejects_self_edge() -> None:
     assert np.array_equal(x, np.arange(10, dtype=np.uint32))
     with pytest.raises(ValueError):
         apply_masks(x, SEED_A, [(0, SEED_B)], my_id=0)
+
+
+def test_apply_masks_in_place_masks_the_given_vector() -> None:
+    x = np.arange(1000, dtype=np.uint32)
+    copy = apply_masks(x.copy(), bytes(range(32)), [(2, bytes(32))], 1)
+    same = apply_masks(x, bytes(range(32)), [(2, bytes(32))], 1, in_place=True)
+    assert same is x and np.array_equal(same, copy)
+    with pytest.raises(ValueError, match="contiguous"):
+        apply_masks(np.arange(10, dtype=np.uint32)[::2], bytes(32), [], 1, in_place=True)
