@@ -33,6 +33,7 @@ from fedsec.runs import RoundMetrics, RunDirectory, RunDirectoryError
 # The ServerApp lives in fedsec.strategies (a layer above this package's core);
 # the CLI is the top-level entry point, so it loads it by name, as Flower does.
 SERVER_APP_MODULE = "fedsec.strategies.server_app"
+AUDIT_MODULE = "fedsec.strategies.audit"
 CLIENT_APP_MODULE = "fedsec.client.app"
 
 EXIT_BAD_INPUT = 2
@@ -287,6 +288,51 @@ def validate(
         f"{cfg.model.name}, {cfg.experiment.rounds} rounds)",
         highlight=False,
     )
+
+
+@cli.command()
+def audit(
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="Experiment TOML; omit to audit the embedded digits quickstart."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default results/<name>-audit).")
+    ] = None,
+    images: Annotated[int, typer.Option(help="Client examples attacked by inversion.")] = 4,
+    epsilons: Annotated[
+        str, typer.Option(help="Comma-separated DP-SGD epsilons to compare.")
+    ] = "1,8",
+    secure_clients: Annotated[int, typer.Option(help="Clients in one secure sum (k).")] = 5,
+    bucket_size: Annotated[int, typer.Option(help="Clients per bucket (s).")] = 2,
+    steps: Annotated[int, typer.Option(help="Optimisation steps per reconstruction.")] = 200,
+    membership: Annotated[
+        bool, typer.Option(help="Train global models and run membership inference.")
+    ] = True,
+) -> None:
+    """Audit what a curious server could learn: gradient inversion and membership inference."""
+    audit_module = importlib.import_module(AUDIT_MODULE)  # Flower glue lives in strategies
+    cfg = _load(config)
+    try:
+        eps = tuple(float(e) for e in epsilons.split(",") if e.strip())
+        settings = audit_module.AuditSettings(
+            images=images,
+            epsilons=eps,
+            secure_clients=secure_clients,
+            bucket_size=bucket_size,
+            inversion_steps=steps,
+            membership=membership,
+        )
+    except ValueError as err:
+        raise _fail(f"--epsilons/--images/...: {err}") from None
+    folder = out or Path("results") / f"{cfg.experiment.name}-audit"
+    try:
+        with console.status("auditing..."):
+            audit_module.run_audit(cfg, folder, settings)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    console.print((folder / "report.md").read_text(), highlight=False, markup=False)
+    console.print(f"wrote {folder}/report.md, audit.json, inversion.png", highlight=False)
 
 
 def main() -> None:

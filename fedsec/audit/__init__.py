@@ -1,0 +1,1 @@
+"""Privacy audits: gradient inversion and membership inference against fedsec's protections."""
