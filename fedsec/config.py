@@ -687,6 +687,7 @@ def _solve_for_validation(cfg: ExperimentConfig) -> None:
     """Solve the noise for ``target_epsilon`` now, so an unreachable target fails early."""
     from fedsec.data import DATASETS
     from fedsec.privacy.accounting import solve_noise_multiplier
+    from fedsec.privacy.dpsgd import dp_sgd_steps
 
     dp = cfg.privacy
     if dp.mode == "central":
@@ -695,7 +696,9 @@ def _solve_for_validation(cfg: ExperimentConfig) -> None:
     if dp.mode == "dp-sgd":  # a client of average size; each client solves its own
         average = DATASETS.get(cfg.data.dataset).num_train / cfg.data.num_clients
         rate = min(1.0, cfg.client.batch_size / average)
-        steps = cfg.client.local_steps or cfg.client.local_epochs * max(1, round(1 / rate))
+        steps = dp_sgd_steps(
+            average, cfg.client.batch_size, cfg.client.local_epochs, cfg.client.local_steps or None
+        )
     else:
         rate, steps = 1.0, 1
     solve_noise_multiplier(

@@ -463,3 +463,36 @@ def test_bad_data_and_models_raise_one_line_value_errors() -> None:
     for bad_n, bad_q in [(0, 0.1), (10, 0.0), (10, 1.5)]:
         with pytest.raises(ValueError):
             poisson_sample(bad_n, bad_q)
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "epochs"), [(72, 16, 5), (359, 32, 4), (90, 45, 2), (50, 7, 3)]
+)
+def test_privacy_plan_counts_the_steps_dp_train_takes(n: int, batch: int, epochs: int) -> None:
+    """The ledger plans exactly the steps DP-SGD will take (else it refuses the last round)."""
+    from fedsec.client.privacy import plan_round
+    from fedsec.config import parse_config
+    from fedsec.privacy.dpsgd import dp_sgd_steps
+
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+    model = make_model("mlp", (1, 8, 8), 10, seed=0)
+    taken = dp_train(
+        model,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch,
+        lr=0.1,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    ).steps
+    assert dp_sgd_steps(n, batch, epochs) == taken
+    cfg = parse_config(
+        {
+            "data": {"num_clients": 2},
+            "client": {"batch_size": batch, "local_epochs": epochs},
+            "privacy": {"mode": "dp-sgd", "noise_multiplier": 1.0},
+        }
+    )
+    assert plan_round(cfg, n).steps == taken

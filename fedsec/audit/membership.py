@@ -205,12 +205,12 @@ def score_attack(member_scores: torch.Tensor, non_member_scores: torch.Tensor) -
         If either side is empty or not one-dimensional, or a score is not finite.
     """
     sides = (("member_scores", member_scores), ("non_member_scores", non_member_scores))
-    for name, scores in sides:
-        if scores.dim() != 1:
-            raise ValueError(f"{name} must be one-dimensional, got shape {list(scores.shape)}")
-        if scores.numel() == 0:
+    for name, values in sides:
+        if values.dim() != 1:
+            raise ValueError(f"{name} must be one-dimensional, got shape {list(values.shape)}")
+        if values.numel() == 0:
             raise ValueError(f"{name} is empty")
-        if not bool(torch.isfinite(scores).all()):
+        if not bool(torch.isfinite(values).all()):
             raise ValueError(f"{name} contains non-finite values")
     pos = member_scores.detach().double().cpu().numpy()
     neg = non_member_scores.detach().double().cpu().numpy()

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context
 
 from fedsec.config import ExperimentConfig
 from fedsec.privacy.accounting import solve_noise_multiplier
+from fedsec.privacy.dpsgd import dp_sgd_steps
 from fedsec.privacy.ledger import PrivacyLedger
 
 LEDGER_KEY = "fedsec.privacy-ledger"
@@ -55,7 +56,12 @@ def plan_round(cfg: ExperimentConfig, num_examples: int) -> RoundPlan:
     rounds = cfg.experiment.rounds
     if dp.mode == "dp-sgd":
         rate = min(1.0, cfg.client.batch_size / num_examples)
-        steps = cfg.client.local_steps or cfg.client.local_epochs * max(1, round(1 / rate))
+        steps = dp_sgd_steps(
+            num_examples,
+            cfg.client.batch_size,
+            cfg.client.local_epochs,
+            cfg.client.local_steps or None,
+        )
     else:
         rate, steps = 1.0, 1
     sigma = dp.noise_multiplier or _solve(

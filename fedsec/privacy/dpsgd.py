@@ -100,6 +100,7 @@ from fedsec.training import TrainResult, _check_data, _to_device, make_optimizer
 __all__ = [
     "DPSGDResult",
     "clipped_gradient_sum",
+    "dp_sgd_steps",
     "dp_train",
     "per_sample_gradients",
     "poisson_sample",
@@ -632,6 +633,19 @@ def _fill_noise(
 
 
 # ---- training ----------------------------------------------------------------
+
+
+def dp_sgd_steps(
+    num_examples: float, batch_size: int, epochs: int, max_steps: int | None = None
+) -> int:
+    """Steps :func:`dp_train` takes: ``round(epochs * n / batch_size)``, ties up, capped.
+
+    Privacy planning must use exactly this count: planning with
+    ``epochs * round(n / batch_size)`` instead under-counts when ``n /
+    batch_size`` is not whole, and the ledger then refuses the last round.
+    """
+    steps = max(1, math.floor(epochs * num_examples / batch_size + 0.5))
+    return steps if max_steps is None else min(steps, max_steps)
 
 
 def dp_train(
