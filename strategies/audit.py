@@ -33,8 +33,8 @@ report:
   global model of a federated run of the config (in-process, the real apps):
   once without DP and once with DP-SGD at each epsilon. Members are the
   clients' training examples, non-members the server's held-out split, in
-  equal numbers. Secure aggregation does not change the global model, so its
-  membership risk is the plain run's.
+  equal numbers per label. Secure aggregation does not change the global
+  model, so its membership risk is the plain run's.
 
 Outputs in ``out_dir``: ``report.md`` (tables), ``audit.json`` (every number)
 and ``inversion.png`` (originals against reconstructions).
@@ -298,8 +298,9 @@ def _membership(cfg: ExperimentConfig, data: SplitData, settings: AuditSettings)
         runs[f"dp-sgd eps={eps:g}"] = _with_privacy(cfg, eps)
     members_x, members_y = data.train_x, data.train_y
     generator = torch.Generator().manual_seed(cfg.experiment.seed)
+    # Equal numbers per label, so the attack cannot win on label frequencies alone.
     members, non_members = balanced_split(
-        members_x, members_y, data.test_x, data.test_y, generator=generator
+        members_x, members_y, data.test_x, data.test_y, generator=generator, stratify=True
     )
     out: dict[str, Any] = {}
     for name, run_cfg in runs.items():
@@ -366,9 +367,10 @@ def _markdown(results: dict[str, Any]) -> str:
         "## Gradient inversion",
         "",
         f"Inverting Gradients (Geiping et al. 2020) with analytic label recovery, "
-        f"{settings['inversion_steps']} steps, against {settings['images']} single-example "
-        "client updates on the initial global model. PSNR / SSIM against the best-matching "
-        "original among the clients in what the server sees (PSNR capped at 100 dB).",
+        f"{settings['inversion_steps']} steps, on the initial global model, for "
+        f"{settings['images']} target clients. PSNR / SSIM against the best-matching image "
+        "among those mixed into what the server sees (PSNR capped at 100 dB); one-example "
+        "updates except in the last row.",
         "",
         "| what the server sees | mean PSNR (dB) | mean SSIM | random guess (dB) | above it (dB) |",
         "| --- | --- | --- | --- | --- |",
@@ -394,9 +396,10 @@ def _markdown(results: dict[str, Any]) -> str:
             "",
             "Final global model of an in-process federated run of the config; members are "
             "the clients' training examples, non-members the server's held-out split, in "
-            "equal numbers. Loss attack: Yeom et al. 2018; calibrated: the loss drop from the "
-            "initial global model (Watson et al. 2022, without shadow models). Secure "
-            "aggregation leaves the global model, hence these figures, unchanged.",
+            "equal numbers per label. Loss attack: Yeom et al. 2018; calibrated: the loss "
+            "drop from the initial global model (Watson et al. 2022, without shadow "
+            "models). Secure aggregation leaves the global model, hence these figures, "
+            "unchanged.",
             "",
             "| training | test accuracy | loss AUC | TPR @ 1% FPR | calibrated AUC | "
             "calibrated TPR @ 1% FPR |",
