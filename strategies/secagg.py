@@ -23,6 +23,7 @@ again from scratch, and a failure there never touches the current round.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -49,6 +50,9 @@ from .transport import send_and_receive
 
 __all__ = ["SecAggWorkflow"]
 
+#: The client-side DP metric reported under secure aggregation (largest over clients).
+EPSILON_KEY = "dp_epsilon_max"
+
 logger = logging.getLogger("fedsec")
 
 Parser = Callable[[Message, str], Any]
@@ -64,11 +68,21 @@ def _parse_record(cls: Any) -> Parser:
     return parse
 
 
-def _parse_masked(msg: Message, key: str) -> MaskedInputReply:
-    arrays = msg.content.array_records.get(MASKED_KEY)
-    if arrays is None or MASKED_KEY not in arrays:
-        raise ProtocolError(f"reply lacks the '{MASKED_KEY}' array")
-    return MaskedInputReply(arrays[MASKED_KEY].numpy())
+def _masked_parser(public: list[float]) -> Parser:
+    """Parse masked-input replies, collecting the clients' reported ``dp_epsilon_max``."""
+
+    def parse(msg: Message, key: str) -> MaskedInputReply:
+        arrays = msg.content.array_records.get(MASKED_KEY)
+        if arrays is None or MASKED_KEY not in arrays:
+            raise ProtocolError(f"reply lacks the '{MASKED_KEY}' array")
+        reply = MaskedInputReply(arrays[MASKED_KEY].numpy())
+        metrics = msg.content.metric_records.get("metrics")
+        epsilon = None if metrics is None else metrics.get(EPSILON_KEY)
+        if isinstance(epsilon, int | float) and math.isfinite(epsilon):
+            public.append(float(epsilon))
+        return reply
+
+    return parse
 
 
 @dataclass
@@ -135,6 +149,7 @@ class SecAggWorkflow:
         times: dict[str, float] = {}
         metrics = MetricRecord({"num-sampled": len(sampled)})
         prepared, self._prepared = self._prepared, None
+        epsilons: list[float] = []  # clients' own DP ledgers, the only metric they reveal
         ahead: _Round | None = None
         try:
             if prepared is not None and (prepared.server_round, prepared.sampled) == (
@@ -162,7 +177,11 @@ class SecAggWorkflow:
                 )
             parts = [
                 _Part(
-                    current.server, current.nodes, current.requests, _parse_masked, content=content
+                    current.server,
+                    current.nodes,
+                    current.requests,
+                    _masked_parser(epsilons),
+                    content=content,
                 ),
                 *self._ahead_part(ahead, AdvertiseKeysReply),
             ]
@@ -210,6 +229,8 @@ class SecAggWorkflow:
         metrics["secagg_threshold"] = current.server.params.threshold
         metrics["secagg_error_bound"] = result.error_bound
         metrics["secagg_pipelined"] = int(current is prepared)
+        if epsilons:
+            metrics[EPSILON_KEY] = max(epsilons)
         _add_times(metrics, times)
         return new_arrays, metrics
 

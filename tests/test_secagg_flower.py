@@ -331,3 +331,13 @@ def test_pipelining_across_a_plain_round(tmp_path: Path) -> None:
     new, metrics = workflow.run_round(grid, strategy, 3, plain, wire)
     assert new is not None, workflow.last_error
     assert metrics["secagg_pipelined"] == 1 and metrics["num-accepted"] == CLIENTS
+
+
+def test_local_dp_under_secure_aggregation_reports_the_clients_epsilon(tmp_path: Path) -> None:
+    """Client-level local DP composes with SecAgg+: noise before masking, epsilon reported."""
+    raw = _config(rounds=2).to_dict()
+    raw["privacy"].update(mode="local", noise_multiplier=0.5, update_clip=1.0)
+    run = _run(parse_config(raw), tmp_path)
+    assert [r["status"] for r in run.rounds[1:]] == ["ok", "ok"]
+    epsilons = [r["dp_epsilon_max"] for r in run.rounds[1:]]
+    assert 0 < epsilons[0] < epsilons[1]  # the ledger grows round after round
