@@ -572,6 +572,7 @@ def _check_secagg(cfg: ExperimentConfig) -> None:
             threshold=sa.threshold,
             bits=sa.bits,
             modulus_bits=sa.modulus_bits,
+            signed=sa.signed,
         )
     except ValueError as err:
         raise ConfigError("secagg", f"{err} ({n} clients sampled per round)") from None

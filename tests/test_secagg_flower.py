@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from fedsec.aggregation import make as make_rule
 from fedsec.checkpoint import load_checkpoint
 from fedsec.client.app import app as client_app
-from fedsec.client.secagg_mod import MASKED_KEY, SECAGG_KEY, SECAGG_REFUSED
+from fedsec.client.secagg_mod import MASKED_KEY, SECAGG_KEY, SECAGG_NEXT_KEY, SECAGG_REFUSED
 from fedsec.config import WIRE_CONFIG_KEY, ConfigError, ExperimentConfig, parse_config
 from fedsec.models import make_model
 from fedsec.runs import RunDirectory
@@ -215,8 +215,10 @@ def test_signed_mode_round(tmp_path: Path) -> None:
     """Malicious-server mode: identities, Ed25519-signed keys, consistency check."""
     keys = tmp_path / "keys"
     write_key_dir(keys, [f"client-{i}" for i in range(4)])
-    cfg = _config(clients=4, signed=True, key_dir=str(keys))
+    # 4 clients against a malicious server need every neighbour: t = k = 3.
+    cfg = _config(clients=4, signed=True, key_dir=str(keys), dropout_rate=0.0)
     run = _run(cfg, tmp_path / "run")
+    assert (run.rounds[1]["secagg_degree"], run.rounds[1]["secagg_threshold"]) == (3, 3)
     assert run.rounds[1]["status"] == "ok" and run.rounds[1]["num-accepted"] == 4
     plain = _run(_plain(cfg), tmp_path / "plain")
     assert (_model(run, 1) - _model(plain, 1)).abs().max() < 1e-5
@@ -226,7 +228,7 @@ def test_signed_mode_client_without_key_drops_out(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     write_key_dir(keys, [f"client-{i}" for i in range(5)])
     (keys / "client-3.pem").unlink()
-    cfg = _config(clients=5, signed=True, key_dir=str(keys), degree=4, threshold=2)
+    cfg = _config(clients=5, signed=True, key_dir=str(keys), degree=4, threshold=3)
     run = _run(cfg, tmp_path / "run")
     assert run.rounds[1]["status"] == "ok" and run.rounds[1]["num-accepted"] == 4
 
@@ -296,7 +298,7 @@ def test_signed_secure_aggregation_on_ray(tmp_path: Path) -> None:
     config = tmp_path / "secure.toml"
     config.write_text(
         "[experiment]\nname = 'secure'\nrounds = 2\n[data]\nnum_clients = 4\n"
-        f"[secagg]\nenabled = true\nsigned = true\nkey_dir = '{keys}'\n"
+        f"[secagg]\nenabled = true\nsigned = true\nkey_dir = '{keys}'\ndropout_rate = 0.0\n"
     )
     result = subprocess.run(
         [sys.executable, "-m", "fedsec.cli", "run", str(config)],
@@ -341,3 +343,47 @@ def test_local_dp_under_secure_aggregation_reports_the_clients_epsilon(tmp_path:
     assert [r["status"] for r in run.rounds[1:]] == ["ok", "ok"]
     epsilons = [r["dp_epsilon_max"] for r in run.rounds[1:]]
     assert 0 < epsilons[0] < epsilons[1]  # the ledger grows round after round
+
+
+def _node(node_config: dict[str, Any]) -> Context:
+    InProcessGrid(client_app, 1)  # sets the task identity messages need
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _advertise_request(signed: bool = False) -> ConfigRecord:
+    from fedsec.secagg.server import SecAggParams, SecAggServer
+
+    params = SecAggParams.for_round(6, 10, clip=1.0)
+    return ConfigRecord(SecAggServer(params, server_round=1).advertise_keys()[1].to_record())
+
+
+def test_a_failing_next_round_part_keeps_the_current_answer() -> None:
+    """Pipelining: the next round's set-up failing must not discard this round's reply."""
+    context = _node({"partition-id": 0})
+    msg = Message(
+        RecordDict(
+            {
+                SECAGG_KEY: _advertise_request(),
+                SECAGG_NEXT_KEY: ConfigRecord({"stage": "bogus"}),
+            }
+        ),
+        message_type=MessageType.TRAIN,
+        dst_node_id=1,
+    )
+    reply = client_app(msg, context)
+    assert not reply.has_error()
+    assert "c_public" in reply.content.config_records[SECAGG_KEY]
+    assert SECAGG_NEXT_KEY not in reply.content.config_records
+
+
+def test_a_provisioned_node_refuses_a_server_downgrade(tmp_path: Path) -> None:
+    """A node with its own secagg key dir only answers signed rounds."""
+    write_key_dir(tmp_path, ["client-0"])
+    context = _node({"partition-id": 0, "secagg-key-dir": str(tmp_path)})
+    msg = Message(
+        RecordDict({SECAGG_KEY: _advertise_request()}),
+        message_type=MessageType.TRAIN,
+        dst_node_id=1,
+    )
+    reply = client_app(msg, context)
+    assert reply.has_error() and "only takes part in signed rounds" in reply.error.reason

@@ -308,10 +308,11 @@ def test_dropouts_on_a_sparse_graph() -> None:
 @pytest.mark.parametrize("signed", [False, True])
 def test_dropped_reason_names_the_stage_the_client_missed(signed: bool) -> None:
     rnd = Round(10, 40, signed=signed, seed=13)
-    # Four clients gone (k=9, t=5): signed mode trades the advertise dropout for a check one.
+    # Four clients gone (k=9, t=5). Signed mode needs t=6 against a server splitting
+    # the survivor set, so it tolerates three: it trades two for a check dropout.
     plan = {"advertise-keys": {1}, "share-keys": {4}, "masked-input": {6}, "unmask": {9}}
     if signed:
-        del plan["advertise-keys"]
+        del plan["advertise-keys"], plan["share-keys"]
         plan["consistency-check"] = {7}
     res = rnd.run(drop=plan)
     assert res is not None
@@ -618,7 +619,7 @@ def test_fewer_than_three_clients_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 3 clients per round, got 2"):
         SecAggParams.for_round(2, 10, clip=1.0)
     req = SecAggServer(SecAggParams.for_round(4, 10, clip=1.0)).advertise_keys()[1]
-    with pytest.raises(ProtocolError, match="3 or more clients, got n=2"):
+    with pytest.raises(ProtocolError, match="needs 3 to 100000 clients, got n=2"):
         dataclasses.replace(req, num_clients=2, degree=1, threshold=1)
 
 
@@ -642,15 +643,15 @@ def test_client_refuses_overflowing_round_parameters() -> None:
 
 
 def test_signed_round_with_dropouts_gives_the_weighted_mean() -> None:
-    rnd = Round(10, 80, signed=True, seed=24)
-    plan = {"share-keys": {2}, "masked-input": {5}, "consistency-check": {7}, "unmask": {9}}
+    rnd = Round(10, 80, signed=True, seed=24)  # k=9, t=6: three dropouts tolerated
+    plan = {"share-keys": {2}, "masked-input": {5}, "consistency-check": {7}}
     res = rnd.run(drop=plan)
     assert res is not None
     assert all(len(r.signature) == 64 for r in rnd.log["advertise-keys:reply"].values())
     assert set(res.contributors) == set(range(1, 11)) - {2, 5}  # 7's input is in the sum
     signers = set(range(1, 11)) - {2, 5, 7}
     assert all(set(r.signatures) == signers for r in rnd.log["unmask:request"].values())
-    assert set(res.dropped) == {2, 5, 7, 9}
+    assert set(res.dropped) == {2, 5, 7}
     assert_correct(rnd, res)
 
 
@@ -838,7 +839,8 @@ def test_list_valued_stage_is_a_protocol_error() -> None:
 def test_clients_rebuilt_from_state_between_every_stage(signed: bool) -> None:
     rnd = Round(10, 60, signed=signed, persist=True, seed=30)
     plan = {"share-keys": {3}, "masked-input": {6}, "unmask": {8}}
-    if signed:
+    if signed:  # t=6 of k=9 against a malicious server: three dropouts at most
+        del plan["share-keys"]
         plan["consistency-check"] = {9}
     res = rnd.run(drop=plan)
     assert rnd.rebuilt >= 10 + 9 + 2 * 8  # every call of every live client
@@ -918,3 +920,56 @@ def test_server_drops_an_unmask_reply_with_a_share_it_should_not_hold() -> None:
     assert res.dropped[4].startswith("unmask: unmask reply holds shares it should not")
     assert res.contributors == tuple(range(1, 11))  # 4's masked input still counts
     assert_correct(rnd, res)
+
+
+# -- 12. malicious-server hardening found in review ----------------------------------------
+
+
+def test_signed_threshold_defeats_a_survivor_set_split() -> None:
+    """Signed mode needs t > (k + c) / 2: two disjoint groups of t honest signers cannot
+    both exist among k neighbours, so no client's seed and key shares both leak."""
+    for n in (6, 10, 50, 100):
+        params = SecAggParams.for_round(n, 10, clip=1.0, signed=True)
+        expected_corrupt = math.ceil(0.05 * params.degree)
+        assert 2 * params.threshold > params.degree + expected_corrupt, params
+    with pytest.raises(ValueError, match="threshold > k / 2"):
+        SecAggParams(6, 4, 2, 1.0, 16, 32, 10, signed=True)
+    with pytest.raises(ValueError, match="signed mode needs threshold >= 3 for degree 4"):
+        SecAggParams.for_round(6, 10, clip=1.0, degree=4, threshold=2, signed=True)
+    req = SecAggServer(SecAggParams.for_round(6, 10, clip=1.0)).advertise_keys()[1]
+    with pytest.raises(ProtocolError, match="t > k / 2"):
+        dataclasses.replace(req, signed=True, identities=tuple("abcdef"), degree=4, threshold=2)
+
+
+def test_signed_keys_bind_the_round_parameters() -> None:
+    """A server giving one client another view of the round (here another threshold)
+    cannot make its signed keys acceptable to the others."""
+
+    def other_threshold(batch: dict[int, Any]) -> dict[int, Any]:
+        batch[1] = dataclasses.replace(batch[1], threshold=batch[1].threshold + 1)
+        return batch
+
+    rnd = Round(10, 20, signed=True, seed=40)
+    with pytest.raises(ProtocolError, match="bad signature on the keys of client"):
+        rnd.run(tamper={"advertise-keys:request": other_threshold})
+
+
+def test_a_provisioned_client_refuses_an_unsigned_round() -> None:
+    """Downgrade: a client that holds signing keys never takes part in an unsigned round."""
+    key, public = generate_signing_key()
+    client = SecAggClient(
+        identity="a", signing_key=key, trusted_keys={"a": public}, require_signed=True
+    )
+    req = SecAggServer(SecAggParams.for_round(6, 10, clip=1.0)).advertise_keys()[1]
+    with pytest.raises(ProtocolError, match="only takes part in signed rounds"):
+        client.advertise_keys(req)
+    assert client.stage is ClientStage.IDLE
+
+
+def test_round_size_and_degree_are_capped() -> None:
+    """A request cannot make a client build a graph of billions of nodes."""
+    req = SecAggServer(SecAggParams.for_round(6, 10, clip=1.0)).advertise_keys()[1]
+    with pytest.raises(ProtocolError, match="3 to 100000 clients"):
+        dataclasses.replace(req, num_clients=2**31 - 1)
+    with pytest.raises(ProtocolError, match="exceeds the limit of 1024"):
+        dataclasses.replace(req, num_clients=4000, degree=2000, threshold=1001)

@@ -18,7 +18,9 @@ Signed mode (malicious server): the client's identity is the node config
 ``<identity>.pem`` and every trusted ``<name>.pub`` are read from the node
 config ``secagg-key-dir``, which in a simulation may come from the
 experiment's ``secagg.key_dir`` instead (there server and clients share a
-machine; a deployment must not take its trust anchors from the server).
+machine; a deployment must not take its trust anchors from the server). A
+node whose config names ``secagg-key-dir`` or ``secagg-identity`` refuses
+unsigned rounds, so the server cannot downgrade it.
 """
 
 from __future__ import annotations
@@ -125,7 +127,13 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
                 reply[key] = ConfigRecord(_answer(client, request))
             _save_client(context, client)
         except (ProtocolError, OSError, ValueError) as err:
-            return _refuse(msg, f"{stage if isinstance(stage, str) else '?'}: {err}")
+            reason = f"{stage if isinstance(stage, str) else '?'}: {err}"
+            if key == SECAGG_NEXT_KEY:
+                # The current round's answer stands; the next round counts this
+                # client as dropped at set-up (its reply lacks the record).
+                logger.warning("secagg: refused next round's %s", reason)
+                continue
+            return _refuse(msg, reason)
     return Message(reply, reply_to=msg)
 
 
@@ -229,7 +237,18 @@ def _load_client(context: Context, msg: Message, request: Any) -> SecAggClient:
         identity=identity,
         signing_key=key,
         trusted_keys=trusted,
+        require_signed=_provisioned(context),
     )
+
+
+def _provisioned(context: Context) -> bool:
+    """A node given its own secagg identity or keys takes part in signed rounds only.
+
+    Otherwise a malicious server could simply ask for an unsigned round and
+    relay its own keys as the neighbours' (a downgrade).
+    """
+    node = context.node_config
+    return bool(node.get("secagg-key-dir") or node.get("secagg-identity"))
 
 
 def _save_client(context: Context, client: SecAggClient) -> None:

@@ -115,6 +115,9 @@ class SecAggClient:
     trusted_keys : mapping of str to bytes, optional
         Raw Ed25519 public keys of the identities this client trusts, obtained
         out of band (a PKI), never from the server (signed mode).
+    require_signed : bool, default False
+        Refuse unsigned rounds: a client provisioned for the malicious-server
+        mode must not let the server downgrade it.
     """
 
     def __init__(
@@ -123,7 +126,9 @@ class SecAggClient:
         identity: str = "",
         signing_key: Ed25519PrivateKey | None = None,
         trusted_keys: Mapping[str, bytes] | None = None,
+        require_signed: bool = False,
     ) -> None:
+        self.require_signed = require_signed
         self.identity = identity
         self.signing_key = signing_key
         self.trusted_keys = dict(trusted_keys or {})
@@ -193,6 +198,8 @@ class SecAggClient:
         shares can never be released.
         """
         encoder_for(request)  # refuse an overflow-prone configuration up front
+        if self.require_signed and not request.signed:
+            raise ProtocolError("this client only takes part in signed rounds")
         if request.signed:
             if self.signing_key is None or not self.identity:
                 raise ProtocolError("signed secagg needs this client's identity and signing key")
@@ -214,6 +221,7 @@ class SecAggClient:
                 identity=self.identity,
                 c_public=c_public,
                 s_public=s_public,
+                parameters=request.parameters_digest(),
             )
         self._reset()
         self.setup = request
@@ -250,6 +258,7 @@ class SecAggClient:
                     identity=identity,
                     c_public=peer.c_public,
                     s_public=peer.s_public,
+                    parameters=setup.parameters_digest(),
                 )
         c_private = X25519PrivateKey.from_private_bytes(self._c_private)
         s_private = X25519PrivateKey.from_private_bytes(self._s_private)
@@ -475,9 +484,15 @@ class SecAggClient:
         identity: str = "",
         signing_key: Ed25519PrivateKey | None = None,
         trusted_keys: Mapping[str, bytes] | None = None,
+        require_signed: bool = False,
     ) -> SecAggClient:
         """Rebuild a client from :meth:`to_state` output."""
-        client = cls(identity=identity, signing_key=signing_key, trusted_keys=trusted_keys)
+        client = cls(
+            identity=identity,
+            signing_key=signing_key,
+            trusted_keys=trusted_keys,
+            require_signed=require_signed,
+        )
         client.stage = ClientStage(state.get("stage", ClientStage.IDLE.value))
         if "setup.session" not in state:
             return client

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedsec.secagg.masking import expand_mask
 
-__all__ = ["harary_graph", "secagg_parameters"]
+__all__ = ["harary_graph", "malicious_threshold", "secagg_parameters"]
 
 #: Statistical security: P[some client has >= t corrupt neighbours] <= 2**-SECURITY_BITS.
 SECURITY_BITS = 40
@@ -111,7 +111,20 @@ def _log2_binom_tail_ge(k: int, p: float, t: int) -> float:
     return (m + math.log(sum(math.exp(x - m) for x in terms))) / math.log(2)
 
 
-def secagg_parameters(n: int, *, dropout_rate: float, corrupt_fraction: float) -> tuple[int, int]:
+def malicious_threshold(k: int, corrupt: int) -> int:
+    """Smallest ``t`` that defeats a server splitting the survivor set (malicious mode).
+
+    A malicious server can show two disjoint groups of a client's honest
+    neighbours different survivor sets and collect ``t`` signatures on each
+    (corrupt neighbours sign both). That needs ``2 (t - c) + c <= k``; any
+    ``t > (k + c) / 2`` makes it impossible (Bonawitz et al. 2017, Section 6).
+    """
+    return (k + corrupt) // 2 + 1
+
+
+def secagg_parameters(
+    n: int, *, dropout_rate: float, corrupt_fraction: float, malicious: bool = False
+) -> tuple[int, int]:
     """Choose the SecAgg+ degree ``k`` and Shamir threshold ``t`` for ``n`` clients.
 
     This is a documented conservative rule, not Google's exact parameter finder
@@ -143,6 +156,11 @@ def secagg_parameters(n: int, *, dropout_rate: float, corrupt_fraction: float) -
         Fraction of clients expected to drop, in ``[0, 1)``.
     corrupt_fraction : float
         Fraction of clients colluding with the server, in ``[0, 1)``.
+    malicious : bool, default False
+        Against a malicious server (signed mode) ``t`` must also exceed
+        ``(k + c) / 2`` (:func:`malicious_threshold`), with ``c = t_sec - 1``
+        the most corrupt neighbours the security bound allows (``c + 1`` of
+        them happen with probability below ``2**-40``).
 
     Returns
     -------
@@ -172,6 +190,8 @@ def secagg_parameters(n: int, *, dropout_rate: float, corrupt_fraction: float) -
         )
         if t is None:
             continue
+        if malicious:
+            t = max(t, malicious_threshold(k, t - 1))
         # P[Bin(k, 1-delta) < t] = P[Bin(k, delta) >= k - t + 1]
         if _log2_binom_tail_ge(k, dropout_rate, k - t + 1) + log2_n <= -CORRECTNESS_BITS:
             return k, t
@@ -183,5 +203,13 @@ def secagg_parameters(n: int, *, dropout_rate: float, corrupt_fraction: float) -
             f"no (k, t) for n={n}: {corrupt} corrupt and {dropped} dropped clients leave no "
             "threshold that is both secure and reachable"
         )
+    if malicious:
+        t = max(corrupt + 1, malicious_threshold(k, corrupt))
+        if t > k - dropped:
+            raise ValueError(
+                f"no (k, t) for n={n} against a malicious server: t={t} > {k - dropped} "
+                "surviving neighbours; tolerate fewer dropouts or corrupt clients"
+            )
+        return k, t
     t = max(corrupt + 1, k // 2 + 1)
     return (k, t) if t <= k - dropped else (k, corrupt + 1)

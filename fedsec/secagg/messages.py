@@ -25,6 +25,8 @@ array, see :class:`MaskedInputReply`). Client ids are the protocol's ids
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -70,7 +72,10 @@ KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 #: Serialized pair of Shamir shares (self-mask seed, mask key), 52 bytes each.
 SHARE_BYTES = 52
-MAX_CLIENTS = 2**31 - 1
+#: Largest round a client takes part in, and largest graph degree: bounds the
+#: work and memory a request can make a client spend on the graph.
+MAX_CLIENTS = 100_000
+MAX_DEGREE = 1_024
 
 
 class ProtocolError(ValueError):
@@ -174,11 +179,15 @@ class AdvertiseKeysRequest(_Request):
         _check_session(self.session, self.round)
         n, k, t = self.num_clients, self.degree, self.threshold
         if not 3 <= n <= MAX_CLIENTS:
-            raise _fail(f"secure aggregation needs 3 or more clients, got n={n}")
+            raise _fail(f"secure aggregation needs 3 to {MAX_CLIENTS} clients, got n={n}")
         if not 1 <= self.client_id <= n:
             raise _fail(f"client_id {self.client_id} outside [1, {n}]")
         if not 1 <= t <= k < n or (k % 2 and n % 2):
             raise _fail(f"need 1 <= t <= k < n and k or n even, got t={t}, k={k}, n={n}")
+        if k > MAX_DEGREE:
+            raise _fail(f"degree k={k} exceeds the limit of {MAX_DEGREE}")
+        if self.signed and 2 * t <= k:
+            raise _fail(f"signed round needs t > k / 2 (got t={t}, k={k})")
         if len(self.graph_seed) != KEY_BYTES:
             raise _fail(f"graph_seed must be {KEY_BYTES} bytes, got {len(self.graph_seed)}")
         if not (np.isfinite(self.clip) and self.clip > 0):
@@ -189,6 +198,16 @@ class AdvertiseKeysRequest(_Request):
             raise _fail(f"signed mode needs {n} identities, got {len(self.identities)}")
         if self.signed and len(set(self.identities)) != n:
             raise _fail("identities repeat: one identity cannot hold two protocol ids")
+
+    def parameters_digest(self) -> bytes:
+        """SHA-256 of everything every client of the round must agree on (not its own id)."""
+        record = self.to_record()
+        del record["client_id"]
+        canonical = json.dumps(
+            {k: v.hex() if isinstance(v, bytes) else v for k, v in sorted(record.items())},
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode()).digest()
 
     def to_record(self) -> Record:
         """The request as a flat record."""

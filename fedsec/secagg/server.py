@@ -30,6 +30,7 @@ peer.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedsec.secagg import shamir
 from fedsec.secagg.encoding import FixedPointEncoder, max_bits_for
-from fedsec.secagg.graph import harary_graph, secagg_parameters
+from fedsec.secagg.graph import harary_graph, malicious_threshold, secagg_parameters
 from fedsec.secagg.keys import derive_key
 from fedsec.secagg.masking import remove_pairwise_mask, remove_self_mask
 from fedsec.secagg.messages import (
@@ -102,6 +103,11 @@ class SecAggParams:
             raise ValueError(f"need 1 <= threshold <= degree < n, got t={t}, k={k}, n={n}")
         if k % 2 and n % 2:
             raise ValueError(f"odd degree k={k} needs an even number of clients, got n={n}")
+        if self.signed and 2 * t <= k:
+            raise ValueError(
+                f"signed mode needs threshold > k / 2 (got t={t}, k={k}): with fewer, a "
+                "server could collect both kinds of share by splitting the survivor set"
+            )
         if self.dim < 1:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
         self.encoder  # noqa: B018  (refuses an overflow-prone encoding)
@@ -164,11 +170,25 @@ class SecAggParams:
         if degree:
             k = min(degree, n - 1)
             k -= 1 if (k % 2 and n % 2) else 0
-            t = min(threshold or k // 2 + 1, k)
+            least = k // 2 + 1
+            if signed:  # expected corrupt neighbours, rounded up
+                least = max(least, malicious_threshold(k, math.ceil(corrupt_fraction * k)))
+            t = min(threshold or least, k)
+            if signed and t < least:
+                raise ValueError(
+                    f"signed mode needs threshold >= {least} for degree {k} at "
+                    f"{corrupt_fraction:g} corrupt (else a server could split the survivor set), "
+                    f"got {t}"
+                )
         else:
             k, t = secagg_parameters(
-                n, dropout_rate=dropout_rate, corrupt_fraction=corrupt_fraction
+                n, dropout_rate=dropout_rate, corrupt_fraction=corrupt_fraction, malicious=signed
             )
+            if threshold and signed and threshold < t:
+                raise ValueError(
+                    f"signed mode needs threshold >= {t} for degree {k} (else a server could "
+                    f"split the survivor set), got {threshold}"
+                )
             t = min(threshold, k) if threshold else t
         bits = bits or max_bits_for(n, modulus_bits)
         return cls(n, k, t, float(clip), bits, modulus_bits, dim, signed)

@@ -60,9 +60,10 @@ def _keys_payload(
     identity: str,
     c_public: bytes,
     s_public: bytes,
+    parameters: bytes,
 ) -> bytes:
     head = _KEYS_DOMAIN + struct.pack(">QQ", server_round, client_id)
-    return head + _frame(session, identity.encode(), c_public, s_public)
+    return head + _frame(session, identity.encode(), c_public, s_public, parameters)
 
 
 def _survivors_payload(session: bytes, server_round: int, survivors: Iterable[int]) -> bytes:
@@ -80,9 +81,18 @@ def sign_keys(
     identity: str,
     c_public: bytes,
     s_public: bytes,
+    parameters: bytes = b"",
 ) -> bytes:
-    """Sign a client's advertised round keys, bound to session, round, id and identity."""
-    return key.sign(_keys_payload(session, server_round, client_id, identity, c_public, s_public))
+    """Sign a client's advertised round keys, bound to session, round, id and identity.
+
+    ``parameters`` is a digest of the round's parameters as this client received
+    them, so peers given a different view (another threshold, graph or
+    identity list) reject the signature.
+    """
+    payload = _keys_payload(
+        session, server_round, client_id, identity, c_public, s_public, parameters
+    )
+    return key.sign(payload)
 
 
 def verify_keys(
@@ -95,9 +105,12 @@ def verify_keys(
     identity: str,
     c_public: bytes,
     s_public: bytes,
+    parameters: bytes = b"",
 ) -> None:
     """Raise :class:`ProtocolError` unless ``signature`` is ``identity``'s on these keys."""
-    payload = _keys_payload(session, server_round, client_id, identity, c_public, s_public)
+    payload = _keys_payload(
+        session, server_round, client_id, identity, c_public, s_public, parameters
+    )
     _verify(public, signature, payload, f"keys of client {client_id} ({identity})")
 
 
