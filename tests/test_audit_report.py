@@ -19,12 +19,12 @@ def test_audit_writes_a_report_that_matches_its_numbers(tmp_path: Path) -> None:
     cfg = parse_config(
         {
             "experiment": {"name": "tiny", "rounds": 2, "seed": 0},
-            "data": {"partition": "iid", "num_clients": 3},
+            "data": {"partition": "iid", "num_clients": 5},
             "client": {"local_epochs": 1},
         }
     )
     settings = AuditSettings(
-        images=2, epsilons=(8.0,), secure_clients=3, bucket_size=2, inversion_steps=120
+        images=2, epsilons=(8.0,), secure_clients=5, bucket_size=2, inversion_steps=120
     )
     results = run_audit(cfg, tmp_path, settings)
     stored = json.loads((tmp_path / "audit.json").read_text())
@@ -37,9 +37,9 @@ def test_audit_writes_a_report_that_matches_its_numbers(tmp_path: Path) -> None:
     assert list(scenarios) == [
         "plain",
         "dp-sgd eps=8",
-        "secure sum k=3",
+        "secure sum k=5",
         "bucket s=2",
-        "secure sum k=3, whole partitions",
+        "secure sum k=5, whole partitions",
     ]
     for name, values in scenarios.items():
         row = re.search(rf"\| {re.escape(name)} \| ([\d.]+) \| ([-\d.]+) \|", inversion_section)
@@ -55,7 +55,7 @@ def test_audit_writes_a_report_that_matches_its_numbers(tmp_path: Path) -> None:
 
     assert above_guess("plain") > 10
     assert above_guess("dp-sgd eps=8") < 1
-    assert above_guess("secure sum k=3, whole partitions") < 1
+    assert above_guess("secure sum k=5, whole partitions") < 1
 
     membership = stored["membership"]
     assert list(membership) == ["plain", "dp-sgd eps=8"]
