@@ -63,9 +63,16 @@ from fedsec.audit.inversion import (
     to_pixels,
 )
 from fedsec.audit.membership import balanced_split, calibrated_attack, loss_attack
+from fedsec.checkpoint import load_checkpoint
+from fedsec.client.app import app as client_app
+from fedsec.client.app import client_partition
 from fedsec.config import ExperimentConfig, parse_config
-from fedsec.data import SplitData, client_dataset, load_dataset, pixel_bounds
+from fedsec.data import SplitData, load_dataset, pixel_bounds
 from fedsec.models import make_model
+from fedsec.runs import RunDirectory
+
+from .inprocess import InProcessGrid
+from .server_app import run_experiment
 
 __all__ = ["AuditSettings", "run_audit"]
 
@@ -159,18 +166,7 @@ def _inversion(
     model = make_model(cfg.model.name, info.input_shape, info.num_classes, seed=cfg.experiment.seed)
     lr = cfg.client.lr
     generator = torch.Generator().manual_seed(cfg.experiment.seed)
-    partitions = [
-        client_dataset(
-            data,
-            client,
-            cfg.data.num_clients,
-            cfg.data.partition,
-            seed=cfg.experiment.seed,
-            alpha=cfg.data.alpha,
-            shards_per_partition=cfg.data.shards_per_client,
-        )
-        for client in range(cfg.data.num_clients)
-    ]
+    partitions = [client_partition(cfg, data, client) for client in range(cfg.data.num_clients)]
     # Client i's first example, and its one-example update (the worst case).
     examples = [(x[:1], y[:1]) for x, y in partitions]
     single = [client_update(model, x, y, lr=lr) for x, y in examples]
@@ -334,12 +330,6 @@ def _train_global(
     cfg: ExperimentConfig, data: SplitData
 ) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     """Final and initial global model of an in-process federated run, and test accuracy."""
-    from fedsec.checkpoint import load_checkpoint
-    from fedsec.client.app import app as client_app
-    from fedsec.runs import RunDirectory
-
-    from .inprocess import InProcessGrid
-    from .server_app import run_experiment
 
     info = data.info
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,7 +47,7 @@ from fedsec.config import (
     parse_config,
     sampled_clients,
 )
-from fedsec.data import client_dataset, load_dataset
+from fedsec.data import SplitData, client_dataset, load_dataset
 from fedsec.models import make_model
 from fedsec.params import flatten_state, unflatten_state
 from fedsec.privacy.client_level import privatize_update
@@ -90,13 +90,11 @@ def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
     return partition_id
 
 
-def _local_setup(
-    msg: Message, context: Context
-) -> tuple[ExperimentConfig, int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.device]:
-    cfg = config_from_message(msg)
-    partition_id = partition_id_of(context, cfg)
-    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
-    x, y = client_dataset(
+def client_partition(
+    cfg: ExperimentConfig, data: SplitData, partition_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partition ``partition_id`` of ``data`` as the config's partitioner splits it."""
+    return client_dataset(
         data,
         partition_id,
         cfg.data.num_clients,
@@ -105,6 +103,15 @@ def _local_setup(
         alpha=cfg.data.alpha,
         shards_per_partition=cfg.data.shards_per_client,
     )
+
+
+def _local_setup(
+    msg: Message, context: Context
+) -> tuple[ExperimentConfig, int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.device]:
+    cfg = config_from_message(msg)
+    partition_id = partition_id_of(context, cfg)
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
+    x, y = client_partition(cfg, data, partition_id)
     model = make_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return cfg, partition_id, model, x, y, resolve_device(cfg.experiment.device)

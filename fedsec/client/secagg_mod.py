@@ -47,6 +47,7 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsec.config import WIRE_CONFIG_KEY
+from fedsec.params import flatten_state
 from fedsec.secagg.client import ClientStage, SecAggClient
 from fedsec.secagg.messages import (
     AdvertiseKeysRequest,
@@ -184,15 +185,10 @@ def _masked_input(
 
 def _flat_update(sent: ArrayRecord, back: ArrayRecord) -> torch.Tensor:
     """Returned minus received model, flattened in the order the server sent it."""
-    if list(sent.keys()) != list(back.keys()):
+    before, after = sent.to_torch_state_dict(), back.to_torch_state_dict()
+    if list(before) != list(after) or any(before[k].shape != after[k].shape for k in before):
         raise ProtocolError("trained model's arrays differ from the ones received")
-    parts = []
-    for key in sent:
-        before, after = sent[key].numpy(), back[key].numpy()
-        if before.shape != after.shape:
-            raise ProtocolError(f"array '{key}' changed shape in training")
-        parts.append(torch.from_numpy(after).reshape(-1) - torch.from_numpy(before).reshape(-1))
-    return torch.cat(parts).float() if parts else torch.empty(0)
+    return flatten_state(after) - flatten_state(before)
 
 
 def _weight_cap(msg: Message) -> int:

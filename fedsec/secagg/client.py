@@ -420,7 +420,8 @@ class SecAggClient:
         client signed, backed by at least ``t`` valid signatures on it.
         """
         setup = self._expect(
-            request, ClientStage.CHECKED if setup_signed(self.setup) else ClientStage.MASKED_SENT
+            request,
+            ClientStage.CHECKED if self._setup().signed else ClientStage.MASKED_SENT,
         )
         survivors = tuple(sorted(request.survivors))
         self._check_survivors(setup, survivors)
@@ -514,8 +515,3 @@ class SecAggClient:
         client._shares = dict(zip(state["share_ids"], state["shares"], strict=True))
         client._survivors = tuple(state["survivors"])
         return client
-
-
-def setup_signed(setup: AdvertiseKeysRequest | None) -> bool:
-    """Whether a round runs in the malicious-server (signed) mode."""
-    return setup is not None and setup.signed

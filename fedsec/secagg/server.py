@@ -73,6 +73,14 @@ class SecAggAbortedError(RuntimeError):
     """The round cannot complete; the server learnt no sum and no individual input."""
 
 
+def _check_round_size(n: int) -> None:
+    if n < 3:
+        raise ValueError(
+            f"secure aggregation needs at least 3 clients per round, got {n}: "
+            "with 2 the sum reveals the other client's input"
+        )
+
+
 @dataclass(frozen=True)
 class SecAggParams:
     """One round's public parameters.
@@ -94,11 +102,7 @@ class SecAggParams:
 
     def __post_init__(self) -> None:
         n, k, t = self.num_clients, self.degree, self.threshold
-        if n < 3:
-            raise ValueError(
-                f"secure aggregation needs at least 3 clients per round, got {n}: "
-                "with 2 the sum reveals the other client's input"
-            )
+        _check_round_size(n)
         if not 1 <= t <= k < n:
             raise ValueError(f"need 1 <= threshold <= degree < n, got t={t}, k={k}, n={n}")
         if k % 2 and n % 2:
@@ -162,11 +166,7 @@ class SecAggParams:
             Malicious-server mode: signed keys and the consistency check.
         """
         n = num_clients
-        if n < 3:
-            raise ValueError(
-                f"secure aggregation needs at least 3 clients per round, got {n}: "
-                "with 2 the sum reveals the other client's input"
-            )
+        _check_round_size(n)
         if degree:
             k = min(degree, n - 1)
             k -= 1 if (k % 2 and n % 2) else 0
