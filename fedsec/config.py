@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -31,7 +32,7 @@ EVASION_ATTACKS = ("none", "fgsm", "pgd")
 
 #: ConfigRecord key under which the server sends the validated config (JSON) to clients.
 WIRE_CONFIG_KEY = "fedsec-config"
-PRIVACY_MODES = ("none", "dp-sgd", "local", "central")
+PRIVACY_MODES = ("none", "dp-sgd", "local", "central", "distributed")
 ACCOUNTANTS = ("rdp", "prv")
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -152,10 +153,13 @@ class PrivacySection:
 
     ``mode``: ``dp-sgd`` (record-level DP-SGD on every client, Opacus),
     ``local`` (each client clips its whole update and adds Gaussian noise) or
-    ``central`` (DP-FedAvg: the server clips each update and noises the mean).
-    Give either ``noise_multiplier`` or ``target_epsilon`` (solved before
-    training for the whole run); ``epsilon_budget`` (default: the target) is
-    what a client's ledger refuses to exceed.
+    ``central`` (DP-FedAvg: the server clips each update and noises the mean) or
+    ``distributed`` (under secure aggregation: each client clips its update to
+    ``update_clip`` and adds Skellam noise, so every sum the server unmasks is
+    DP against the server itself). Give either ``noise_multiplier`` or
+    ``target_epsilon`` (solved before training for the whole run);
+    ``epsilon_budget`` (default: the target) is what a client's ledger refuses
+    to exceed.
     """
 
     mode: str = "none"
@@ -181,6 +185,12 @@ class SecAggSection:
     grid that cannot wrap. ``signed`` adds Ed25519-signed keys and the
     consistency check against a malicious server; ``key_dir`` then holds each
     client's ``<identity>.pem`` and everyone's ``<identity>.pub``.
+
+    ``norm_bound`` > 0: honest clients scale their update to this L2 norm
+    before masking and the server discards any (bucket) sum longer than its
+    weight times the bound. Bucketed mode: ``aggregation.pre`` starting with
+    ``"bucketing"`` runs one secure sum per random bucket of at least
+    ``aggregation.bucket_size`` clients and the rule across the bucket means.
     """
 
     enabled: bool = False
@@ -195,6 +205,7 @@ class SecAggSection:
     stage_timeout: float = 0.0
     signed: bool = False
     key_dir: str = ""
+    norm_bound: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -435,11 +446,83 @@ def sampled_clients(cfg: ExperimentConfig) -> int:
     return max(1, round(cfg.client.fraction * cfg.data.num_clients))
 
 
+def secure_bucket_size(cfg: ExperimentConfig) -> int:
+    """``s`` when the config runs bucketed secure aggregation, else 0.
+
+    Bucketed mode is secure aggregation with ``aggregation.pre`` starting with
+    ``"bucketing"``: the buckets are then formed by the protocol, not the rule.
+    """
+    if cfg.secagg.enabled and cfg.aggregation.pre[:1] == ("bucketing",):
+        return cfg.aggregation.bucket_size
+    return 0
+
+
+def secure_norm_bound(cfg: ExperimentConfig) -> float:
+    """The L2 bound clients apply under secure aggregation (0: none).
+
+    ``secagg.norm_bound``, or under distributed DP ``privacy.update_clip``.
+    """
+    if cfg.privacy.mode == "distributed":
+        return cfg.privacy.update_clip
+    return cfg.secagg.norm_bound
+
+
+def distributed_noise_multiplier(cfg: ExperimentConfig) -> float:
+    """Distributed DP's noise multiplier: given, or solved for ``target_epsilon`` over the run.
+
+    The sum of the fewest clients ever unmasked (the bucket size, or the
+    round's sampled clients less the tolerated dropouts) carries Skellam noise
+    of std ``noise_multiplier`` times the update's sensitivity
+    (:func:`fedsec.privacy.distributed.plan_skellam`); a client may take part
+    in every round.
+    """
+    from fedsec.privacy.distributed import skellam_noise_multiplier_for
+
+    dp = cfg.privacy
+    if dp.noise_multiplier:
+        return dp.noise_multiplier
+    n, least = _largest_sum(cfg)
+    return skellam_noise_multiplier_for(
+        target_epsilon=dp.target_epsilon,
+        delta=dp.delta,
+        rounds=cfg.experiment.rounds,
+        norm_bound=cfg.privacy.update_clip,
+        clip=cfg.secagg.clip,
+        dim=model_dim(cfg),
+        num_clients=n,
+        min_clients=least,
+        modulus_bits=cfg.secagg.modulus_bits,
+        bits=cfg.secagg.bits,
+    )
+
+
+def model_dim(cfg: ExperimentConfig) -> int:
+    """Number of values in the configured model's state (the length of an update)."""
+    from fedsec.data import DATASETS
+    from fedsec.models import make_model
+
+    info = DATASETS.get(cfg.data.dataset)
+    model = make_model(cfg.model.name, info.input_shape, info.num_classes)
+    return sum(value.numel() for value in model.state_dict().values())
+
+
+def _largest_sum(cfg: ExperimentConfig) -> tuple[int, int]:
+    """Clients in the largest secure sum of a round, and the fewest it may unmask."""
+    n = sampled_clients(cfg)
+    s = secure_bucket_size(cfg)
+    if s:
+        buckets = max(1, n // s)
+        return n // buckets + (n % buckets > 0), s
+    return n, max(2, n - math.floor(cfg.secagg.dropout_rate * n))
+
+
 def build_aggregator(cfg: ExperimentConfig) -> Any:
     """The configured rule with its pre-aggregation wrappers (a fresh, stateless-so-far object).
 
     ``aggregation.f`` is passed to every rule or wrapper that takes ``f``;
-    ``bucket_size`` and the experiment seed go to bucketing.
+    ``bucket_size`` and the experiment seed go to bucketing. Under bucketed
+    secure aggregation the leading bucketing is the protocol's, so the rule
+    returned is what the server applies across the bucket means.
     """
     from fedsec.aggregation import PRE_AGGREGATORS, RULES, make_pipeline
     from fedsec.aggregation.registry import parameters_of
@@ -452,8 +535,9 @@ def build_aggregator(cfg: ExperimentConfig) -> Any:
         f_default = inspect.signature(rule_cls).parameters["f"].default
         if agg.f > 0 or f_default is not None:
             params["f"] = agg.f
+    pre = agg.pre[1:] if secure_bucket_size(cfg) else agg.pre
     pre_params: dict[str, dict[str, Any]] = {}
-    for step in agg.pre:
+    for step in pre:
         accepted = parameters_of(PRE_AGGREGATORS.get(step), skip=1)
         pre_params[step] = {
             key: value
@@ -464,7 +548,7 @@ def build_aggregator(cfg: ExperimentConfig) -> Any:
             }.items()
             if key in accepted
         }
-    rule = make_pipeline(agg.rule, params, agg.pre, pre_params)
+    rule = make_pipeline(agg.rule, params, pre, pre_params)
     if cfg.privacy.mode == "central":
         from fedsec.privacy.client_level import CentralDPFedAvg
 
@@ -517,10 +601,14 @@ def _check_aggregation(cfg: ExperimentConfig) -> None:
     except ValueError as err:
         raise ConfigError("aggregation.params", str(err)) from None
     n = sampled_clients(cfg)
+    s = secure_bucket_size(cfg)
+    what = f"{n} clients sampled per round"
+    if s:
+        n, what = n // s, f"{n // s} buckets of {s} or more from {n} clients per round"
     try:
         rule.check(n)
     except ValueError as err:
-        raise ConfigError("aggregation.f", f"{err} ({n} clients sampled per round)") from None
+        raise ConfigError("aggregation.f", f"{err} ({what})") from None
 
 
 def _check_secagg(cfg: ExperimentConfig) -> None:
@@ -535,35 +623,73 @@ def _check_secagg(cfg: ExperimentConfig) -> None:
     _require("secagg.stage_timeout", sa.stage_timeout, lambda v: v >= 0, ">= 0 (0 = round)")
     if sa.modulus_bits not in (32, 64):
         raise ConfigError("secagg.modulus_bits", f"must be 32 or 64 (got {sa.modulus_bits})")
+    _require("secagg.norm_bound", sa.norm_bound, lambda v: v >= 0, ">= 0 (0 = no bound)")
     if not sa.enabled:
+        if sa.norm_bound:
+            raise ConfigError(
+                "secagg.norm_bound", "applies to secure aggregation, which is off (enabled = false)"
+            )
         return
     agg = cfg.aggregation
-    if agg.rule != "mean" or agg.pre:
+    n = sampled_clients(cfg)
+    s = secure_bucket_size(cfg)
+    if not s and (agg.rule != "mean" or agg.pre):
         steps = " + ".join([*agg.pre, agg.rule])
         raise ConfigError(
             "aggregation.rule",
             f"'{steps}' needs individual client updates, which secure aggregation hides from "
             "the server; only 'mean' works on the secure sum (robust rules under secure "
-            "aggregation need the bucketed mode)",
+            'aggregation need the bucketed mode: aggregation.pre = ["bucketing", ...])',
+        )
+    if s:
+        if s < 2:
+            raise ConfigError(
+                "aggregation.bucket_size",
+                f"bucketed secure aggregation needs buckets of at least 2 (got {s}): a bucket "
+                "of one is that client's update in the clear",
+            )
+        if n < 2 * s:
+            raise ConfigError(
+                "aggregation.bucket_size",
+                f"{n} clients per round make fewer than 2 buckets of {s}; a robust rule "
+                "needs several buckets",
+            )
+        if sa.degree or sa.threshold:
+            raise ConfigError(
+                "secagg.degree",
+                "buckets use the complete graph with a threshold derived from the bucket size; "
+                "leave secagg.degree and secagg.threshold at 0",
+            )
+    elif n < 3:
+        raise ConfigError(
+            "client.fraction",
+            f"secure aggregation needs at least 3 clients per round, got {n}: with 2 the "
+            "new model reveals each one's update to the other",
         )
     built = build_configured_attack(cfg)
-    if built is not None:
+    if built is not None and cfg.attack.knowledge == "omniscient":
         from fedsec.attacks.threat import is_colluding
 
         if is_colluding(built):
             raise ConfigError(
-                "attack.name",
-                f"'{cfg.attack.name}' is crafted by colluding clients from the others' updates, "
-                "which the simulation's adversary cannot read under secure aggregation",
+                "attack.knowledge",
+                f"an omniscient '{cfg.attack.name}' reads the honest clients' updates, which "
+                'secure aggregation hides; use knowledge = "colluders" (the attackers pool '
+                "their own updates before masking)",
             )
     if sa.signed and not sa.key_dir:
         raise ConfigError("secagg.key_dir", "signed secure aggregation needs the clients' key dir")
+    if cfg.privacy.mode == "distributed" and sa.norm_bound:
+        raise ConfigError(
+            "secagg.norm_bound",
+            "distributed DP bounds updates by privacy.update_clip; leave secagg.norm_bound at 0",
+        )
     from fedsec.secagg.server import SecAggParams
 
-    n = sampled_clients(cfg)
+    size, _ = _largest_sum(cfg)
     try:
         SecAggParams.for_round(
-            n,
+            size,
             1,
             clip=sa.clip,
             dropout_rate=sa.dropout_rate,
@@ -573,6 +699,7 @@ def _check_secagg(cfg: ExperimentConfig) -> None:
             bits=sa.bits,
             modulus_bits=sa.modulus_bits,
             signed=sa.signed,
+            min_survivors=s,
         )
     except ValueError as err:
         raise ConfigError("secagg", f"{err} ({n} clients sampled per round)") from None
@@ -661,6 +788,8 @@ def _check_privacy(cfg: ExperimentConfig) -> None:
             f"privacy mode '{dp.mode}' needs exactly one of privacy.noise_multiplier "
             "and privacy.target_epsilon",
         )
+    if dp.mode == "distributed":
+        _check_distributed(cfg)
     if dp.mode == "central":
         if cfg.secagg.enabled:
             raise ConfigError(
@@ -675,13 +804,47 @@ def _check_privacy(cfg: ExperimentConfig) -> None:
                 f"central DP-FedAvg bounds the sensitivity of the mean only; got rule "
                 f"'{agg.rule}' with pre {list(agg.pre)} (use aggregation.rule = \"mean\")",
             )
-    if dp.target_epsilon:
+    if dp.target_epsilon and dp.mode != "distributed":
         try:
             _solve_for_validation(cfg)
         except ValueError as err:
             raise ConfigError("privacy.target_epsilon", str(err)) from None
     if cfg.evasion.adversarial_training and dp.mode == "dp-sgd":
         raise ConfigError("evasion.adversarial_training", "is not supported together with DP-SGD")
+
+
+def _check_distributed(cfg: ExperimentConfig) -> None:
+    if not cfg.secagg.enabled:
+        raise ConfigError(
+            "privacy.mode",
+            "distributed DP adds its noise inside secure aggregation; set secagg.enabled = true",
+        )
+    if cfg.secagg.weight_cap:
+        raise ConfigError(
+            "secagg.weight_cap",
+            "distributed DP needs equal weights (secagg.weight_cap = 0): a weight rides in the "
+            f"sum without noise and would reveal the client's example count (got "
+            f"{cfg.secagg.weight_cap})",
+        )
+    from fedsec.privacy.distributed import plan_skellam
+
+    size, least = _largest_sum(cfg)
+    try:
+        if cfg.privacy.noise_multiplier:
+            plan_skellam(
+                noise_multiplier=cfg.privacy.noise_multiplier,
+                norm_bound=cfg.privacy.update_clip,
+                clip=cfg.secagg.clip,
+                dim=model_dim(cfg),
+                num_clients=size,
+                min_clients=least,
+                modulus_bits=cfg.secagg.modulus_bits,
+                bits=cfg.secagg.bits,
+            )
+        else:
+            distributed_noise_multiplier(cfg)
+    except ValueError as err:
+        raise ConfigError("privacy", f"distributed DP: {err}") from None
 
 
 def _solve_for_validation(cfg: ExperimentConfig) -> None:

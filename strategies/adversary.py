@@ -11,6 +11,14 @@ malicious clients that crafted their updates together.
 
 Malicious clients identify themselves to it with the ``fedsec.malicious``
 reply metric, which it removes before the server sees the replies.
+
+Under secure aggregation the colluders collude before masking: at the
+masked-input stage each one answers the adversary with its plain update
+(the client mod passes it on unmasked), the adversary crafts the malicious
+updates from the colluders' pooled updates (never the honest ones, which stay
+masked) and sends each colluder its masked-input request again with its
+crafted update, which the colluder masks and returns. The server sees only
+masked vectors, as it would from real colluders.
 """
 
 from __future__ import annotations
@@ -19,13 +27,15 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MessageType
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedsec.aggregation import Rule
 from fedsec.attacks.base import AdversaryView, ModelPoisoningAttack
 from fedsec.attacks.threat import MALICIOUS_TAG, effective_boost, round_generator
+from fedsec.client.secagg_mod import ADVERSARY_KEY, NUM_EXAMPLES_ARRAY, SECAGG_KEY
 
 from .arrays import ArraySpec
 
@@ -91,8 +101,72 @@ class AdversaryGrid:
         messages = list(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
-            self._attack(messages[0], replies)
+            if any(_is_masked_input(m) for m in messages):
+                replies = self._attack_secure(messages, replies, timeout)
+            else:
+                self._attack(messages[0], replies)
         return replies
+
+    def _attack_secure(
+        self, messages: list[Message], replies: list[Message], timeout: float | None
+    ) -> list[Message]:
+        """Craft the colluders' updates before masking; return every masked reply."""
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        plain, masked = [], []
+        for reply in replies:
+            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            if metrics is not None and MALICIOUS_TAG in metrics:
+                del metrics[MALICIOUS_TAG]
+                plain.append(reply)
+            else:
+                masked.append(reply)
+        if not plain:
+            return masked
+        plain.sort(key=lambda m: m.metadata.src_node_id)
+        request = by_node[plain[0].metadata.src_node_id]
+        server_round = int(request.content.config_records["config"].get("server-round", 0))  # type: ignore[arg-type]
+        global_arrays = request.content.array_records["arrays"]
+        spec = ArraySpec.from_record(global_arrays)
+        global_flat = torch.empty(spec.dim)
+        spec.flatten_into(global_arrays, global_flat)
+        own, colluders = self._updates(spec, plain, global_flat)
+        if own is None:
+            return masked
+        crafted = own
+        n = sum(1 for m in messages if _is_masked_input(m))
+        try:
+            self.attack.check(len(colluders), n)
+            view = AdversaryView(
+                own=own,
+                benign=None,
+                num_clients=n,
+                rule=self.rule,
+                generator=round_generator(self.seed, server_round, salt=3),
+            )
+            boost = effective_boost(self.boost, n, self.server_lr, len(colluders))
+            crafted = self.attack.craft(view) * boost
+            self.rounds_attacked += 1
+        except ValueError as err:
+            # Dropouts can leave too few colluders this round; they then act honestly.
+            logger.warning("round %d: attack skipped: %s", server_round, err)
+        second = []
+        for reply, update in zip(colluders, crafted, strict=True):
+            original = by_node[reply.metadata.src_node_id]
+            content = RecordDict(dict(original.content.items()))
+            metrics = reply.content.metric_records.get("metrics", MetricRecord())
+            count = np.array([float(metrics.get("num-examples", 1.0))], dtype=np.float64)  # type: ignore[arg-type]
+            content[ADVERSARY_KEY] = ArrayRecord(
+                {ADVERSARY_KEY: Array(update.numpy()), NUM_EXAMPLES_ARRAY: Array(count)}
+            )
+            second.append(
+                Message(
+                    content,
+                    message_type=MessageType.TRAIN,
+                    dst_node_id=original.metadata.dst_node_id,
+                )
+            )
+        masked.extend(self.grid.send_and_receive(second, timeout=timeout))
+        return masked
 
     def _attack(self, request: Message, replies: list[Message]) -> None:
         malicious, honest = [], []
@@ -157,3 +231,8 @@ class AdversaryGrid:
         if not kept:
             return None, kept
         return rows[: len(kept)].sub_(global_flat), kept
+
+
+def _is_masked_input(msg: Message) -> bool:
+    record = msg.content.config_records.get(SECAGG_KEY)
+    return record is not None and record.get("stage") == "masked-input"

@@ -18,23 +18,44 @@ secure round then costs two round trips (three in signed mode) instead of
 four. The next round's keys are fresh and bound to its own session and round;
 if its sample turns out different, or its set-up fails, it is simply set up
 again from scratch, and a failure there never touches the current round.
+
+Bucketed mode (``bucket_size = s``; Karimireddy, He, Jaggi, "Byzantine-Robust
+Learning on Heterogeneous Datasets via Bucketing", ICLR 2022; Velicheti,
+Xia, Koyejo, "Secure Byzantine-Robust Federated Learning", 2021). The sampled
+clients are split at random into buckets of ``s`` to ``2s - 1``; every bucket
+runs its own secure sum (its own server, session and graph) within the same
+messages, so bucketing costs no extra round trip. The server learns only the
+bucket sums, and the strategy applies its robust rule across the bucket means
+(:meth:`FedSecStrategy.aggregate_buckets`). A bucket that loses members below
+``s`` aborts on its own and is discarded: neither the server nor its honest
+members unmask a smaller sum. A round fails only when no bucket is left or
+the rule refuses the buckets that are.
+
+Norm bounding and distributed DP: with ``norm_bound`` honest clients scale
+their update to that L2 norm before masking and the server discards (and
+logs) a bucket whose sum is longer than its weight times the bound; with
+``noise_multiplier`` they add Skellam noise (:mod:`fedsec.privacy.distributed`)
+so that every unmasked sum is differentially private against the server.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedsec.client.secagg_mod import IDENTIFY_STAGE, MASKED_KEY, SECAGG_KEY, SECAGG_NEXT_KEY
 from fedsec.config import SecAggSection
+from fedsec.privacy.distributed import SkellamPlan, plan_skellam
 from fedsec.secagg.messages import (
     AdvertiseKeysReply,
     ConsistencyCheckReply,
@@ -43,7 +64,7 @@ from fedsec.secagg.messages import (
     ShareKeysReply,
     UnmaskReply,
 )
-from fedsec.secagg.server import SecAggAbortedError, SecAggParams, SecAggServer
+from fedsec.secagg.server import SecAggAbortedError, SecAggParams, SecAggResult, SecAggServer
 
 from .strategy import CONFIG_KEY, FedSecStrategy
 from .transport import send_and_receive
@@ -99,15 +120,35 @@ class _Part:
 
 
 @dataclass
+class _Bucket:
+    """One secure sum within a round: its server, members and the next stage to send."""
+
+    server: SecAggServer
+    nodes: list[int]  # protocol id - 1 -> node id
+    requests: Mapping[int, Any] = field(default_factory=dict)
+    failure: str = ""  # why it was discarded, if it was
+
+
+@dataclass
 class _Round:
-    """A secure round in progress: its server and who takes part."""
+    """A secure round in progress: who takes part and its buckets (one when unbucketed)."""
 
     server_round: int
     sampled: list[int]
-    nodes: list[int]
-    server: SecAggServer
+    buckets: list[_Bucket]
     unidentified: dict[int, str]
-    requests: Mapping[int, Any] = field(default_factory=dict)  # the next stage to send
+
+    def live(self) -> list[_Bucket]:
+        """Buckets not (yet) discarded."""
+        return [b for b in self.buckets if not b.failure]
+
+
+@dataclass(frozen=True)
+class _Sum:
+    """A bucket's unmasked result."""
+
+    bucket: _Bucket
+    result: SecAggResult
 
 
 class SecAggWorkflow:
@@ -119,14 +160,53 @@ class SecAggWorkflow:
         The experiment's ``[secagg]`` section.
     timeout : float
         Seconds each stage waits for replies.
+    bucket_size : int, default 0
+        ``s >= 2``: bucketed mode. Each round splits the sampled clients at
+        random into ``floor(n / s)`` buckets of ``s`` to ``2s - 1`` clients, runs
+        one secure sum per bucket and hands the bucket means to the strategy's
+        rule. A bucket left with fewer than ``s`` clients is discarded, never
+        unmasked. 0: one secure sum over all sampled clients.
+    norm_bound : float, default 0
+        ``> 0``: clients scale their update to this L2 norm before masking and
+        the server discards a bucket whose sum is longer than its total
+        weight times the bound (plus quantisation and noise slack).
+    noise_multiplier : float, default 0
+        ``> 0``: distributed DP (needs ``norm_bound``). Clients add Skellam
+        noise so that the sum of the fewest clients ever unmasked carries
+        noise of std ``noise_multiplier`` times the update's sensitivity.
+    delta : float
+        Delta of the distributed-DP epsilon reported each round.
+    seed : int
+        Seeds the bucket assignment (with the round), for reproducible runs.
     """
 
-    def __init__(self, settings: SecAggSection, timeout: float) -> None:
+    def __init__(
+        self,
+        settings: SecAggSection,
+        timeout: float,
+        *,
+        bucket_size: int = 0,
+        norm_bound: float = 0.0,
+        noise_multiplier: float = 0.0,
+        delta: float = 1e-5,
+        seed: int = 0,
+    ) -> None:
+        if bucket_size == 1 or bucket_size < 0:
+            raise ValueError(f"bucket_size must be 0 (off) or >= 2, got {bucket_size}")
+        if noise_multiplier > 0 and not norm_bound > 0:
+            raise ValueError("distributed DP needs a norm_bound (the update's sensitivity)")
         self.settings = settings
         self.timeout = settings.stage_timeout or timeout
+        self.bucket_size = bucket_size
+        self.norm_bound = norm_bound
+        self.noise_multiplier = noise_multiplier
+        self.delta = delta
+        self.seed = seed
         self.identities: dict[int, str] = {}  # node id -> long-term identity (signed mode)
         self.last_error = ""  # why the last round failed, if it did
         self._prepared: _Round | None = None  # next round, keys shared, masked-input due
+        self._dp_rounds = 0  # rounds whose sums were revealed under distributed DP
+        self._dp_worst: SkellamPlan | None = None
 
     def run_round(
         self,
@@ -159,12 +239,8 @@ class SecAggWorkflow:
                 current = prepared
             else:
                 current = self._open(grid, strategy, server_round, sampled, config)
-                keys = self._exchange(
-                    grid, config, times, [self._part(current, AdvertiseKeysReply)]
-                )
-                current.requests = current.server.share_keys(keys[0])
-                shares = self._exchange(grid, config, times, [self._part(current, ShareKeysReply)])
-                current.requests = current.server.masked_input(shares[0])
+                self._step(current, config, grid, times, AdvertiseKeysReply, _share_keys)
+                self._step(current, config, grid, times, ShareKeysReply, _masked_input)
             if next_round is not None:
                 ahead = self._guard(
                     lambda: self._open(
@@ -175,35 +251,39 @@ class SecAggWorkflow:
                         config,
                     )
                 )
-            parts = [
-                _Part(
-                    current.server,
-                    current.nodes,
-                    current.requests,
-                    _masked_parser(epsilons),
-                    content=content,
+            masked, keys_ahead = self._exchange_with(
+                grid,
+                config,
+                times,
+                current,
+                lambda b: _Part(
+                    b.server, b.nodes, b.requests, _masked_parser(epsilons), content=content
                 ),
-                *self._ahead_part(ahead, AdvertiseKeysReply),
-            ]
-            masked, *keys_ahead = self._exchange(grid, config, times, parts)
-            if current.server.params.signed:
-                current.requests = current.server.consistency_check(masked)
-                checked = self._exchange(
-                    grid, config, times, [self._part(current, ConsistencyCheckReply)]
-                )
-                current.requests = current.server.unmask(checked[0])
+                ahead,
+                AdvertiseKeysReply,
+            )
+            if current.buckets[0].server.params.signed:
+                self._apply(current, masked, lambda b, r: b.server.consistency_check(r))
+                self._step(current, config, grid, times, ConsistencyCheckReply, _unmask)
             else:
-                current.requests = current.server.unmask(masked)
-            del masked  # the server keeps only the running sum
+                self._apply(current, masked, lambda b, r: b.server.unmask(r))
+            del masked  # the server keeps only the running sums
             if ahead is not None:
-                ahead = self._advance(ahead, lambda r: r.server.share_keys(keys_ahead[0]))
-            parts = [self._part(current, UnmaskReply), *self._ahead_part(ahead, ShareKeysReply)]
-            unmasked, *shares_ahead = self._exchange(grid, config, times, parts)
+                ahead = self._advance(ahead, keys_ahead, _share_keys)
+            unmasked, shares_ahead = self._exchange_with(
+                grid,
+                config,
+                times,
+                current,
+                lambda b: self._part(b, UnmaskReply),
+                ahead,
+                ShareKeysReply,
+            )
             started = time.perf_counter()
-            result = current.server.finish(unmasked)
+            sums = self._finish(current, unmasked)
             times["finish"] = time.perf_counter() - started
             if ahead is not None:
-                ahead = self._advance(ahead, lambda r: r.server.masked_input(shares_ahead[0]))
+                ahead = self._advance(ahead, shares_ahead, _masked_input)
             self._prepared = ahead
         except (SecAggAbortedError, ValueError) as err:
             logger.warning("round %d: secure aggregation failed: %s", server_round, err)
@@ -211,28 +291,172 @@ class SecAggWorkflow:
             metrics["secagg_aborted"] = 1
             _add_times(metrics, times)
             return None, metrics
+        nodes_dropped = dict(current.unidentified)
+        for bucket in current.buckets:
+            for cid, reason in bucket.server.dropped.items():
+                nodes_dropped[bucket.nodes[cid - 1]] = reason
+            if bucket.failure:
+                for node in bucket.nodes:
+                    nodes_dropped.setdefault(node, f"bucket discarded: {bucket.failure}")
+        kept = [s for s in sums if self._plausible(server_round, s)]
+        metrics["secagg_buckets"] = len(current.buckets)
+        metrics["secagg_buckets_unmasked"] = len(sums)
+        metrics["secagg_buckets_discarded"] = len(current.buckets) - len(kept)
+        metrics["secagg_min_bucket"] = min(len(s.result.contributors) for s in sums)
+        if not kept:
+            self.last_error = "SecAggAbortedError: every bucket sum failed the norm check"
+            logger.warning("round %d: %s", server_round, self.last_error)
+            metrics["secagg_aborted"] = 1
+            _add_times(metrics, times)
+            return None, metrics
+        for s in sums:
+            if s not in kept:
+                for cid in s.result.contributors:
+                    nodes_dropped[s.bucket.nodes[cid - 1]] = "bucket sum failed the norm check"
+        contributors = [s.bucket.nodes[cid - 1] for s in kept for cid in s.result.contributors]
+        try:
+            if self.bucket_size:
+                new_arrays, round_metrics = strategy.aggregate_buckets(
+                    server_round,
+                    torch.stack([s.result.aggregate for s in kept]),
+                    torch.tensor([s.result.total_weight for s in kept], dtype=torch.float32),
+                    contributors=contributors,
+                    dropped=nodes_dropped,
+                )
+            else:
+                result = kept[0].result
+                new_arrays, round_metrics = strategy.aggregate_secure(
+                    server_round,
+                    result.aggregate,
+                    total_weight=result.total_weight,
+                    contributors=contributors,
+                    dropped=nodes_dropped,
+                )
+        except ValueError as err:  # e.g. too few buckets left for the rule
+            logger.warning("round %d: aggregation failed: %s", server_round, err)
+            self.last_error = f"{type(err).__name__}: {err}"
+            metrics["secagg_aborted"] = 1
+            _add_times(metrics, times)
+            return None, metrics
         self.last_error = ""
-        nodes = current.nodes
-        contributors = [nodes[cid - 1] for cid in result.contributors]
-        dropped = current.unidentified | {
-            nodes[cid - 1]: reason for cid, reason in result.dropped.items()
-        }
-        new_arrays, round_metrics = strategy.aggregate_secure(
-            server_round,
-            result.aggregate,
-            total_weight=result.total_weight,
-            contributors=contributors,
-            dropped=dropped,
-        )
         metrics.update(round_metrics)
-        metrics["secagg_degree"] = current.server.params.degree
-        metrics["secagg_threshold"] = current.server.params.threshold
-        metrics["secagg_error_bound"] = result.error_bound
+        params = current.buckets[0].server.params
+        metrics["secagg_degree"] = params.degree
+        metrics["secagg_threshold"] = params.threshold
+        metrics["secagg_error_bound"] = max(s.result.error_bound for s in kept)
         metrics["secagg_pipelined"] = int(current is prepared)
+        if self.noise_multiplier > 0:
+            self._dp_rounds += 1
+            if self._dp_worst is not None:
+                metrics["dp_distributed_epsilon"] = self._dp_worst.epsilon(
+                    self._dp_rounds, self.delta
+                )
+                metrics["dp_delta"] = self.delta
         if epsilons:
             metrics[EPSILON_KEY] = max(epsilons)
         _add_times(metrics, times)
         return new_arrays, metrics
+
+    # -- buckets ------------------------------------------------------------------------
+
+    def _apply(
+        self,
+        round_: _Round,
+        replies: Mapping[int, dict[int, Any]],
+        step: Callable[[_Bucket, dict[int, Any]], Mapping[int, Any]],
+    ) -> None:
+        """Advance every live bucket with its replies; a bucket that aborts is discarded.
+
+        Raises :class:`SecAggAbortedError` when no bucket is left.
+        """
+        for index, bucket in enumerate(round_.buckets):
+            if bucket.failure:
+                continue
+            try:
+                bucket.requests = step(bucket, replies.get(index, {}))
+            except SecAggAbortedError as err:
+                bucket.failure = str(err)
+                logger.warning("round %d: bucket %d discarded: %s", round_.server_round, index, err)
+        if not round_.live():
+            reasons = "; ".join(sorted({b.failure for b in round_.buckets}))
+            if len(round_.buckets) > 1:
+                reasons = f"every bucket failed: {reasons}"
+            raise SecAggAbortedError(reasons)
+
+    def _step(
+        self,
+        round_: _Round,
+        config: ConfigRecord,
+        grid: Grid,
+        times: dict[str, float],
+        reply: type,
+        step: Callable[[_Bucket, dict[int, Any]], Mapping[int, Any]],
+    ) -> None:
+        """Send every live bucket's pending requests, then advance it with the replies."""
+        live = round_.live()
+        replies = self._exchange(grid, config, times, [self._part(b, reply) for b in live])
+        by_index = {round_.buckets.index(b): r for b, r in zip(live, replies, strict=True)}
+        self._apply(round_, by_index, step)
+
+    def _finish(self, round_: _Round, unmasked: dict[int, dict[int, Any]]) -> list[_Sum]:
+        sums: list[_Sum] = []
+
+        def finish(bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:
+            sums.append(_Sum(bucket, bucket.server.finish(replies)))
+            return {}
+
+        self._apply(round_, unmasked, finish)
+        return sums
+
+    def _plausible(self, server_round: int, s: _Sum) -> bool:
+        """Norm bounding: a bucket's sum cannot be longer than its weight times the bound."""
+        if not self.norm_bound > 0:
+            return True
+        result, params = s.result, s.bucket.server.params
+        count = len(result.contributors)
+        total = result.aggregate.to(torch.float64) * result.total_weight
+        norm = float(torch.linalg.vector_norm(total))
+        dim = params.dim
+        encoder = params.encoder
+        slack = encoder.quantisation_bound(count) * math.sqrt(dim)
+        if params.noise_variance > 0:
+            # ||N|| <= sigma (sqrt(d) + 8) but with probability below 2**-40 (chi tail).
+            sigma = math.sqrt(count * params.noise_variance) * 2.0 * params.clip / encoder.levels
+            slack += sigma * (math.sqrt(dim) + 8.0)
+        bound = result.total_weight * self.norm_bound + slack
+        if norm <= bound:
+            return True
+        logger.warning(
+            "round %d: bucket of %d discarded: sum norm %.4g exceeds %.4g (weight %.3g x bound "
+            "%.3g + slack %.3g)",
+            server_round,
+            count,
+            norm,
+            bound,
+            result.total_weight,
+            self.norm_bound,
+            slack,
+        )
+        return False
+
+    def _split(self, server_round: int, nodes: list[int]) -> list[list[int]]:
+        """Random buckets of ``s`` to ``2s - 1`` nodes (all nodes in one when unbucketed)."""
+        s = self.bucket_size
+        if not s:
+            return [list(nodes)]
+        if len(nodes) < s:
+            raise SecAggAbortedError(
+                f"only {len(nodes)} clients take part; a bucket needs at least {s}"
+            )
+        order = list(nodes)
+        random.Random(f"{self.seed}/{server_round}/buckets").shuffle(order)
+        count = len(order) // s
+        sizes = [len(order) // count + (i < len(order) % count) for i in range(count)]
+        buckets, start = [], 0
+        for size in sizes:
+            buckets.append(order[start : start + size])
+            start += size
+        return buckets
 
     # -- rounds ahead -------------------------------------------------------------------
 
@@ -244,21 +468,45 @@ class SecAggWorkflow:
             logger.info("secagg: next round's set-up abandoned (%s); it will start afresh", err)
             return None
 
-    def _advance(self, ahead: _Round, step: Callable[[_Round], Mapping[int, Any]]) -> _Round | None:
+    def _advance(
+        self,
+        ahead: _Round,
+        replies: dict[int, dict[int, Any]],
+        step: Callable[[_Bucket, dict[int, Any]], Mapping[int, Any]],
+    ) -> _Round | None:
         def run() -> _Round:
-            ahead.requests = step(ahead)
+            self._apply(ahead, replies, step)
+            if any(b.failure for b in ahead.buckets):
+                raise SecAggAbortedError("a bucket of the next round failed its set-up")
             return ahead
 
         return self._guard(run)
 
-    def _ahead_part(self, ahead: _Round | None, reply: type) -> list[_Part]:
-        if ahead is None:
-            return []
-        return [self._part(ahead, reply, key=SECAGG_NEXT_KEY)]
+    def _exchange_with(
+        self,
+        grid: Grid,
+        config: ConfigRecord,
+        times: dict[str, float],
+        current: _Round,
+        make_part: Callable[[_Bucket], _Part],
+        ahead: _Round | None,
+        ahead_reply: type,
+    ) -> tuple[dict[int, dict[int, Any]], dict[int, dict[int, Any]]]:
+        """One exchange: the current round's live buckets and the next round's set-up.
+
+        Returns the replies by bucket index, for the current and the next round.
+        """
+        live = [i for i, b in enumerate(current.buckets) if not b.failure]
+        parts = [make_part(current.buckets[i]) for i in live]
+        if ahead is not None:
+            parts += [self._part(b, ahead_reply, key=SECAGG_NEXT_KEY) for b in ahead.buckets]
+        replies = self._exchange(grid, config, times, parts)
+        mine = dict(zip(live, replies[: len(live)], strict=True))
+        return mine, dict(enumerate(replies[len(live) :]))
 
     @staticmethod
-    def _part(round_: _Round, reply: type, key: str = SECAGG_KEY) -> _Part:
-        return _Part(round_.server, round_.nodes, round_.requests, _parse_record(reply), key)
+    def _part(bucket: _Bucket, reply: type, key: str = SECAGG_KEY) -> _Part:
+        return _Part(bucket.server, bucket.nodes, bucket.requests, _parse_record(reply), key)
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -270,39 +518,73 @@ class SecAggWorkflow:
         sampled: list[int],
         config: ConfigRecord,
     ) -> _Round:
-        """A round's server and participants, with its advertise-keys requests due."""
+        """A round's buckets and participants, with their advertise-keys requests due."""
         nodes: list[int] = list(sampled)
-        identities: tuple[str, ...] = ()
+        identities: dict[int, str] = {}
         unidentified: dict[int, str] = {}
         if self.settings.signed:
             nodes, identities, unidentified = self._participants(grid, sampled, config)
-        server = SecAggServer(
-            self._params(len(nodes), strategy.dim),
-            server_round=server_round,
-            identities=identities,
-        )
-        round_ = _Round(server_round, list(sampled), nodes, server, unidentified)
-        round_.requests = server.advertise_keys()
-        return round_
+        buckets = []
+        for members in self._split(server_round, nodes):
+            server = SecAggServer(
+                self._params(len(members), strategy.dim),
+                server_round=server_round,
+                identities=tuple(identities[n] for n in members) if identities else (),
+            )
+            buckets.append(_Bucket(server, members, server.advertise_keys()))
+        return _Round(server_round, list(sampled), buckets, unidentified)
 
     def _params(self, n: int, dim: int) -> SecAggParams:
+        """One sum's parameters: ``n`` members, bucketed or not, with or without noise."""
         s = self.settings
+        min_survivors = self.bucket_size
+        noise_variance, headroom, bits = 0.0, 0, s.bits
+        if self.noise_multiplier > 0:
+            if not min_survivors:  # the fewest clients a plain round may unmask
+                min_survivors = max(2, n - math.floor(s.dropout_rate * n))
+            plan = self._plan(n, min_survivors, dim)
+            noise_variance, headroom, bits = plan.client_variance, plan.headroom, plan.bits
+        bucketed = bool(self.bucket_size)
         return SecAggParams.for_round(
             n,
             dim,
             clip=s.clip,
             dropout_rate=s.dropout_rate,
             corrupt_fraction=s.corrupt_fraction,
-            degree=s.degree,
-            threshold=s.threshold,
-            bits=s.bits,
+            degree=0 if bucketed else s.degree,
+            threshold=0 if bucketed else s.threshold,
+            bits=bits,
             modulus_bits=s.modulus_bits,
             signed=s.signed,
+            min_survivors=min_survivors,
+            norm_bound=self.norm_bound,
+            noise_variance=noise_variance,
+            headroom=headroom,
         )
+
+    def _plan(self, n: int, min_clients: int, dim: int) -> SkellamPlan:
+        """The Skellam noise for a sum of ``n``, at least ``min_clients`` of them unmasked."""
+        plan = plan_skellam(
+            noise_multiplier=self.noise_multiplier,
+            norm_bound=self.norm_bound,
+            clip=self.settings.clip,
+            dim=dim,
+            num_clients=n,
+            min_clients=min_clients,
+            modulus_bits=self.settings.modulus_bits,
+            bits=self.settings.bits,
+        )
+        # Report the epsilon of the coarsest grid in use: the rounding slack then
+        # weighs most in the sensitivity, which makes it the worst case.
+        if self._dp_worst is None or plan.epsilon(1, self.delta) > self._dp_worst.epsilon(
+            1, self.delta
+        ):
+            self._dp_worst = plan
+        return plan
 
     def _participants(
         self, grid: Grid, sampled: list[int], config: ConfigRecord
-    ) -> tuple[list[int], tuple[str, ...], dict[int, str]]:
+    ) -> tuple[list[int], dict[int, str], dict[int, str]]:
         """Signed mode: the nodes with a unique stated identity, and why others sit out."""
         known = self._identify(grid, sampled, config)
         left_out = {n: "identify: no identity stated" for n in sampled if n not in known}
@@ -312,7 +594,7 @@ class SecAggWorkflow:
                 left_out[node] = f"identify: identity {name!r} claimed by several nodes"
                 del known[node]
         nodes = [n for n in sampled if n in known]
-        return nodes, tuple(known[n] for n in nodes), left_out
+        return nodes, {n: known[n] for n in nodes}, left_out
 
     def _identify(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> dict[int, str]:
         """Long-term identities of ``nodes``, asking those not seen before (signed mode)."""
@@ -378,9 +660,21 @@ class SecAggWorkflow:
                     part.replies[cid] = part.parse(msg, part.key)
                 except (ProtocolError, ValueError, KeyError, TypeError) as err:
                     part.server.drop(cid, f"malformed reply: {err}")
-        name = "+".join(_stage_name(p) for p in parts)
+        name = "+".join(dict.fromkeys(_stage_name(p) for p in parts))
         times[name] = times.get(name, 0.0) + time.perf_counter() - started
         return [part.replies for part in parts]
+
+
+def _share_keys(bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:
+    return bucket.server.share_keys(replies)
+
+
+def _masked_input(bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:
+    return bucket.server.masked_input(replies)
+
+
+def _unmask(bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:
+    return bucket.server.unmask(replies)
 
 
 def _stage_name(part: _Part) -> str:

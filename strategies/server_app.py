@@ -34,8 +34,11 @@ from fedsec.config import (
     build_configured_attack,
     central_noise_multiplier,
     default_config,
+    distributed_noise_multiplier,
     load_config,
     sampled_clients,
+    secure_bucket_size,
+    secure_norm_bound,
 )
 from fedsec.data import SplitData, load_dataset
 from fedsec.models import make_model
@@ -102,6 +105,7 @@ def build_strategy(
         node_wait_timeout=cfg.server.round_timeout,
         reference_fn=reference_fn,
         secure=cfg.secagg.enabled,
+        bucketed=secure_bucket_size(cfg) > 0,
     )
 
 
@@ -208,7 +212,7 @@ def run_experiment(
         logger.info("resuming %s after round %d", run.name, last)
 
     grid = _with_adversary(grid, cfg)
-    secure = SecAggWorkflow(cfg.secagg, cfg.server.round_timeout) if cfg.secagg.enabled else None
+    secure = make_secagg_workflow(cfg) if cfg.secagg.enabled else None
     arrays = ArrayRecord(model.state_dict())
     config_json = json.dumps(cfg.to_dict())
     t_start = time.perf_counter()
@@ -272,6 +276,20 @@ def run_experiment(
     return run.rounds
 
 
+def make_secagg_workflow(cfg: ExperimentConfig) -> SecAggWorkflow:
+    """The secure-aggregation workflow a config describes (bucketing, norm bound, DP)."""
+    distributed = cfg.privacy.mode == "distributed"
+    return SecAggWorkflow(
+        cfg.secagg,
+        cfg.server.round_timeout,
+        bucket_size=secure_bucket_size(cfg),
+        norm_bound=secure_norm_bound(cfg),
+        noise_multiplier=distributed_noise_multiplier(cfg) if distributed else 0.0,
+        delta=cfg.privacy.delta,
+        seed=cfg.experiment.seed,
+    )
+
+
 def _privacy_metrics(cfg: ExperimentConfig, server_round: int) -> dict[str, object]:
     """The round's privacy bookkeeping: delta and accountant; epsilon for central DP.
 
@@ -282,6 +300,8 @@ def _privacy_metrics(cfg: ExperimentConfig, server_round: int) -> dict[str, obje
     if dp.mode == "none":
         return {}
     out: dict[str, object] = {"dp_delta": dp.delta, "dp_accountant": dp.accountant}
+    if dp.mode == "distributed":  # the workflow reports dp_distributed_epsilon
+        out["dp_accountant"] = "skellam-rdp"
     if dp.mode == "central":
         from fedsec.privacy.accounting import client_level_epsilon
 

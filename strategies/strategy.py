@@ -83,6 +83,9 @@ class FedSecStrategy(Strategy):
         Rounds run under secure aggregation (:mod:`fedsec.strategies.secagg`):
         the strategy only ever gets the weighted mean, so the rule must be the
         plain ``mean``.
+    bucketed : bool, default False
+        With ``secure``: rounds run bucketed secure aggregation and ``rule``
+        combines the bucket means (it must not need ``client_ids``).
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class FedSecStrategy(Strategy):
         node_wait_timeout: float = 600.0,
         reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
         secure: bool = False,
+        bucketed: bool = False,
     ) -> None:
         self.rule = rule
         self.rule_name = rule_name
@@ -110,12 +114,18 @@ class FedSecStrategy(Strategy):
         self.server_momentum = server_momentum
         self.node_wait_timeout = node_wait_timeout
         self.reference_fn = reference_fn
-        if secure and rule_name != "mean":
+        if secure and not bucketed and rule_name != "mean":
             raise ValueError(
                 f"rule '{rule_name}' needs individual client updates, which secure aggregation "
                 "hides; only 'mean' works on the secure sum (robust rules need the bucketed mode)"
             )
+        if bucketed and "client_ids" in rule.requires:
+            raise ValueError(
+                f"rule '{rule_name}' tracks clients by id; under bucketed secure aggregation it "
+                "sees buckets, which change every round"
+            )
         self.secure = secure
+        self.bucketed = bucketed
         if "reference" in rule.requires and reference_fn is None:
             raise ValueError(f"rule '{rule_name}' needs a server reference update (reference_fn)")
         self._global_arrays: ArrayRecord | None = None
@@ -313,6 +323,64 @@ class FedSecStrategy(Strategy):
                 "num-accepted": len(contributors),
                 "num-excluded": len(dropped),
                 "secagg_total_weight": total_weight,
+            }
+        )
+        return self._spec.to_record(new_flat), metrics
+
+    def aggregate_buckets(
+        self,
+        server_round: int,
+        bucket_means: torch.Tensor,
+        bucket_weights: torch.Tensor,
+        *,
+        contributors: list[int],
+        dropped: dict[int, str],
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """The rule across securely aggregated bucket means, then the server step.
+
+        Parameters
+        ----------
+        bucket_means : torch.Tensor
+            float32 ``[b, d]``: each bucket's weighted mean update.
+        bucket_weights : torch.Tensor
+            float32 ``[b]``: each bucket's summed weight.
+        contributors : list of int
+            Node ids whose updates are in the kept buckets.
+        dropped : dict of int to str
+            Sampled nodes whose updates are not, with the reason.
+
+        Raises
+        ------
+        ValueError
+            If the rule refuses ``b`` buckets (e.g. Krum with too few), or the
+            shapes do not fit the model; the global model is then unchanged.
+        """
+        if self._spec is None or self._global_flat is None or self.last_report is None:
+            raise RuntimeError("aggregate_buckets called before configure_train")
+        b = bucket_means.shape[0]
+        if bucket_means.ndim != 2 or bucket_means.shape[1] != self._spec.dim:
+            raise ValueError(
+                f"bucket means have shape {tuple(bucket_means.shape)}, expected "
+                f"[b, {self._spec.dim}]"
+            )
+        self.rule.check(b)
+        context: dict[str, object] = {}
+        if "reference" in self.rule.requires:
+            assert self.reference_fn is not None and self._global_arrays is not None
+            context["reference"] = self.reference_fn(self._global_arrays)
+        result = self.rule(bucket_means.to(torch.float32), bucket_weights, **context)
+        new_flat = self._server_step(result.aggregate)
+        report = self.last_report
+        report.accepted = list(contributors)
+        report.excluded = dict(dropped)
+        report.weights = {}  # individual weights stay hidden under secure aggregation
+        metrics = MetricRecord(
+            {
+                "num-sampled": len(report.sampled),
+                "num-accepted": len(contributors),
+                "num-excluded": len(dropped),
+                "secagg_total_weight": float(bucket_weights.sum()),
+                "num-rule-excluded-buckets": int((result.weights == 0).sum()),
             }
         )
         return self._spec.to_record(new_flat), metrics

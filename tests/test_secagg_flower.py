@@ -258,13 +258,33 @@ def test_client_mod_refuses_a_bad_request_and_keeps_its_state() -> None:
     [
         ({"aggregation": {"rule": "krum", "f": 1}}, "aggregation.rule", "bucketed"),
         ({"aggregation": {"pre": ["nnm"], "f": 1}}, "aggregation.rule", "individual"),
-        ({"attack": {"name": "alie", "num_malicious": 2}}, "attack.name", "colluding"),
+        (
+            {"attack": {"name": "alie", "num_malicious": 2, "knowledge": "omniscient"}},
+            "attack.knowledge",
+            "colluders",
+        ),
         (
             {"privacy": {"mode": "central", "noise_multiplier": 1.0}},
             "privacy.mode",
             "local",
         ),
-        ({"data": {"num_clients": 2}}, "secagg", "at least 3"),
+        ({"data": {"num_clients": 2}}, "client.fraction", "at least 3"),
+        (
+            {"aggregation": {"rule": "median", "pre": ["bucketing"], "bucket_size": 1}},
+            "aggregation.bucket_size",
+            "at least 2",
+        ),
+        (
+            {"aggregation": {"rule": "median", "pre": ["bucketing"], "bucket_size": 6}},
+            "aggregation.bucket_size",
+            "fewer than 2 buckets",
+        ),
+        ({"secagg": {"norm_bound": -1.0}}, "secagg.norm_bound", ">= 0"),
+        (
+            {"privacy": {"mode": "distributed", "noise_multiplier": 1.0}},
+            "secagg.weight_cap",
+            "equal weights",
+        ),
         ({"secagg": {"bits": 31}}, "secagg", "overflows"),
         ({"secagg": {"signed": True}}, "secagg.key_dir", "key dir"),
         ({"secagg": {"modulus_bits": 16}}, "secagg.modulus_bits", "32 or 64"),

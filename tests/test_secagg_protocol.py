@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from fedsec.privacy.client_level import clip_update
+from fedsec.privacy.distributed import plan_skellam
 from fedsec.secagg.client import ClientStage, SecAggClient
 from fedsec.secagg.keys import generate_keypair
 from fedsec.secagg.messages import (
@@ -613,14 +615,16 @@ def test_overflowing_bit_depth_is_refused_with_the_numbers() -> None:
     assert SecAggParams.for_round(10, 100, clip=1.0).bits == 28  # the largest that fits
 
 
-def test_fewer_than_three_clients_are_refused() -> None:
-    with pytest.raises(ValueError, match="at least 3 clients per round, got 2"):
-        SecAggParams(2, 1, 1, 1.0, 16, 32, 10)
-    with pytest.raises(ValueError, match="at least 3 clients per round, got 2"):
+def test_a_sum_of_one_is_refused_and_two_only_as_a_bucket() -> None:
+    with pytest.raises(ValueError, match="at least 2 clients per sum, got 1"):
+        SecAggParams(1, 1, 1, 1.0, 16, 32, 10)
+    with pytest.raises(ValueError, match="n >= 3"):  # a plain round of 2 derives no graph
         SecAggParams.for_round(2, 10, clip=1.0)
+    bucket = SecAggParams.for_round(2, 10, clip=1.0, min_survivors=2)
+    assert (bucket.degree, bucket.threshold, bucket.unmask_minimum) == (1, 1, 2)
     req = SecAggServer(SecAggParams.for_round(4, 10, clip=1.0)).advertise_keys()[1]
-    with pytest.raises(ProtocolError, match="needs 3 to 100000 clients, got n=2"):
-        dataclasses.replace(req, num_clients=2, degree=1, threshold=1)
+    with pytest.raises(ProtocolError, match="needs 2 to 100000 clients, got n=1"):
+        dataclasses.replace(req, num_clients=1, degree=1, threshold=1)
 
 
 def test_client_refuses_overflowing_round_parameters() -> None:
@@ -969,7 +973,92 @@ def test_a_provisioned_client_refuses_an_unsigned_round() -> None:
 def test_round_size_and_degree_are_capped() -> None:
     """A request cannot make a client build a graph of billions of nodes."""
     req = SecAggServer(SecAggParams.for_round(6, 10, clip=1.0)).advertise_keys()[1]
-    with pytest.raises(ProtocolError, match="3 to 100000 clients"):
+    with pytest.raises(ProtocolError, match="2 to 100000 clients"):
         dataclasses.replace(req, num_clients=2**31 - 1)
     with pytest.raises(ProtocolError, match="exceeds the limit of 1024"):
         dataclasses.replace(req, num_clients=4000, degree=2000, threshold=1001)
+
+
+# -- buckets, norm bounding, distributed DP (issue: robust aggregation under SecAgg) --------
+
+
+def test_a_sum_below_min_survivors_is_never_unmasked() -> None:
+    """A bucket of 3 that loses a member at masked-input aborts before any unmask request."""
+    rnd = Round(3, 8, min_survivors=3)
+    with pytest.raises(SecAggAbortedError, match="fewer than 3 is never unmasked"):
+        rnd.run(drop={"masked-input": {2}})
+    assert "unmask:request" not in rnd.log
+
+
+def test_honest_client_refuses_to_unmask_fewer_than_min_survivors() -> None:
+    """Even a server that names a smaller survivor set gets no share from an honest client."""
+    rnd = Round(4, 8, min_survivors=3)
+
+    def shrink(batch: dict[int, Any]) -> dict[int, Any]:
+        return {i: dataclasses.replace(r, survivors=(1, 2)) for i, r in batch.items()}
+
+    with pytest.raises(ProtocolError, match="no sum of fewer than 3"):
+        rnd.run(tamper={"unmask:request": shrink})
+
+
+def test_bucket_of_two_gives_its_weighted_mean() -> None:
+    rnd = Round(2, 16, min_survivors=2)
+    res = rnd.run()
+    assert res is not None and res.contributors == (1, 2)
+    assert torch.allclose(res.aggregate.double(), rnd.expected([1, 2]), atol=res.error_bound)
+
+
+def test_norm_bound_scales_each_update_before_masking() -> None:
+    bound = 0.5
+    rnd = Round(5, 40, norm_bound=bound, scale=1.5)  # inputs of norm ~9.5
+    res = rnd.run()
+    assert res is not None
+    clipped = {i: clip_update(x.double(), bound).clamp(-CLIP, CLIP) for i, x in rnd.inputs.items()}
+    expected = sum(rnd.weights[i] * clipped[i] for i in clipped) / sum(rnd.weights.values())
+    assert torch.allclose(res.aggregate.double(), expected, atol=res.error_bound)
+    total = res.aggregate.double() * res.total_weight
+    assert float(total.norm()) <= res.total_weight * bound + 1e-4
+
+
+def test_distributed_noise_of_a_sum_has_the_planned_variance() -> None:
+    """Five clients with zero updates: the unmasked sum is their Skellam noise alone.
+
+    Its per-coordinate variance must be 5 x the planned client variance (in code
+    units; divided by scale^2 in float units). Over d = 20,000 coordinates the
+    sample variance of Gaussian-like noise has relative std sqrt(2 / d) = 1 %, so
+    the 5 % margin is 5 sigma; the mean must be within 5 sigma / sqrt(d) of 0.
+    """
+    n, d = 5, 20_000
+    plan = plan_skellam(
+        noise_multiplier=0.8, norm_bound=1.0, clip=CLIP, dim=d, num_clients=n, min_clients=n
+    )
+    rnd = Round(
+        n,
+        d,
+        uniform=True,
+        scale=0.0,
+        min_survivors=n,
+        norm_bound=1.0,
+        bits=plan.bits,
+        noise_variance=plan.client_variance,
+        headroom=plan.headroom,
+    )
+    res = rnd.run()
+    assert res is not None
+    noise = res.aggregate.double() * res.total_weight  # the decoded sum, in float units
+    expected_var = n * plan.client_variance / plan.scale**2
+    assert res.total_weight == pytest.approx(n)
+    assert float(noise.var()) == pytest.approx(expected_var, rel=0.05)
+    assert abs(float(noise.mean())) < 5 * math.sqrt(expected_var / d)
+    # The min-bucket noise is what the plan promises: noise_multiplier x sensitivity.
+    assert math.sqrt(expected_var) == pytest.approx(plan.sum_std_float, rel=1e-9)
+
+
+def test_a_noise_parameter_without_headroom_is_refused() -> None:
+    with pytest.raises(ValueError, match="headroom"):
+        SecAggParams.for_round(4, 8, clip=1.0, noise_variance=4.0)
+    req = SecAggServer(SecAggParams.for_round(4, 8, clip=1.0)).advertise_keys()[1]
+    with pytest.raises(ProtocolError, match="headroom"):
+        dataclasses.replace(req, noise_variance=4.0)
+    with pytest.raises(ProtocolError, match="min_survivors"):
+        dataclasses.replace(req, min_survivors=5)

@@ -153,6 +153,17 @@ def _is_malicious(cfg: ExperimentConfig, partition_id: int, server_round: int) -
     return partition_id in malicious_partitions(cfg.data.num_clients, count, cfg.experiment.seed)
 
 
+def is_colluding_client(msg: Message, context: Context) -> bool:
+    """Whether this node plays a colluding attacker in the round ``msg`` belongs to."""
+    cfg = config_from_message(msg)
+    server_round = msg.content.config_records["config"].get("server-round", 0)
+    if not isinstance(server_round, int) or not _is_malicious(
+        cfg, partition_id_of(context, cfg), server_round
+    ):
+        return False
+    return is_colluding(build_configured_attack(cfg))
+
+
 def _adversarial_hook(cfg: ExperimentConfig, seed: int) -> Any:
     """PGD adversarial training (Madry et al. 2018) when ``evasion.adversarial_training``."""
     if not cfg.evasion.adversarial_training:

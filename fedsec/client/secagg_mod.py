@@ -9,6 +9,15 @@ training function, turns the returned model into the update (returned minus
 received), weights it by ``min(num_examples, weight_cap) / weight_cap`` and
 replies with the masked vector only: no model, no per-client metrics.
 
+Colluding attacks in simulations (the architecture's threat model: attackers
+pool their updates before masking, never through the server's view): a
+malicious client's training reply carries the ``fedsec.malicious`` tag, and
+the mod passes that plain reply to the simulation's adversary component
+instead of masking it, leaving its protocol state untouched. The adversary
+crafts the colluders' updates and sends the masked-input request again with
+the crafted update in the ArrayRecord ``fedsec-adversary``, which the mod
+masks in place of training (and which only a malicious client accepts).
+
 Anything the mod refuses (a malformed or out-of-order request, a tampered
 share, too few neighbours) becomes an error reply, which the server treats as
 a dropout; the client's state is left as it was.
@@ -60,8 +69,10 @@ from fedsec.secagg.messages import (
 )
 
 __all__ = [
+    "ADVERSARY_KEY",
     "IDENTIFY_STAGE",
     "MASKED_KEY",
+    "NUM_EXAMPLES_ARRAY",
     "SECAGG_KEY",
     "SECAGG_NEXT_KEY",
     "SECAGG_REFUSED",
@@ -81,6 +92,10 @@ MASKED_KEY = "masked"
 SECAGG_REFUSED = 4601
 #: Stage asking a node for its long-term identity (signed mode, once per node).
 IDENTIFY_STAGE = "identify"
+#: ArrayRecord (and Array) key of a colluding attacker's crafted update (simulations).
+ADVERSARY_KEY = "fedsec-adversary"
+#: Array (in the ``fedsec-adversary`` record) of the colluder's own example count.
+NUM_EXAMPLES_ARRAY = "num-examples"
 #: Metrics a client may reveal under secure aggregation (they are not about its data).
 PUBLIC_METRICS = ("dp_epsilon_max",)
 
@@ -120,8 +135,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             client = _load_client(context, msg, request)
             if isinstance(request, MaskedInputRequest):
                 trained = _masked_input(msg, context, call_next, client, request)
-                if trained.has_error():
-                    return trained  # e.g. privacy budget exhausted: a dropout
+                if trained.has_error() or _for_adversary(trained):
+                    # An error (e.g. privacy budget exhausted) is a dropout; a tagged
+                    # reply goes to the colluders. Either way the state stays as it was.
+                    return trained
                 for name, item in trained.content.items():
                     reply[name] = item
             else:
@@ -161,8 +178,11 @@ def _masked_input(
     client.receive_shares(request)  # refuse before spending time on training
     setup = client.setup
     assert setup is not None
+    crafted = msg.content.array_records.get(ADVERSARY_KEY)
+    if crafted is not None:
+        return _mask_crafted(msg, context, client, crafted)
     trained = call_next(msg, context)
-    if trained.has_error():
+    if trained.has_error() or _for_adversary(trained):
         return trained
     sent = msg.content.array_records.get("arrays")
     back = trained.content.array_records.get("arrays")
@@ -180,6 +200,38 @@ def _masked_input(
             "metrics": public,
         }
     )
+    return Message(content, reply_to=msg)
+
+
+def _for_adversary(reply: Message) -> bool:
+    """Whether a training reply is a colluder's plain update for the adversary component."""
+    from fedsec.attacks.threat import MALICIOUS_TAG
+
+    if reply.has_error():
+        return False
+    metrics = reply.content.metric_records.get("metrics")
+    return metrics is not None and MALICIOUS_TAG in metrics
+
+
+def _mask_crafted(
+    msg: Message, context: Context, client: SecAggClient, crafted: ArrayRecord
+) -> Message:
+    """Mask the update the colluders crafted (a malicious client in a simulation only)."""
+    from fedsec.client.app import is_colluding_client
+
+    if not is_colluding_client(msg, context):
+        raise ProtocolError("a crafted update was sent to a client that is not a colluder")
+    if ADVERSARY_KEY not in crafted:
+        raise ProtocolError(f"crafted update lacks the '{ADVERSARY_KEY}' array")
+    update = torch.from_numpy(crafted[ADVERSARY_KEY].numpy().astype("float32"))
+    # The weight it would have claimed for its own update (inflating it is another attack);
+    # it ignores the norm bound and the noise.
+    num_examples = crafted[NUM_EXAMPLES_ARRAY].numpy() if NUM_EXAMPLES_ARRAY in crafted else None
+    if num_examples is None or num_examples.shape != (1,):
+        raise ProtocolError(f"crafted update lacks the '{NUM_EXAMPLES_ARRAY}' array")
+    weight = _weight(float(num_examples[0]), _weight_cap(msg))
+    masked = client.mask(update, weight, malicious=True)
+    content = RecordDict({MASKED_KEY: ArrayRecord({MASKED_KEY: Array(masked.masked)})})
     return Message(content, reply_to=msg)
 
 

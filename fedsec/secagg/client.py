@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fedsec.privacy.client_level import clip_update
+from fedsec.privacy.distributed import sample_skellam
 from fedsec.secagg import shamir
 from fedsec.secagg.encoding import FixedPointEncoder
 from fedsec.secagg.graph import harary_graph
@@ -85,6 +87,7 @@ def encoder_for(setup: AdvertiseKeysRequest) -> FixedPointEncoder:
             bits=setup.bits,
             num_clients=setup.num_clients,
             modulus_bits=setup.modulus_bits,
+            headroom=setup.headroom,
         )
     except ValueError as err:
         raise ProtocolError(f"secagg encoding refused: {err}") from None
@@ -352,8 +355,15 @@ class SecAggClient:
         self._shares = shares
         self.stage = ClientStage.SHARES_RECEIVED
 
-    def mask(self, update: torch.Tensor, weight: float = 1.0) -> MaskedInputReply:
+    def mask(
+        self, update: torch.Tensor, weight: float = 1.0, *, malicious: bool = False
+    ) -> MaskedInputReply:
         """Encode ``[weight * clip(update), weight * clip]`` and add the masks.
+
+        With the round's ``norm_bound`` the update is first scaled to at most
+        that L2 norm; with its ``noise_variance`` Skellam noise (distributed DP,
+        :mod:`fedsec.privacy.distributed`) is added to the encoded update (not
+        to the weight coordinate, which the server must read exactly).
 
         Parameters
         ----------
@@ -362,6 +372,10 @@ class SecAggClient:
         weight : float, default 1.0
             In ``(0, 1]``; the server divides the weighted sum by the summed
             weights (e.g. example counts over a public cap).
+        malicious : bool, default False
+            Play a simulated attacker: skip the norm bound and the noise (the
+            encoding's coordinate range still applies, as it does to any
+            input that must not wrap the sum).
         """
         setup = self._setup()
         if self.stage is not ClientStage.SHARES_RECEIVED:
@@ -374,8 +388,13 @@ class SecAggClient:
             raise ProtocolError(f"weight must be in (0, 1], got {weight}")
         encoder = encoder_for(setup)
         encoded = np.empty(setup.dim + 1, dtype=encoder.dtype)
+        noise = None
+        if setup.noise_variance > 0 and not malicious:
+            noise = sample_skellam(setup.noise_variance, setup.dim, headroom=setup.headroom)
         try:
-            encoder.encode(update, weight=weight, out=encoded[:-1])
+            if setup.norm_bound > 0 and not malicious:
+                update = clip_update(update, setup.norm_bound)
+            encoder.encode(update, weight=weight, out=encoded[:-1], noise=noise)
         except ValueError as err:
             raise ProtocolError(f"cannot encode the update: {err}") from None
         # The weight rides along as one more coordinate, w * clip in [0, clip].
@@ -411,6 +430,11 @@ class SecAggClient:
         if len(survivors) < setup.threshold:
             raise ProtocolError(
                 f"only {len(survivors)} survivors; the threshold is t={setup.threshold}"
+            )
+        if len(survivors) < setup.min_survivors:
+            raise ProtocolError(
+                f"only {len(survivors)} survivors; this round unmasks no sum of fewer than "
+                f"{setup.min_survivors}"
             )
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:

@@ -17,6 +17,14 @@ sum and divides it by the total weight ``sum_i w_i``.  ``clip`` must then cover
 the weighted range, i.e. ``clip >= max_i w_i * max|x_i|`` (values beyond it are
 clipped).  Normalised weights (``w_i = n_i / sum_j n_j``, scaled by
 ``num_clients``) keep ``clip`` small.
+
+Noise headroom
+--------------
+For distributed DP (:mod:`fedsec.privacy.distributed`) each client adds integer
+noise to its codes.  With ``headroom = H`` every code is shifted by ``+H`` and
+the noise is clipped to ``[-H, H]``, so a code lies in ``[0, levels + 2H]`` and
+the no-wrap condition becomes ``n * (levels + 2H) < 2**modulus_bits``; decoding
+removes ``count * H`` and leaves the summed noise in the result.
 """
 
 from __future__ import annotations
@@ -97,12 +105,14 @@ class FixedPointEncoder:
         Maximum number ``n`` of encoded vectors that will be summed.
     modulus_bits : int, default 32
         Ring size ``2**modulus_bits`` (``np.uint32`` or ``np.uint64``).
+    headroom : int, default 0
+        Room for integer noise on each code (see "Noise headroom" above).
 
     Raises
     ------
     ValueError
-        On invalid parameters, or if ``n * (2**bits - 1) >= 2**modulus_bits``
-        (the sum could wrap around the modulus).
+        On invalid parameters, or if ``n * (2**bits - 1 + 2 headroom) >=
+        2**modulus_bits`` (the sum could wrap around the modulus).
 
     References
     ----------
@@ -115,6 +125,7 @@ class FixedPointEncoder:
     bits: int = 16
     num_clients: int = 2
     modulus_bits: int = 32
+    headroom: int = 0
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.clip) and self.clip > 0):
@@ -125,18 +136,32 @@ class FixedPointEncoder:
             raise ValueError(f"num_clients must be >= 1, got {self.num_clients}")
         if self.modulus_bits not in _MODULUS_BITS:
             raise ValueError(f"modulus_bits must be 32 or 64, got {self.modulus_bits}")
-        worst = self.num_clients * self.levels
-        if worst >= 1 << self.modulus_bits:
+        if self.headroom < 0 or self.max_code > 1 << MAX_BITS:
             raise ValueError(
-                f"encoding overflows: n={self.num_clients} clients x max {self.levels}"
-                f" = {worst} >= 2^{self.modulus_bits}; use bits <= "
-                f"{_max_bits_or_zero(self.num_clients, self.modulus_bits)} or a larger modulus"
+                f"headroom must be in [0, 2^{MAX_BITS - 1} - levels / 2], got {self.headroom}"
+            )
+        worst = self.num_clients * self.max_code
+        if worst >= 1 << self.modulus_bits:
+            hint = (
+                f"use bits <= {_max_bits_or_zero(self.num_clients, self.modulus_bits)} or a larger"
+                " modulus"
+                if not self.headroom
+                else "use fewer bits, less noise or a larger modulus"
+            )
+            raise ValueError(
+                f"encoding overflows: n={self.num_clients} clients x max {self.max_code}"
+                f" = {worst} >= 2^{self.modulus_bits}; {hint}"
             )
 
     @property
     def levels(self) -> int:
         """Largest code, ``2**bits - 1`` (the number of quantisation steps)."""
         return (1 << self.bits) - 1
+
+    @property
+    def max_code(self) -> int:
+        """Largest encoded value, ``levels + 2 * headroom``."""
+        return self.levels + 2 * self.headroom
 
     @property
     def dtype(self) -> type[np.unsignedinteger[Any]]:
@@ -150,8 +175,9 @@ class FixedPointEncoder:
         *,
         weight: float = 1.0,
         out: npt.NDArray[np.unsignedinteger[Any]] | None = None,
+        noise: npt.NDArray[np.int64] | None = None,
     ) -> npt.NDArray[np.unsignedinteger[Any]]:
-        """Encode ``weight * clip(x)`` as integers in ``[0, 2**bits - 1]``.
+        """Encode ``weight * clip(x)`` as integers in ``[0, max_code]``.
 
         Works in cache-sized chunks (clip, scale, add the coins, floor, store)
         so a million values take a few milliseconds and no full-size
@@ -171,6 +197,9 @@ class FixedPointEncoder:
             In ``[0, 1]``: encodes ``weight * clip(x)`` (weighted averaging).
         out : numpy.ndarray, optional
             Contiguous ``[d]`` array of :attr:`dtype` to write into.
+        noise : numpy.ndarray of int64, optional
+            ``[d]`` integer noise added to the codes, clipped to
+            ``[-headroom, headroom]`` (needs ``headroom > 0``).
 
         Returns
         -------
@@ -200,6 +229,11 @@ class FixedPointEncoder:
             out = np.empty(size, dtype=self.dtype)
         elif out.dtype != self.dtype or out.shape != (size,) or not out.flags.c_contiguous:
             raise ValueError(f"out must be a contiguous ({size},) array of {np.dtype(self.dtype)}")
+        if noise is not None and (noise.shape != (size,) or not self.headroom):
+            raise ValueError(
+                f"noise must be a ({size},) array and needs headroom > 0, got shape "
+                f"{noise.shape} with headroom {self.headroom}"
+            )
         levels = float(self.levels)
         # v = weight * clip(x) in [-clip, clip] maps to (v + clip) / (2 clip) * levels.
         slope, offset = weight * levels / (2.0 * self.clip), levels / 2.0
@@ -215,6 +249,10 @@ class FixedPointEncoder:
             chunk += coins.draw(stop - start)
             np.floor(chunk, out=chunk)
             np.clip(chunk, 0.0, levels, out=chunk)
+            if self.headroom:  # integers below 2**53: exact in float64
+                chunk += self.headroom
+                if noise is not None:
+                    chunk += np.clip(noise[start:stop], -self.headroom, self.headroom)
             np.copyto(out[start:stop], chunk, casting="unsafe")
         return out
 
@@ -239,7 +277,8 @@ class FixedPointEncoder:
         Returns
         -------
         torch.Tensor
-            ``dtype`` ``[d]``: ``total / (2**bits - 1) * 2 clip - count * clip``.
+            ``dtype`` ``[d]``: ``(total - count * headroom) / (2**bits - 1) * 2 clip -
+            count * clip``.
 
         Raises
         ------
@@ -252,12 +291,16 @@ class FixedPointEncoder:
         arr = np.asarray(total)
         if arr.ndim != 1 or arr.dtype.kind != "u":
             raise ValueError(f"total must be a 1-D unsigned array, got {arr.shape} {arr.dtype}")
-        if arr.size and int(arr.max()) > count * self.levels:
+        if arr.size and int(arr.max()) > count * self.max_code:
             raise ValueError(
-                f"total entry {int(arr.max())} exceeds count x max = {count * self.levels}:"
+                f"total entry {int(arr.max())} exceeds count x max = {count * self.max_code}:"
                 " wrong count or the sum wrapped"
             )
-        out = arr.astype(np.float64) / float(self.levels) * (2.0 * self.clip) - count * self.clip
+        out = arr.astype(np.float64)
+        if self.headroom:
+            out -= float(count * self.headroom)
+        out *= 2.0 * self.clip / float(self.levels)
+        out -= count * self.clip
         return torch.from_numpy(out).to(dtype)
 
     def quantisation_bound(self, count: int) -> float:

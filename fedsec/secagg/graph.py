@@ -213,3 +213,35 @@ def secagg_parameters(
         return k, t
     t = max(corrupt + 1, k // 2 + 1)
     return (k, t) if t <= k - dropped else (k, corrupt + 1)
+
+
+def bucket_parameters(size: int, min_survivors: int, *, signed: bool = False) -> tuple[int, int]:
+    """Degree ``k`` and threshold ``t`` for one bucket of bucketed secure aggregation.
+
+    A bucket is small (``s`` to ``2s - 1`` clients), so it uses the complete
+    graph ``k = size - 1`` (minus one when both are odd). It is unmasked only
+    with at least ``min_survivors`` (= ``s``) survivors, each of which then
+    holds shares of every other member; ``t = min(s - 1, k // 2 + 1)`` is the
+    largest threshold those survivors always reach, so a bucket that keeps
+    ``s`` members always finishes. Signed mode needs ``t > k / 2``
+    (:func:`malicious_threshold` with no corrupt neighbour) and takes
+    ``k // 2 + 1``; a bucket then also needs ``t + 1`` survivors.
+
+    With ``s = 2`` the threshold is 1: a member's single neighbour holds its
+    secrets outright, which reveals no more than the bucket sum already does
+    to that neighbour (its own input and the sum give the other's).
+
+    Raises
+    ------
+    ValueError
+        Unless ``2 <= min_survivors <= size``.
+    """
+    if not 2 <= min_survivors <= size:
+        raise ValueError(
+            f"a bucket needs 2 <= min_survivors <= size, got min_survivors={min_survivors}, "
+            f"size={size}"
+        )
+    k = size - 1
+    k -= 1 if (k % 2 and size % 2) else 0
+    t = k // 2 + 1 if signed else max(1, min(min_survivors - 1, k // 2 + 1))
+    return k, t

@@ -160,6 +160,13 @@ class AdvertiseKeysRequest(_Request):
     ``identities`` (signed mode only) names the long-term identity behind each
     protocol id ``1..n``, so clients can check peers' Ed25519 signatures against
     keys they trust.
+
+    ``min_survivors`` (bucketed mode): the client unmasks only a survivor set
+    of at least this many clients (and at least ``threshold``). ``norm_bound``
+    > 0: the client scales its update to at most this L2 norm before encoding.
+    ``noise_variance`` > 0 (distributed DP): the client adds Skellam noise of
+    this variance (in code units) to each encoded coordinate of its update,
+    clipped to ``headroom``.
     """
 
     stage: ClassVar[str] = "advertise-keys"
@@ -174,12 +181,16 @@ class AdvertiseKeysRequest(_Request):
     dim: int
     signed: bool = False
     identities: tuple[str, ...] = ()
+    min_survivors: int = 0
+    norm_bound: float = 0.0
+    noise_variance: float = 0.0
+    headroom: int = 0
 
     def __post_init__(self) -> None:
         _check_session(self.session, self.round)
         n, k, t = self.num_clients, self.degree, self.threshold
-        if not 3 <= n <= MAX_CLIENTS:
-            raise _fail(f"secure aggregation needs 3 to {MAX_CLIENTS} clients, got n={n}")
+        if not 2 <= n <= MAX_CLIENTS:
+            raise _fail(f"secure aggregation needs 2 to {MAX_CLIENTS} clients, got n={n}")
         if not 1 <= self.client_id <= n:
             raise _fail(f"client_id {self.client_id} outside [1, {n}]")
         if not 1 <= t <= k < n or (k % 2 and n % 2):
@@ -198,6 +209,17 @@ class AdvertiseKeysRequest(_Request):
             raise _fail(f"signed mode needs {n} identities, got {len(self.identities)}")
         if self.signed and len(set(self.identities)) != n:
             raise _fail("identities repeat: one identity cannot hold two protocol ids")
+        if not 0 <= self.min_survivors <= n:
+            raise _fail(f"min_survivors must be in [0, n={n}], got {self.min_survivors}")
+        for name in ("norm_bound", "noise_variance"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise _fail(f"{name} must be a finite number >= 0, got {value}")
+        if self.headroom < 0 or (self.noise_variance > 0) != (self.headroom > 0):
+            raise _fail(
+                f"noise needs headroom > 0 and headroom needs noise, got noise_variance="
+                f"{self.noise_variance}, headroom={self.headroom}"
+            )
 
     def parameters_digest(self) -> bytes:
         """SHA-256 of everything every client of the round must agree on (not its own id)."""
@@ -224,6 +246,10 @@ class AdvertiseKeysRequest(_Request):
             "dim": self.dim,
             "signed": self.signed,
             "identities": list(self.identities),
+            "min_survivors": self.min_survivors,
+            "norm_bound": float(self.norm_bound),
+            "noise_variance": float(self.noise_variance),
+            "headroom": self.headroom,
         }
 
     @classmethod
@@ -247,6 +273,10 @@ class AdvertiseKeysRequest(_Request):
             dim=_expect(record, "dim", int),
             signed=_expect(record, "signed", bool),
             identities=tuple(identities),
+            min_survivors=_expect(record, "min_survivors", int),
+            norm_bound=float(_expect(record, "norm_bound", (int, float))),
+            noise_variance=float(_expect(record, "noise_variance", (int, float))),
+            headroom=_expect(record, "headroom", int),
         )
 
 

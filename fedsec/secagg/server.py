@@ -43,7 +43,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedsec.secagg import shamir
 from fedsec.secagg.encoding import FixedPointEncoder, max_bits_for
-from fedsec.secagg.graph import harary_graph, malicious_threshold, secagg_parameters
+from fedsec.secagg.graph import (
+    bucket_parameters,
+    harary_graph,
+    malicious_threshold,
+    secagg_parameters,
+)
 from fedsec.secagg.keys import derive_key
 from fedsec.secagg.masking import remove_pairwise_mask, remove_self_mask
 from fedsec.secagg.messages import (
@@ -74,11 +79,8 @@ class SecAggAbortedError(RuntimeError):
 
 
 def _check_round_size(n: int) -> None:
-    if n < 3:
-        raise ValueError(
-            f"secure aggregation needs at least 3 clients per round, got {n}: "
-            "with 2 the sum reveals the other client's input"
-        )
+    if n < 2:
+        raise ValueError(f"secure aggregation needs at least 2 clients per sum, got {n}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,11 @@ class SecAggParams:
     threshold ``t`` from ``n`` and the tolerated dropout and corruption rates
     (:func:`fedsec.secagg.graph.secagg_parameters`) and the fixed-point depth
     from ``n`` and the ring, and refuses a configuration whose sum could wrap.
+
+    ``min_survivors`` > 0 (bucketed mode) makes the server abort, and every
+    honest client refuse to unmask, a sum of fewer clients. ``norm_bound``,
+    ``noise_variance`` and ``headroom`` are passed to the clients (see
+    :class:`~fedsec.secagg.messages.AdvertiseKeysRequest`).
     """
 
     num_clients: int
@@ -99,6 +106,10 @@ class SecAggParams:
     modulus_bits: int
     dim: int
     signed: bool = False
+    min_survivors: int = 0
+    norm_bound: float = 0.0
+    noise_variance: float = 0.0
+    headroom: int = 0
 
     def __post_init__(self) -> None:
         n, k, t = self.num_clients, self.degree, self.threshold
@@ -114,6 +125,13 @@ class SecAggParams:
             )
         if self.dim < 1:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
+        if not 0 <= self.min_survivors <= n:
+            raise ValueError(f"min_survivors must be in [0, n={n}], got {self.min_survivors}")
+        if (self.noise_variance > 0) != (self.headroom > 0) or self.norm_bound < 0:
+            raise ValueError(
+                f"noise_variance > 0 goes with headroom > 0 and norm_bound >= 0, got "
+                f"{self.noise_variance}, {self.headroom}, {self.norm_bound}"
+            )
         self.encoder  # noqa: B018  (refuses an overflow-prone encoding)
 
     @property
@@ -124,7 +142,13 @@ class SecAggParams:
             bits=self.bits,
             num_clients=self.num_clients,
             modulus_bits=self.modulus_bits,
+            headroom=self.headroom,
         )
+
+    @property
+    def unmask_minimum(self) -> int:
+        """Fewest survivors whose sum may be unmasked: ``max(t, min_survivors)``."""
+        return max(self.threshold, self.min_survivors)
 
     @classmethod
     def for_round(
@@ -140,6 +164,10 @@ class SecAggParams:
         bits: int = 0,
         modulus_bits: int = 32,
         signed: bool = False,
+        min_survivors: int = 0,
+        norm_bound: float = 0.0,
+        noise_variance: float = 0.0,
+        headroom: int = 0,
     ) -> SecAggParams:
         """Derive ``k``, ``t`` and ``bits`` for ``num_clients`` unless overridden.
 
@@ -164,10 +192,18 @@ class SecAggParams:
             32 or 64.
         signed : bool, default False
             Malicious-server mode: signed keys and the consistency check.
+        min_survivors : int, default 0
+            Bucketed mode: the bucket size ``s``. ``k`` and ``t`` then come from
+            :func:`~fedsec.secagg.graph.bucket_parameters` unless given.
+        norm_bound, noise_variance, headroom
+            As in :class:`SecAggParams`; with ``headroom`` the derived ``bits``
+            leaves room for it.
         """
         n = num_clients
         _check_round_size(n)
-        if degree:
+        if min_survivors and not degree:
+            k, t = bucket_parameters(n, min_survivors, signed=signed)
+        elif degree:
             k = min(degree, n - 1)
             k -= 1 if (k % 2 and n % 2) else 0
             least = k // 2 + 1
@@ -190,8 +226,29 @@ class SecAggParams:
                     f"split the survivor set), got {threshold}"
                 )
             t = min(threshold, k) if threshold else t
-        bits = bits or max_bits_for(n, modulus_bits)
-        return cls(n, k, t, float(clip), bits, modulus_bits, dim, signed)
+        bits = bits or _max_bits_with_headroom(n, modulus_bits, headroom)
+        return cls(
+            n,
+            k,
+            t,
+            float(clip),
+            bits,
+            modulus_bits,
+            dim,
+            signed,
+            min_survivors,
+            float(norm_bound),
+            float(noise_variance),
+            headroom,
+        )
+
+
+def _max_bits_with_headroom(n: int, modulus_bits: int, headroom: int) -> int:
+    """Largest ``bits`` with ``n * (2**bits - 1 + 2 headroom) < 2**modulus_bits``."""
+    bits = max_bits_for(n, modulus_bits)
+    while bits > 1 and n * ((1 << bits) - 1 + 2 * headroom) >= 1 << modulus_bits:
+        bits -= 1
+    return bits
 
 
 @dataclass
@@ -327,6 +384,10 @@ class SecAggServer:
                 dim=p.dim,
                 signed=p.signed,
                 identities=self.identities if p.signed else (),
+                min_survivors=p.min_survivors,
+                norm_bound=p.norm_bound,
+                noise_variance=p.noise_variance,
+                headroom=p.headroom,
             )
             for cid in sorted(self._asked)
         }
@@ -400,6 +461,12 @@ class SecAggServer:
             np.add(total, reply.masked, out=total)  # wraps modulo 2**modulus_bits
             survivors.append(cid)
         self._require(survivors, "sent masked inputs")
+        if len(survivors) < p.min_survivors:
+            self._stage = "aborted"
+            raise SecAggAbortedError(
+                f"secagg round {self.round} aborted: only {len(survivors)} clients sent masked "
+                f"inputs; a sum of fewer than {p.min_survivors} is never unmasked"
+            )
         self._survivors = tuple(survivors)
         self._total = total
 
