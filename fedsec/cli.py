@@ -3,7 +3,10 @@
 ``fedsec run [CONFIG]`` runs one experiment on Flower's simulation engine (Ray)
 with a live per-round display and writes ``results/<run-name>/``;
 ``fedsec run --resume RUN_DIR`` continues an interrupted run;
-``fedsec validate CONFIG`` checks a config without running it.
+``fedsec validate CONFIG`` checks a config without running it;
+``fedsec bench GRID`` runs a grid of attacks x defenses into a resumable
+results folder and ``fedsec report RESULTS`` writes its Markdown and HTML
+report.
 
 Bad input (a config that does not parse or validate, a missing data set, a
 checkpoint whose hash does not match) prints one ``error:`` line and exits with
@@ -34,6 +37,7 @@ from fedsec.runs import RoundMetrics, RunDirectory, RunDirectoryError
 # the CLI is the top-level entry point, so it loads it by name, as Flower does.
 SERVER_APP_MODULE = "fedsec.strategies.server_app"
 AUDIT_MODULE = "fedsec.strategies.audit"
+BENCH_MODULE = "fedsec.strategies.bench"
 CLIENT_APP_MODULE = "fedsec.client.app"
 
 EXIT_BAD_INPUT = 2
@@ -109,7 +113,8 @@ def _cell(row: RoundMetrics, key: str) -> str:
     return f"{value:.2f}" if key.startswith("dp_") else f"{100 * value:.2f}%"
 
 
-def _quiet_logs(verbose: bool) -> None:
+def quiet_logs(verbose: bool) -> None:
+    """Keep Flower's, Ray's and gRPC's chatter out of the terminal unless ``verbose``."""
     # Import first: importing flwr resets its logger's level.
     import flwr.common.logger  # noqa: F401
 
@@ -159,12 +164,16 @@ def simulate(
 
     server_module = importlib.import_module(SERVER_APP_MODULE)
     client_module = importlib.import_module(CLIENT_APP_MODULE)
+    from fedsec.attacks.threat import enable_simulated_adversary
+
+    env = enable_simulated_adversary()  # a local engine's workers inherit it
     init_args: dict[str, Any] = {
         "logging_level": logging.INFO if verbose else logging.ERROR,
         "log_to_driver": verbose,
     }
     if cfg.simulation.ray_address:
         init_args["address"] = cfg.simulation.ray_address
+        init_args["runtime_env"] = {"env_vars": env}  # a cluster's workers do not
     run_simulation(
         server_app=server_module.make_server_app(cfg, run, on_round),
         client_app=client_module.app,
@@ -234,7 +243,7 @@ def run(
             return
         run_dir.config = cfg
         run_dir.finished = False
-    _quiet_logs(verbose)
+    quiet_logs(verbose)
     _preflight(cfg, run_dir)
     if run_dir is None:
         run_dir = RunDirectory.create(cfg, results_dir)
@@ -333,6 +342,133 @@ def audit(
         raise _fail(str(err)) from None
     console.print((folder / "report.md").read_text(), highlight=False, markup=False)
     console.print(f"wrote {folder}/report.md, audit.json, inversion.png", highlight=False)
+
+
+@cli.command()
+def bench(
+    grid_file: Annotated[Path, typer.Argument(metavar="GRID", help="Grid TOML.")],
+    results: Annotated[
+        Path | None,
+        typer.Option(help="Results folder (default results/bench/<grid name>); reruns resume."),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="Cells run in parallel (worker engines).")] = 1,
+    engine: Annotated[
+        str, typer.Option(help="'ray' (Flower's simulation engine) or 'inprocess'.")
+    ] = "ray",
+) -> None:
+    """Run a grid of attacks x defenses; rerunning skips finished cells."""
+    from fedsec.bench.grid import GridError, load_grid
+    from fedsec.bench.store import ResultsStore, StoreError
+
+    bench_module = importlib.import_module(BENCH_MODULE)  # Flower glue lives in strategies
+    try:
+        grid = load_grid(grid_file)
+        folder = results or Path("results") / "bench" / grid.name
+        store = ResultsStore.create_or_open(folder, grid)
+    except (GridError, StoreError) as err:
+        raise _fail(str(err)) from None
+    if engine not in bench_module.ENGINES:
+        raise _fail(f"--engine must be one of {', '.join(bench_module.ENGINES)}, got {engine!r}")
+    cores = os.cpu_count() or 1
+    if not 1 <= jobs <= cores:
+        raise _fail(f"--jobs must be in [1, {cores}] (this machine's cores), got {jobs}")
+    quiet_logs(False)
+    console.print(
+        f"[bold]fedsec bench[/] {grid.name}: {len(grid.cells)} cells, {jobs} job(s), "
+        f"engine {engine}; results in {folder}",
+        highlight=False,
+    )
+    progress = BenchProgress(grid.cells, jobs)
+    started = time.perf_counter()
+    with Live(progress.render(), console=console, refresh_per_second=2, transient=True) as live:
+
+        def on_event(event: tuple[str, int, str, Any]) -> None:
+            progress.update(event)
+            live.update(progress.render())
+
+        failed = bench_module.run_grid(store, jobs=jobs, engine=engine, on_event=on_event)
+    console.print(progress.render(final=True))
+    console.print(
+        f"{progress.done} of {len(grid.cells)} cells finished ({progress.skipped} from an earlier "
+        f"run) in {time.perf_counter() - started:.1f} s; `fedsec report {folder}` writes the "
+        "report",
+        highlight=False,
+    )
+    if failed:
+        for cell_id, reason in failed.items():
+            err_console.print(f"[bold red]failed:[/] {cell_id}: {reason}", highlight=False)
+        raise typer.Exit(1)
+
+
+class BenchProgress:
+    """Live progress of a grid: cells done of total, the cells running, an ETA."""
+
+    def __init__(self, cells: Any, jobs: int) -> None:
+        self.total = len(cells)
+        self.rounds = {cell.id: cell.config.experiment.rounds for cell in cells}
+        self.jobs = jobs
+        self.done = 0
+        self.skipped = 0
+        self.seconds: list[float] = []
+        self.running: dict[int, tuple[str, int]] = {}  # worker -> (cell, round)
+        self.started = time.perf_counter()
+
+    def update(self, event: tuple[str, int, str, Any]) -> None:
+        """Take one event of :func:`fedsec.strategies.bench.run_grid`."""
+        kind, worker, cell_id, value = event
+        if kind == "skip":
+            self.done += 1
+            self.skipped += 1
+        elif kind == "start":
+            self.running[worker] = (cell_id, 0)
+        elif kind == "round":
+            self.running[worker] = (cell_id, int(value))
+        elif kind in ("done", "error"):
+            self.running.pop(worker, None)
+            if kind == "done":
+                self.done += 1
+                self.seconds.append(float(value))
+
+    def eta(self) -> float | None:
+        """Seconds left: mean cell time of this run x cells left / jobs."""
+        if not self.seconds:
+            return None
+        return sum(self.seconds) / len(self.seconds) * (self.total - self.done) / self.jobs
+
+    def render(self, final: bool = False) -> Table:
+        """The progress table."""
+        table = Table(show_header=False, box=None)
+        eta = self.eta()
+        left = "?" if eta is None else f"{eta / 60:.1f} min"
+        elapsed = time.perf_counter() - self.started
+        table.add_row(
+            "cells",
+            f"{self.done}/{self.total} done ({self.skipped} skipped), {elapsed:.0f} s"
+            + ("" if final else f", ETA {left}"),
+        )
+        if not final:
+            for worker, (cell_id, at) in sorted(self.running.items()):
+                table.add_row(f"job {worker}", f"{cell_id}: round {at}/{self.rounds[cell_id]}")
+        return table
+
+
+@cli.command()
+def report(
+    results: Annotated[Path, typer.Argument(metavar="RESULTS", help="A `fedsec bench` folder.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the report (default RESULTS).")
+    ] = None,
+) -> None:
+    """Write report.md and a self-contained report.html for a grid's results."""
+    from fedsec.bench.report import write_report
+    from fedsec.bench.store import StoreError
+
+    try:
+        markdown, html = write_report(results, out)
+    except (StoreError, ValueError) as err:
+        raise _fail(str(err)) from None
+    console.print(markdown.read_text(encoding="utf-8"), highlight=False, markup=False)
+    console.print(f"wrote {markdown} and {html}", highlight=False)
 
 
 def main() -> None:

@@ -688,19 +688,31 @@ def _check_secagg(cfg: ExperimentConfig) -> None:
 
     size, _ = _largest_sum(cfg)
     try:
-        SecAggParams.for_round(
-            size,
-            1,
-            clip=sa.clip,
-            dropout_rate=sa.dropout_rate,
-            corrupt_fraction=sa.corrupt_fraction,
-            degree=sa.degree,
-            threshold=sa.threshold,
-            bits=sa.bits,
-            modulus_bits=sa.modulus_bits,
-            signed=sa.signed,
-            min_survivors=s,
-        )
+        if s:
+            for size in range(s, 2 * s):  # every bucket size a round can make
+                SecAggParams.for_bucket(
+                    size,
+                    1,
+                    min_survivors=s,
+                    corrupt_fraction=sa.corrupt_fraction,
+                    signed=sa.signed,
+                    clip=sa.clip,
+                    bits=sa.bits,
+                    modulus_bits=sa.modulus_bits,
+                )
+        else:
+            SecAggParams.for_round(
+                size,
+                1,
+                clip=sa.clip,
+                dropout_rate=sa.dropout_rate,
+                corrupt_fraction=sa.corrupt_fraction,
+                degree=sa.degree,
+                threshold=sa.threshold,
+                bits=sa.bits,
+                modulus_bits=sa.modulus_bits,
+                signed=sa.signed,
+            )
     except ValueError as err:
         raise ConfigError("secagg", f"{err} ({n} clients sampled per round)") from None
 

@@ -1,4 +1,4 @@
-"""The simulation's adversary component for colluding model-poisoning attacks.
+"""The simulation's adversary component (colluding attacks) and referee (ground truth).
 
 Colluding attacks (ALIE, IPM, Min-Max, Min-Sum, Fang, Mimic) need the pooled
 updates of all malicious clients, and an omniscient adversary also sees the
@@ -10,7 +10,11 @@ never the server's own view: the strategy gets exactly what it would get from
 malicious clients that crafted their updates together.
 
 Malicious clients identify themselves to it with the ``fedsec.malicious``
-reply metric, which it removes before the server sees the replies.
+reply metric, which it removes before the server sees the replies. As the
+referee it also strips every malicious client's ``fedsec.truth.malicious``
+tag (any attack) and remembers which nodes were malicious in the last
+training exchange, so the experiment can score the rule's exclusions
+(detection precision and recall) without the strategy ever seeing the truth.
 
 Under secure aggregation the colluders collude before masking: at the
 masked-input stage each one answers the adversary with its plain update
@@ -34,7 +38,7 @@ from flwr.serverapp import Grid
 
 from fedsec.aggregation import Rule
 from fedsec.attacks.base import AdversaryView, ModelPoisoningAttack
-from fedsec.attacks.threat import MALICIOUS_TAG, effective_boost, round_generator
+from fedsec.attacks.threat import MALICIOUS_TAG, TRUTH_TAG, effective_boost, round_generator
 from fedsec.client.secagg_mod import ADVERSARY_KEY, NUM_EXAMPLES_ARRAY, SECAGG_KEY
 
 from .arrays import ArraySpec
@@ -49,8 +53,8 @@ class AdversaryGrid:
     ----------
     grid : Grid
         The real grid (Ray simulation or in-process).
-    attack : ModelPoisoningAttack
-        A colluding attack.
+    attack : ModelPoisoningAttack or None
+        A colluding attack, or None to only referee (other attacks).
     omniscient : bool
         Whether the adversary also sees the honest clients' updates.
     rule : Rule or None
@@ -66,10 +70,10 @@ class AdversaryGrid:
     def __init__(
         self,
         grid: Grid,
-        attack: ModelPoisoningAttack,
+        attack: ModelPoisoningAttack | None,
         *,
-        omniscient: bool,
-        rule: Rule | None,
+        omniscient: bool = False,
+        rule: Rule | None = None,
         boost: float = 1.0,
         server_lr: float = 1.0,
         seed: int = 0,
@@ -82,6 +86,7 @@ class AdversaryGrid:
         self.server_lr = server_lr
         self.seed = seed
         self.rounds_attacked = 0
+        self.malicious_nodes: set[int] = set()  # ground truth of the last training exchange
 
     def as_grid(self) -> Grid:
         """This wrapper typed as Flower's Grid (it forwards what the strategy uses)."""
@@ -100,17 +105,31 @@ class AdversaryGrid:
         """Send, then let the colluders rewrite their training replies."""
         messages = list(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return replies
+        self._referee(replies)
+        if self.attack is not None:
             if any(_is_masked_input(m) for m in messages):
                 replies = self._attack_secure(messages, replies, timeout)
             else:
                 self._attack(messages[0], replies)
         return replies
 
+    def _referee(self, replies: list[Message]) -> None:
+        """Record and strip the ground-truth tags of a training exchange."""
+        truth: set[int] = set()
+        for reply in replies:
+            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            if metrics is not None and TRUTH_TAG in metrics:
+                del metrics[TRUTH_TAG]
+                truth.add(reply.metadata.src_node_id)
+        self.malicious_nodes = truth
+
     def _attack_secure(
         self, messages: list[Message], replies: list[Message], timeout: float | None
     ) -> list[Message]:
         """Craft the colluders' updates before masking; return every masked reply."""
+        assert self.attack is not None
         by_node = {m.metadata.dst_node_id: m for m in messages}
         plain, masked = [], []
         for reply in replies:
@@ -124,31 +143,14 @@ class AdversaryGrid:
             return masked
         plain.sort(key=lambda m: m.metadata.src_node_id)
         request = by_node[plain[0].metadata.src_node_id]
-        server_round = int(request.content.config_records["config"].get("server-round", 0))  # type: ignore[arg-type]
-        global_arrays = request.content.array_records["arrays"]
-        spec = ArraySpec.from_record(global_arrays)
-        global_flat = torch.empty(spec.dim)
-        spec.flatten_into(global_arrays, global_flat)
+        spec, global_flat = _global(request)
         own, colluders = self._updates(spec, plain, global_flat)
         if own is None:
             return masked
-        crafted = own
         n = sum(1 for m in messages if _is_masked_input(m))
-        try:
-            self.attack.check(len(colluders), n)
-            view = AdversaryView(
-                own=own,
-                benign=None,
-                num_clients=n,
-                rule=self.rule,
-                generator=round_generator(self.seed, server_round, salt=3),
-            )
-            boost = effective_boost(self.boost, n, self.server_lr, len(colluders))
-            crafted = self.attack.craft(view) * boost
-            self.rounds_attacked += 1
-        except ValueError as err:
-            # Dropouts can leave too few colluders this round; they then act honestly.
-            logger.warning("round %d: attack skipped: %s", server_round, err)
+        crafted = self._craft(request, own, None, n)
+        if crafted is None:
+            crafted = own  # too few colluders this round: they act honestly
         second = []
         for reply, update in zip(colluders, crafted, strict=True):
             original = by_node[reply.metadata.src_node_id]
@@ -169,6 +171,7 @@ class AdversaryGrid:
         return masked
 
     def _attack(self, request: Message, replies: list[Message]) -> None:
+        assert self.attack is not None
         malicious, honest = [], []
         for reply in replies:
             if reply.has_error():
@@ -179,27 +182,34 @@ class AdversaryGrid:
                 malicious.append(reply)
             else:
                 honest.append(reply)
-        server_round = int(request.content.config_records["config"].get("server-round", 0))  # type: ignore[arg-type]
         if not malicious:
             return
         # Stable row order (by node id), so attacks that track a row (Mimic) track a client.
         malicious.sort(key=lambda m: m.metadata.src_node_id)
         honest.sort(key=lambda m: m.metadata.src_node_id)
-        global_arrays = request.content.array_records["arrays"]
-        spec = ArraySpec.from_record(global_arrays)
-        global_flat = torch.empty(spec.dim)
-        spec.flatten_into(global_arrays, global_flat)
+        spec, global_flat = _global(request)
         own, malicious = self._updates(spec, malicious, global_flat)
         benign, _ = self._updates(spec, honest, global_flat) if self.omniscient else (None, [])
         if own is None:
             return
-        n = len(malicious) + len(honest)
+        crafted = self._craft(request, own, benign, len(malicious) + len(honest))
+        if crafted is None:
+            return
+        for reply, update in zip(malicious, crafted, strict=True):
+            reply.content["arrays"] = spec.to_record(global_flat + update)
+
+    def _craft(
+        self, request: Message, own: torch.Tensor, benign: torch.Tensor | None, n: int
+    ) -> torch.Tensor | None:
+        """The colluders' boosted updates [m, d], or None when the attack cannot run."""
+        assert self.attack is not None
+        server_round = int(request.content.config_records["config"].get("server-round", 0))  # type: ignore[arg-type]
         try:
-            self.attack.check(len(malicious), n)
+            self.attack.check(len(own), n)
         except ValueError as err:
             # Dropouts can leave too few colluders this round; they then act honestly.
             logger.warning("round %d: attack skipped: %s", server_round, err)
-            return
+            return None
         view = AdversaryView(
             own=own,
             benign=benign,
@@ -207,11 +217,9 @@ class AdversaryGrid:
             rule=self.rule,
             generator=round_generator(self.seed, server_round, salt=3),
         )
-        crafted = self.attack.craft(view)
-        crafted = crafted * effective_boost(self.boost, n, self.server_lr, len(malicious))
-        for reply, update in zip(malicious, crafted, strict=True):
-            reply.content["arrays"] = spec.to_record(global_flat + update)
         self.rounds_attacked += 1
+        boost = effective_boost(self.boost, n, self.server_lr, len(own))
+        return self.attack.craft(view) * boost
 
     @staticmethod
     def _updates(
@@ -231,6 +239,15 @@ class AdversaryGrid:
         if not kept:
             return None, kept
         return rows[: len(kept)].sub_(global_flat), kept
+
+
+def _global(request: Message) -> tuple[ArraySpec, torch.Tensor]:
+    """The layout and flat values of the global model a training request carries."""
+    global_arrays = request.content.array_records["arrays"]
+    spec = ArraySpec.from_record(global_arrays)
+    global_flat = torch.empty(spec.dim)
+    spec.flatten_into(global_arrays, global_flat)
+    return spec, global_flat
 
 
 def _is_masked_input(msg: Message) -> bool:

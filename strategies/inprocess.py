@@ -18,6 +18,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsec.attacks.threat import enable_simulated_adversary
+
 Tamper = Callable[[Message], Message | None]
 
 
@@ -56,6 +58,7 @@ class InProcessGrid:
             for node in range(1, num_nodes + 1)
         }
         self.tamper = tamper or {}
+        enable_simulated_adversary()  # the clients run in this process, under simulation
         self.dead = set(dead)
         # Messages built outside a Flower runtime need a task identity.
         for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):

@@ -205,7 +205,6 @@ class SecAggWorkflow:
         self.identities: dict[int, str] = {}  # node id -> long-term identity (signed mode)
         self.last_error = ""  # why the last round failed, if it did
         self._prepared: _Round | None = None  # next round, keys shared, masked-input due
-        self._dp_rounds = 0  # rounds whose sums were revealed under distributed DP
         self._dp_worst: SkellamPlan | None = None
 
     def run_round(
@@ -314,6 +313,8 @@ class SecAggWorkflow:
                 for cid in s.result.contributors:
                     nodes_dropped[s.bucket.nodes[cid - 1]] = "bucket sum failed the norm check"
         contributors = [s.bucket.nodes[cid - 1] for s in kept for cid in s.result.contributors]
+        for node in contributors:  # e.g. gone at unmask, but its input is in the sum
+            nodes_dropped.pop(node, None)
         try:
             if self.bucket_size:
                 new_arrays, round_metrics = strategy.aggregate_buckets(
@@ -345,13 +346,11 @@ class SecAggWorkflow:
         metrics["secagg_threshold"] = params.threshold
         metrics["secagg_error_bound"] = max(s.result.error_bound for s in kept)
         metrics["secagg_pipelined"] = int(current is prepared)
-        if self.noise_multiplier > 0:
-            self._dp_rounds += 1
-            if self._dp_worst is not None:
-                metrics["dp_distributed_epsilon"] = self._dp_worst.epsilon(
-                    self._dp_rounds, self.delta
-                )
-                metrics["dp_delta"] = self.delta
+        if self.noise_multiplier > 0 and self._dp_worst is not None:
+            # Every round up to this one may have released a noisy sum with the client
+            # in it (also rounds that failed later, and rounds before a resume).
+            metrics["dp_distributed_epsilon"] = self._dp_worst.epsilon(server_round, self.delta)
+            metrics["dp_delta"] = self.delta
         if epsilons:
             metrics[EPSILON_KEY] = max(epsilons)
         _add_times(metrics, times)
@@ -423,6 +422,8 @@ class SecAggWorkflow:
             # ||N|| <= sigma (sqrt(d) + 8) but with probability below 2**-40 (chi tail).
             sigma = math.sqrt(count * params.noise_variance) * 2.0 * params.clip / encoder.levels
             slack += sigma * (math.sqrt(dim) + 8.0)
+        # float32 arithmetic in clipping and in the decoded mean: a relative 1e-5.
+        slack += 1e-5 * result.total_weight * self.norm_bound
         bound = result.total_weight * self.norm_bound + slack
         if norm <= bound:
             return True
@@ -544,22 +545,33 @@ class SecAggWorkflow:
                 min_survivors = max(2, n - math.floor(s.dropout_rate * n))
             plan = self._plan(n, min_survivors, dim)
             noise_variance, headroom, bits = plan.client_variance, plan.headroom, plan.bits
-        bucketed = bool(self.bucket_size)
+        encoding: dict[str, Any] = {
+            "clip": s.clip,
+            "bits": bits,
+            "modulus_bits": s.modulus_bits,
+            "norm_bound": self.norm_bound,
+            "noise_variance": noise_variance,
+            "headroom": headroom,
+        }
+        if self.bucket_size:
+            return SecAggParams.for_bucket(
+                n,
+                dim,
+                min_survivors=min_survivors,
+                corrupt_fraction=s.corrupt_fraction,
+                signed=s.signed,
+                **encoding,
+            )
         return SecAggParams.for_round(
             n,
             dim,
-            clip=s.clip,
             dropout_rate=s.dropout_rate,
             corrupt_fraction=s.corrupt_fraction,
-            degree=0 if bucketed else s.degree,
-            threshold=0 if bucketed else s.threshold,
-            bits=bits,
-            modulus_bits=s.modulus_bits,
+            degree=s.degree,
+            threshold=s.threshold,
             signed=s.signed,
             min_survivors=min_survivors,
-            norm_bound=self.norm_bound,
-            noise_variance=noise_variance,
-            headroom=headroom,
+            **encoding,
         )
 
     def _plan(self, n: int, min_clients: int, dim: int) -> SkellamPlan:

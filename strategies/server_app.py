@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -237,6 +237,8 @@ def run_experiment(
                     timeout=cfg.server.round_timeout,
                 )
                 new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+                if train_metrics is not None:
+                    train_metrics.update(_detection(grid, strategy, server_round))
         except Exception as err:  # a failed round leaves the global model as it was
             logger.exception("round %d: aggregation failed; global model unchanged", server_round)
             new_arrays, train_metrics = None, None
@@ -316,6 +318,27 @@ def _privacy_metrics(cfg: ExperimentConfig, server_round: int) -> dict[str, obje
     return out
 
 
+def _detection(grid: Grid, strategy: FedSecStrategy, server_round: int) -> dict[str, float]:
+    """The rule's exclusions scored against the referee's ground truth.
+
+    Only in rounds where the rule excluded someone (weight 0): precision is
+    the share of excluded clients that were malicious, recall the share of
+    the round's accepted malicious clients that were excluded.
+    """
+    report = strategy.last_report
+    if not isinstance(grid, AdversaryGrid) or report is None or report.server_round != server_round:
+        return {}
+    excluded = {node for node, weight in report.weights.items() if weight == 0}
+    malicious = grid.malicious_nodes & set(report.weights)
+    if not excluded or not malicious:
+        return {}
+    caught = len(excluded & malicious)
+    return {
+        "detection_precision": caught / len(excluded),
+        "detection_recall": caught / len(malicious),
+    }
+
+
 def _decisions(strategy: FedSecStrategy, server_round: int) -> dict[str, object]:
     report = strategy.last_report
     if report is None or report.server_round != server_round:
@@ -329,11 +352,13 @@ def _decisions(strategy: FedSecStrategy, server_round: int) -> dict[str, object]
 
 
 def _with_adversary(grid: Grid, cfg: ExperimentConfig) -> Grid:
-    """Wrap ``grid`` in the adversary component when the attack is a colluding one."""
+    """Wrap ``grid`` in the adversary component (and referee) when an attack is configured."""
     attack = cfg.attack
     built = build_configured_attack(cfg)
-    if built is None or not is_colluding(built):
+    if built is None:
         return grid
+    if not is_colluding(built):
+        return AdversaryGrid(grid, None).as_grid()  # referee only
     # An adaptive adversary knows the rule; it gets its own copy, so probing it
     # cannot disturb the server's state (centered clipping's centre, FoolsGold's history).
     rule = build_aggregator(cfg) if attack.adaptive else None
@@ -376,6 +401,15 @@ def main(grid: Grid, context: Context) -> None:
     run = RunDirectory.create(cfg, results_dir)
     # Flower streams its own logger to `flwr run --stream`, so report through it.
     flwr_log(INFO, "fedsec: writing results to %s", run.path)
+    built = build_configured_attack(cfg)
+    if built is not None and is_colluding(built):
+        flwr_log(
+            WARNING,
+            "fedsec: '%s' is a colluding attack: its clients act only in the simulation's "
+            "adversary mode (FEDSEC_SIMULATED_ADVERSARY=1 in the clients' environment; "
+            "`fedsec run` sets it)",
+            cfg.attack.name,
+        )
     run_experiment(grid, cfg, run, on_round=_log_round)
     final = run.rounds[-1]
     flwr_log(

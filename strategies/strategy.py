@@ -225,7 +225,9 @@ class FedSecStrategy(Strategy):
         """
         if self._spec is None or self._global_flat is None or self.last_report is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        replies = list(replies)
+        # Node order, not arrival order: rules that draw (bucketing) then do not depend
+        # on which client happened to answer first.
+        replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
         report = self.last_report
         updates = torch.empty(len(replies), self._spec.dim, dtype=torch.float32)
         weights: list[float] = []

@@ -26,6 +26,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedsec.attacks.threat import SIMULATED_ADVERSARY_ENV
 from fedsec.client.app import app as real_client_app
 from fedsec.client.secagg_mod import MASKED_KEY, SECAGG_KEY, secagg_mod
 from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
@@ -323,3 +324,41 @@ def test_bucketed_robust_rules_hold_where_the_secure_mean_falls(tmp_path: Path) 
     for rule, accuracy in bucketed.items():
         assert accuracy >= clean - 0.10, (rule, accuracy, clean)
     assert mean <= min(bucketed.values()) - 0.20, (mean, bucketed)
+
+
+def test_a_deployed_client_never_sends_its_plain_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a simulation's adversary mode, a config that names the node a colluder
+    changes nothing: every masked-input reply is masked, and a crafted update is refused."""
+    cfg = parse_config(
+        {
+            "experiment": {"name": "deployed", "rounds": 1, "seed": 0},
+            "data": {"num_clients": 6},
+            "client": {"local_epochs": 1},
+            "attack": {"name": "ipm", "num_malicious": 2, "params": {"epsilon": 10.0}},
+            "secagg": {"enabled": True},
+        }
+    )
+    grid = InProcessGrid(real_client_app, 6)
+    monkeypatch.delenv(SIMULATED_ADVERSARY_ENV)
+    replies: list[Message] = []
+    send = grid.send_and_receive
+
+    def spy(messages: Any, *, timeout: float | None = None) -> list[Message]:
+        out = send(messages, timeout=timeout)
+        replies.extend(out)
+        return out
+
+    grid.send_and_receive = spy  # type: ignore[method-assign]
+    info = DATASETS.get(cfg.data.dataset)
+    model = make_model(cfg.model.name, info.input_shape, info.num_classes, seed=0)
+    wire = ConfigRecord({WIRE_CONFIG_KEY: __import__("json").dumps(cfg.to_dict())})
+    strategy = build_strategy(cfg)
+    new, _ = make_secagg_workflow(cfg).run_round(
+        grid.as_grid(), strategy, 1, ArrayRecord(model.state_dict()), wire
+    )
+    assert new is not None
+    masked = [r for r in replies if not r.has_error() and MASKED_KEY in r.content.array_records]
+    assert len(masked) == 6
+    assert not any("arrays" in r.content.array_records for r in replies if not r.has_error())
+    metrics = [r.content.metric_records.get("metrics") for r in replies if not r.has_error()]
+    assert not any(m is not None and any(k.startswith("fedsec.") for k in m) for m in metrics)

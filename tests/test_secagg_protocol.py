@@ -23,6 +23,7 @@ import torch
 from fedsec.privacy.client_level import clip_update
 from fedsec.privacy.distributed import plan_skellam
 from fedsec.secagg.client import ClientStage, SecAggClient
+from fedsec.secagg.graph import bucket_parameters
 from fedsec.secagg.keys import generate_keypair
 from fedsec.secagg.messages import (
     STAGES,
@@ -88,10 +89,12 @@ class Round:
         server_round: int = 3,
         session: bytes | None = None,
         clients: dict[int, SecAggClient] | None = None,
+        bucket: bool = False,
         **param_kw: Any,
     ) -> None:
         ids = range(1, n + 1)
-        self.params = SecAggParams.for_round(n, d, clip=CLIP, signed=signed, **param_kw)
+        make = SecAggParams.for_bucket if bucket else SecAggParams.for_round
+        self.params = make(n, d, clip=CLIP, signed=signed, **param_kw)
         self.creds: dict[int, dict[str, Any]] = {i: {} for i in ids}
         identities: list[str] = []
         if signed:
@@ -620,7 +623,7 @@ def test_a_sum_of_one_is_refused_and_two_only_as_a_bucket() -> None:
         SecAggParams(1, 1, 1, 1.0, 16, 32, 10)
     with pytest.raises(ValueError, match="n >= 3"):  # a plain round of 2 derives no graph
         SecAggParams.for_round(2, 10, clip=1.0)
-    bucket = SecAggParams.for_round(2, 10, clip=1.0, min_survivors=2)
+    bucket = SecAggParams.for_bucket(2, 10, clip=1.0, min_survivors=2)
     assert (bucket.degree, bucket.threshold, bucket.unmask_minimum) == (1, 1, 2)
     req = SecAggServer(SecAggParams.for_round(4, 10, clip=1.0)).advertise_keys()[1]
     with pytest.raises(ProtocolError, match="needs 2 to 100000 clients, got n=1"):
@@ -713,7 +716,7 @@ def test_signed_unmask_needs_the_signed_set_and_t_valid_signatures() -> None:
             ),
             (
                 dataclasses.replace(req, signatures=few),
-                f"only {t - 1} survivors signed; need t={t}",
+                f"only {t - 2} surviving neighbours signed; need t={t}",  # own one not counted
             ),
             (
                 dataclasses.replace(req, signatures={**sigs, 5: sigs[2]}),
@@ -984,7 +987,7 @@ def test_round_size_and_degree_are_capped() -> None:
 
 def test_a_sum_below_min_survivors_is_never_unmasked() -> None:
     """A bucket of 3 that loses a member at masked-input aborts before any unmask request."""
-    rnd = Round(3, 8, min_survivors=3)
+    rnd = Round(3, 8, min_survivors=3, bucket=True)
     with pytest.raises(SecAggAbortedError, match="fewer than 3 is never unmasked"):
         rnd.run(drop={"masked-input": {2}})
     assert "unmask:request" not in rnd.log
@@ -1001,8 +1004,55 @@ def test_honest_client_refuses_to_unmask_fewer_than_min_survivors() -> None:
         rnd.run(tamper={"unmask:request": shrink})
 
 
+def test_no_client_unmasks_a_sum_of_one_whatever_the_round_says() -> None:
+    """A server that drops the floor (min_survivors 0, t = 1) still gets no lone input."""
+    rnd = Round(2, 8, min_survivors=2, bucket=True)
+
+    def alone(batch: dict[int, Any]) -> dict[int, Any]:
+        return {i: dataclasses.replace(r, survivors=(i,)) for i, r in batch.items()}
+
+    with pytest.raises(ProtocolError, match="no sum of fewer than 2"):
+        rnd.run(tamper={"unmask:request": alone})
+    strict = SecAggClient(min_sum=3)
+    assert strict.min_sum == 3
+    with pytest.raises(ValueError, match="min_sum"):
+        SecAggClient(min_sum=1)
+
+
+def test_bucket_thresholds_resist_the_tolerated_colluders() -> None:
+    # Unsigned: t >= c + 1 (c = 1 at 5 % corrupt), else s - 1 so s survivors finish.
+    assert bucket_parameters(3, 2) == (2, 2)
+    assert bucket_parameters(5, 3) == (4, 2)
+    assert bucket_parameters(9, 5) == (8, 4)
+    assert bucket_parameters(2, 2) == (1, 1)  # the sum of two already tells each the other's
+    assert bucket_parameters(4, 2, corrupt_fraction=0.0) == (3, 1)
+    # Signed: t > (k + c) / 2 against a split survivor set; a bucket of 2 cannot have it.
+    assert bucket_parameters(3, 3, signed=True) == (2, 2)
+    assert bucket_parameters(5, 3, signed=True) == (4, 3)
+    with pytest.raises(ValueError, match="buckets of 3 or more"):
+        bucket_parameters(2, 2, signed=True)
+
+
+def test_signed_unmask_counts_only_neighbours_signatures() -> None:
+    """The client's own signature does not count toward t (else a split needs one fewer)."""
+    rnd = Round(3, 8, signed=True, min_survivors=3, bucket=True)  # k = 2, t = 2
+
+    def own_and_one(batch: dict[int, Any]) -> dict[int, Any]:
+        return {
+            i: dataclasses.replace(
+                r, signatures={v: sig for v, sig in r.signatures.items() if v in (i, i % 3 + 1)}
+            )
+            for i, r in batch.items()
+        }
+
+    with pytest.raises(ProtocolError, match="only 1 surviving neighbours signed; need t=2"):
+        rnd.run(tamper={"unmask:request": own_and_one})
+    res = Round(3, 8, signed=True, min_survivors=3, bucket=True).run()
+    assert res is not None and res.contributors == (1, 2, 3)
+
+
 def test_bucket_of_two_gives_its_weighted_mean() -> None:
-    rnd = Round(2, 16, min_survivors=2)
+    rnd = Round(2, 16, min_survivors=2, bucket=True)
     res = rnd.run()
     assert res is not None and res.contributors == (1, 2)
     assert torch.allclose(res.aggregate.double(), rnd.expected([1, 2]), atol=res.error_bound)

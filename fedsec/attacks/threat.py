@@ -29,6 +29,7 @@ Where each attack acts, as a real adversary could:
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -41,6 +42,32 @@ KNOWLEDGE = ("colluders", "omniscient")
 #: Reply metric by which a colluding client identifies itself to the simulation's
 #: adversary component (which removes it before the server sees the reply).
 MALICIOUS_TAG = "fedsec.malicious"
+#: Environment variable that puts ClientApps in the simulation's adversary mode. Only
+#: then do malicious clients tag their replies and hand colluders' plain updates to
+#: the adversary component: in a deployment there is no such component between the
+#: clients and the server, and a server must never be able to ask for a plain update.
+SIMULATED_ADVERSARY_ENV = "FEDSEC_SIMULATED_ADVERSARY"
+
+
+def simulated_adversary() -> bool:
+    """Whether this process runs clients of a simulation with an adversary component."""
+    return os.environ.get(SIMULATED_ADVERSARY_ENV) == "1"
+
+
+def enable_simulated_adversary() -> dict[str, str]:
+    """Turn the adversary mode on for this process and the workers it starts.
+
+    Returns the variable, for engines whose workers do not inherit the
+    environment (a Ray ``runtime_env``'s ``env_vars``).
+    """
+    os.environ[SIMULATED_ADVERSARY_ENV] = "1"
+    return {SIMULATED_ADVERSARY_ENV: "1"}
+
+
+#: Reply metric by which every malicious client (any attack) tells the simulation's
+#: referee the ground truth, for detection precision and recall; removed before the
+#: strategy sees the reply, and never sent under secure aggregation.
+TRUTH_TAG = "fedsec.truth.malicious"
 
 
 def num_malicious(num_clients: int, count: int, fraction: float) -> int:

@@ -27,11 +27,13 @@ from fedsec.attacks.data_poisoning import DataPoisoningAttack
 from fedsec.attacks.model_poisoning import PerClientAttack
 from fedsec.attacks.threat import (
     MALICIOUS_TAG,
+    TRUTH_TAG,
     effective_boost,
     is_colluding,
     malicious_partitions,
     num_malicious,
     round_generator,
+    simulated_adversary,
 )
 from fedsec.client.privacy import (
     PRIVACY_BUDGET_EXHAUSTED,
@@ -154,7 +156,13 @@ def _is_malicious(cfg: ExperimentConfig, partition_id: int, server_round: int) -
 
 
 def is_colluding_client(msg: Message, context: Context) -> bool:
-    """Whether this node plays a colluding attacker in the round ``msg`` belongs to."""
+    """Whether this node plays a colluding attacker in the round ``msg`` belongs to.
+
+    Never outside a simulation's adversary mode: the round's config comes from
+    the server, which must not be able to make an honest node act as a colluder.
+    """
+    if not simulated_adversary():
+        return False
     cfg = config_from_message(msg)
     server_round = msg.content.config_records["config"].get("server-round", 0)
     if not isinstance(server_round, int) or not _is_malicious(
@@ -254,9 +262,10 @@ def train_handler(msg: Message, context: Context) -> Message:
         metrics["dp_epsilon_max"] = ledger.spent()
     if malicious:
         state = _poison_update(cfg, attack, global_state, state, seed, server_round)
-        if is_colluding(attack):
-            # For the simulation's adversary component only; it strips the tag.
-            metrics[MALICIOUS_TAG] = 1
+        if simulated_adversary():  # tags for the simulation's adversary and referee only
+            metrics[TRUTH_TAG] = 1
+            if is_colluding(attack):
+                metrics[MALICIOUS_TAG] = 1
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -13,7 +13,10 @@ Colluding attacks in simulations (the architecture's threat model: attackers
 pool their updates before masking, never through the server's view): a
 malicious client's training reply carries the ``fedsec.malicious`` tag, and
 the mod passes that plain reply to the simulation's adversary component
-instead of masking it, leaving its protocol state untouched. The adversary
+instead of masking it, leaving its protocol state untouched. Both happen only
+in a process whose simulation turned the adversary mode on
+(:func:`fedsec.attacks.threat.enable_simulated_adversary`); a deployed node
+always masks, whatever config the server sends. The adversary
 crafts the colluders' updates and sends the masked-input request again with
 the crafted update in the ArrayRecord ``fedsec-adversary``, which the mod
 masks in place of training (and which only a malicious client accepts).
@@ -205,9 +208,9 @@ def _masked_input(
 
 def _for_adversary(reply: Message) -> bool:
     """Whether a training reply is a colluder's plain update for the adversary component."""
-    from fedsec.attacks.threat import MALICIOUS_TAG
+    from fedsec.attacks.threat import MALICIOUS_TAG, simulated_adversary
 
-    if reply.has_error():
+    if reply.has_error() or not simulated_adversary():
         return False
     metrics = reply.content.metric_records.get("metrics")
     return metrics is not None and MALICIOUS_TAG in metrics
@@ -286,6 +289,7 @@ def _load_client(context: Context, msg: Message, request: Any) -> SecAggClient:
         signing_key=key,
         trusted_keys=trusted,
         require_signed=_provisioned(context),
+        min_sum=int(context.node_config.get("secagg-min-sum", 2)),
     )
 
 

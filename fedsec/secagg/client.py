@@ -130,8 +130,12 @@ class SecAggClient:
         signing_key: Ed25519PrivateKey | None = None,
         trusted_keys: Mapping[str, bytes] | None = None,
         require_signed: bool = False,
+        min_sum: int = 2,
     ) -> None:
+        if min_sum < 2:
+            raise ValueError(f"min_sum must be >= 2 (a sum of one is the input), got {min_sum}")
         self.require_signed = require_signed
+        self.min_sum = min_sum
         self.identity = identity
         self.signing_key = signing_key
         self.trusted_keys = dict(trusted_keys or {})
@@ -431,10 +435,10 @@ class SecAggClient:
             raise ProtocolError(
                 f"only {len(survivors)} survivors; the threshold is t={setup.threshold}"
             )
-        if len(survivors) < setup.min_survivors:
+        least = max(setup.min_survivors, self.min_sum)
+        if len(survivors) < least:
             raise ProtocolError(
-                f"only {len(survivors)} survivors; this round unmasks no sum of fewer than "
-                f"{setup.min_survivors}"
+                f"only {len(survivors)} survivors; this client unmasks no sum of fewer than {least}"
             )
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
@@ -454,9 +458,12 @@ class SecAggClient:
                 raise ProtocolError("unmask survivor set differs from the one this client signed")
             if not set(request.signatures) <= set(survivors):
                 raise ProtocolError("unmask request holds signatures from non-survivors")
-            if len(request.signatures) < setup.threshold:
+            # Only neighbours' signatures count (not this client's own): a server that
+            # splits the survivor set then needs t > (k + c) / 2 of them in both halves.
+            counted = set(request.signatures) & self.neighbours
+            if len(counted) < setup.threshold:
                 raise ProtocolError(
-                    f"only {len(request.signatures)} survivors signed; need t={setup.threshold}"
+                    f"only {len(counted)} surviving neighbours signed; need t={setup.threshold}"
                 )
             for signer, signature in request.signatures.items():
                 identity, trusted = self._trusted(signer)
@@ -510,6 +517,7 @@ class SecAggClient:
         signing_key: Ed25519PrivateKey | None = None,
         trusted_keys: Mapping[str, bytes] | None = None,
         require_signed: bool = False,
+        min_sum: int = 2,
     ) -> SecAggClient:
         """Rebuild a client from :meth:`to_state` output."""
         client = cls(
@@ -517,6 +525,7 @@ class SecAggClient:
             signing_key=signing_key,
             trusted_keys=trusted_keys,
             require_signed=require_signed,
+            min_sum=min_sum,
         )
         client.stage = ClientStage(state.get("stage", ClientStage.IDLE.value))
         if "setup.session" not in state:

@@ -215,33 +215,48 @@ def secagg_parameters(
     return (k, t) if t <= k - dropped else (k, corrupt + 1)
 
 
-def bucket_parameters(size: int, min_survivors: int, *, signed: bool = False) -> tuple[int, int]:
+def bucket_parameters(
+    size: int, min_survivors: int, *, corrupt_fraction: float = 0.05, signed: bool = False
+) -> tuple[int, int]:
     """Degree ``k`` and threshold ``t`` for one bucket of bucketed secure aggregation.
 
     A bucket is small (``s`` to ``2s - 1`` clients), so it uses the complete
-    graph ``k = size - 1`` (minus one when both are odd). It is unmasked only
-    with at least ``min_survivors`` (= ``s``) survivors, each of which then
-    holds shares of every other member; ``t = min(s - 1, k // 2 + 1)`` is the
-    largest threshold those survivors always reach, so a bucket that keeps
-    ``s`` members always finishes. Signed mode needs ``t > k / 2``
-    (:func:`malicious_threshold` with no corrupt neighbour) and takes
-    ``k // 2 + 1``; a bucket then also needs ``t + 1`` survivors.
+    graph ``k = size - 1`` (minus one when both are odd). With ``c`` corrupt
+    members tolerated (``ceil(corrupt_fraction * k)``, at least 1 when the
+    fraction is positive), ``t >= c + 1`` keeps any member's secrets from
+    the colluders; up to that floor ``t = s - 1``, the largest threshold that
+    ``s`` survivors always reach (each survivor's shares are held by the
+    ``s - 1`` others), so a bucket of ``s`` survivors can still finish. Signed
+    mode needs ``t > (k + c) / 2`` (:func:`malicious_threshold`) against a
+    server that splits the survivor set, so a bucket there needs ``t + 1``
+    survivors and ``k >= t``: buckets of 2 cannot be signed.
 
-    With ``s = 2`` the threshold is 1: a member's single neighbour holds its
-    secrets outright, which reveals no more than the bucket sum already does
-    to that neighbour (its own input and the sum give the other's).
+    A bucket of two has ``t = 1``: each member's neighbour holds its secrets
+    outright, which reveals no more than the bucket sum does to that
+    neighbour (its own input and the sum give the other's).
 
     Raises
     ------
     ValueError
-        Unless ``2 <= min_survivors <= size``.
+        Unless ``2 <= min_survivors <= size``, or when signed mode has no
+        threshold for the bucket.
     """
     if not 2 <= min_survivors <= size:
         raise ValueError(
             f"a bucket needs 2 <= min_survivors <= size, got min_survivors={min_survivors}, "
             f"size={size}"
         )
+    if not 0.0 <= corrupt_fraction < 1.0:
+        raise ValueError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction}")
     k = size - 1
     k -= 1 if (k % 2 and size % 2) else 0
-    t = k // 2 + 1 if signed else max(1, min(min_survivors - 1, k // 2 + 1))
-    return k, t
+    corrupt = max(1, math.ceil(corrupt_fraction * k)) if corrupt_fraction > 0 else 0
+    if signed:
+        t = malicious_threshold(k, corrupt)
+        if t > k:
+            raise ValueError(
+                f"a signed bucket of {size} cannot resist {corrupt} corrupt member(s) and a "
+                f"server splitting the survivor set (needs t={t} > k={k}); use buckets of 3 or more"
+            )
+        return k, t
+    return k, min(k, max(corrupt + 1, min_survivors - 1))

@@ -193,17 +193,14 @@ class SecAggParams:
         signed : bool, default False
             Malicious-server mode: signed keys and the consistency check.
         min_survivors : int, default 0
-            Bucketed mode: the bucket size ``s``. ``k`` and ``t`` then come from
-            :func:`~fedsec.secagg.graph.bucket_parameters` unless given.
+            No sum of fewer survivors is unmasked (see :meth:`for_bucket`).
         norm_bound, noise_variance, headroom
             As in :class:`SecAggParams`; with ``headroom`` the derived ``bits``
             leaves room for it.
         """
         n = num_clients
         _check_round_size(n)
-        if min_survivors and not degree:
-            k, t = bucket_parameters(n, min_survivors, signed=signed)
-        elif degree:
+        if degree:
             k = min(degree, n - 1)
             k -= 1 if (k % 2 and n % 2) else 0
             least = k // 2 + 1
@@ -240,6 +237,38 @@ class SecAggParams:
             float(norm_bound),
             float(noise_variance),
             headroom,
+        )
+
+    @classmethod
+    def for_bucket(
+        cls,
+        size: int,
+        dim: int,
+        *,
+        min_survivors: int,
+        corrupt_fraction: float = 0.05,
+        signed: bool = False,
+        **encoding: Any,
+    ) -> SecAggParams:
+        """One bucket's parameters: complete graph, ``k`` and ``t`` from
+        :func:`~fedsec.secagg.graph.bucket_parameters`, unmasked only with at
+        least ``min_survivors`` (the bucket size ``s``).
+
+        ``encoding``: ``clip``, ``bits``, ``modulus_bits``, ``norm_bound``,
+        ``noise_variance``, ``headroom`` as in :meth:`for_round`.
+        """
+        k, t = bucket_parameters(
+            size, min_survivors, corrupt_fraction=corrupt_fraction, signed=signed
+        )
+        return cls.for_round(
+            size,
+            dim,
+            degree=k,
+            threshold=t,
+            corrupt_fraction=corrupt_fraction,
+            signed=signed,
+            min_survivors=min_survivors,
+            **encoding,
         )
 
 
