@@ -6,7 +6,8 @@ with a live per-round display and writes ``results/<run-name>/``;
 ``fedsec validate CONFIG`` checks a config without running it;
 ``fedsec bench GRID`` runs a grid of attacks x defenses into a resumable
 results folder and ``fedsec report RESULTS`` writes its Markdown and HTML
-report.
+report; ``fedsec certs OUT`` makes the TLS certificates and SuperNode keys of
+a deployment.
 
 Bad input (a config that does not parse or validate, a missing data set, a
 checkpoint whose hash does not match) prints one ``error:`` line and exits with
@@ -450,6 +451,30 @@ class BenchProgress:
             for worker, (cell_id, at) in sorted(self.running.items()):
                 table.add_row(f"job {worker}", f"{cell_id}: round {at}/{self.rounds[cell_id]}")
         return table
+
+
+@cli.command()
+def certs(
+    out: Annotated[Path, typer.Argument(help="Folder for the keys (must not hold them yet).")],
+    nodes: Annotated[int, typer.Option(help="SuperNode authentication key pairs to make.")] = 2,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="SuperLink host name or IP (repeat); default localhost, 127.0.0.1."),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
+) -> None:
+    """Make a CA, the SuperLink's TLS certificate and SuperNode authentication keys."""
+    from fedsec.deploy.certs import write_deployment_keys
+
+    try:
+        keys = write_deployment_keys(
+            out, nodes=nodes, hosts=host or ("localhost", "127.0.0.1"), days=days
+        )
+    except (ValueError, OSError) as err:
+        raise _fail(str(err)) from None
+    console.print(f"wrote {len(keys.all())} files to {out}:", highlight=False)
+    for path in keys.all():
+        console.print(f"  {path.name}", highlight=False)
 
 
 @cli.command()
