@@ -167,14 +167,16 @@ def simulate(
     client_module = importlib.import_module(CLIENT_APP_MODULE)
     from fedsec.attacks.threat import enable_simulated_adversary
 
-    env = enable_simulated_adversary()  # a local engine's workers inherit it
+    # A local engine's workers inherit this; on a cluster started with `ray start`,
+    # the workers have the environment of their `ray start` (Flower sets the
+    # runtime_env itself), so colluding attacks need it exported there.
+    enable_simulated_adversary()
     init_args: dict[str, Any] = {
         "logging_level": logging.INFO if verbose else logging.ERROR,
         "log_to_driver": verbose,
     }
     if cfg.simulation.ray_address:
         init_args["address"] = cfg.simulation.ray_address
-        init_args["runtime_env"] = {"env_vars": env}  # a cluster's workers do not
     run_simulation(
         server_app=server_module.make_server_app(cfg, run, on_round),
         client_app=client_module.app,
