@@ -24,9 +24,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_origin, get_type_hints
 
 from fedsec.registry import UnknownNameError
+
+if TYPE_CHECKING:
+    from fedsec.secagg.server import SecAggParams
 
 EVASION_ATTACKS = ("none", "fgsm", "pgd")
 
@@ -513,7 +516,15 @@ def _largest_sum(cfg: ExperimentConfig) -> tuple[int, int]:
     if s:
         buckets = max(1, n // s)
         return n // buckets + (n % buckets > 0), s
-    return n, max(2, n - math.floor(cfg.secagg.dropout_rate * n))
+    return n, unmask_floor(cfg.secagg, n)
+
+
+def unmask_floor(sa: SecAggSection, n: int) -> int:
+    """Fewest clients an unbucketed sum of ``n`` may unmask under distributed DP.
+
+    ``n`` less the tolerated dropouts: the noise is sized for that many.
+    """
+    return max(2, n - math.floor(sa.dropout_rate * n))
 
 
 def build_aggregator(cfg: ExperimentConfig) -> Any:
@@ -684,37 +695,53 @@ def _check_secagg(cfg: ExperimentConfig) -> None:
             "secagg.norm_bound",
             "distributed DP bounds updates by privacy.update_clip; leave secagg.norm_bound at 0",
         )
-    from fedsec.secagg.server import SecAggParams
-
-    size, _ = _largest_sum(cfg)
+    largest, _ = _largest_sum(cfg)
     try:
-        if s:
-            for size in range(s, 2 * s):  # every bucket size a round can make
-                SecAggParams.for_bucket(
-                    size,
-                    1,
-                    min_survivors=s,
-                    corrupt_fraction=sa.corrupt_fraction,
-                    signed=sa.signed,
-                    clip=sa.clip,
-                    bits=sa.bits,
-                    modulus_bits=sa.modulus_bits,
-                )
-        else:
-            SecAggParams.for_round(
-                size,
-                1,
-                clip=sa.clip,
-                dropout_rate=sa.dropout_rate,
-                corrupt_fraction=sa.corrupt_fraction,
-                degree=sa.degree,
-                threshold=sa.threshold,
-                bits=sa.bits,
-                modulus_bits=sa.modulus_bits,
-                signed=sa.signed,
-            )
+        for size in range(s, 2 * s) if s else (largest,):  # every sum size a round can make
+            secagg_sum_params(sa, size, 1, bucket_size=s)
     except ValueError as err:
         raise ConfigError("secagg", f"{err} ({n} clients sampled per round)") from None
+
+
+def secagg_sum_params(
+    sa: SecAggSection,
+    n: int,
+    dim: int,
+    *,
+    bucket_size: int = 0,
+    min_survivors: int = 0,
+    **encoding: Any,
+) -> SecAggParams:
+    """The :class:`~fedsec.secagg.server.SecAggParams` of one secure sum of ``n`` clients.
+
+    A bucket (``bucket_size`` > 0) uses the complete graph and is never
+    unmasked below ``bucket_size``; otherwise ``k`` and ``t`` come from the
+    section (derived or given). ``encoding`` overrides ``bits`` and adds
+    ``norm_bound``, ``noise_variance`` and ``headroom``.
+    """
+    from fedsec.secagg.server import SecAggParams
+
+    encoding = {"clip": sa.clip, "bits": sa.bits, "modulus_bits": sa.modulus_bits, **encoding}
+    if bucket_size:
+        return SecAggParams.for_bucket(
+            n,
+            dim,
+            min_survivors=bucket_size,
+            corrupt_fraction=sa.corrupt_fraction,
+            signed=sa.signed,
+            **encoding,
+        )
+    return SecAggParams.for_round(
+        n,
+        dim,
+        dropout_rate=sa.dropout_rate,
+        corrupt_fraction=sa.corrupt_fraction,
+        degree=sa.degree,
+        threshold=sa.threshold,
+        signed=sa.signed,
+        min_survivors=min_survivors,
+        **encoding,
+    )
 
 
 def build_configured_attack(cfg: ExperimentConfig) -> Any:

@@ -54,7 +54,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedsec.client.secagg_mod import IDENTIFY_STAGE, MASKED_KEY, SECAGG_KEY, SECAGG_NEXT_KEY
-from fedsec.config import SecAggSection
+from fedsec.config import SecAggSection, secagg_sum_params, unmask_floor
 from fedsec.privacy.distributed import SkellamPlan, plan_skellam
 from fedsec.secagg.messages import (
     AdvertiseKeysReply,
@@ -542,36 +542,19 @@ class SecAggWorkflow:
         noise_variance, headroom, bits = 0.0, 0, s.bits
         if self.noise_multiplier > 0:
             if not min_survivors:  # the fewest clients a plain round may unmask
-                min_survivors = max(2, n - math.floor(s.dropout_rate * n))
+                min_survivors = unmask_floor(s, n)
             plan = self._plan(n, min_survivors, dim)
             noise_variance, headroom, bits = plan.client_variance, plan.headroom, plan.bits
-        encoding: dict[str, Any] = {
-            "clip": s.clip,
-            "bits": bits,
-            "modulus_bits": s.modulus_bits,
-            "norm_bound": self.norm_bound,
-            "noise_variance": noise_variance,
-            "headroom": headroom,
-        }
-        if self.bucket_size:
-            return SecAggParams.for_bucket(
-                n,
-                dim,
-                min_survivors=min_survivors,
-                corrupt_fraction=s.corrupt_fraction,
-                signed=s.signed,
-                **encoding,
-            )
-        return SecAggParams.for_round(
+        return secagg_sum_params(
+            s,
             n,
             dim,
-            dropout_rate=s.dropout_rate,
-            corrupt_fraction=s.corrupt_fraction,
-            degree=s.degree,
-            threshold=s.threshold,
-            signed=s.signed,
+            bucket_size=self.bucket_size,
             min_survivors=min_survivors,
-            **encoding,
+            bits=bits,
+            norm_bound=self.norm_bound,
+            noise_variance=noise_variance,
+            headroom=headroom,
         )
 
     def _plan(self, n: int, min_clients: int, dim: int) -> SkellamPlan:
