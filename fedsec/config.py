@@ -484,19 +484,26 @@ def distributed_noise_multiplier(cfg: ExperimentConfig) -> float:
     dp = cfg.privacy
     if dp.noise_multiplier:
         return dp.noise_multiplier
-    n, least = _largest_sum(cfg)
     return skellam_noise_multiplier_for(
         target_epsilon=dp.target_epsilon,
         delta=dp.delta,
         rounds=cfg.experiment.rounds,
-        norm_bound=cfg.privacy.update_clip,
-        clip=cfg.secagg.clip,
-        dim=model_dim(cfg),
-        num_clients=n,
-        min_clients=least,
-        modulus_bits=cfg.secagg.modulus_bits,
-        bits=cfg.secagg.bits,
+        **_skellam_setting(cfg),
     )
+
+
+def _skellam_setting(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the Skellam plan of the run's largest secure sum depends on, but the noise."""
+    n, least = _largest_sum(cfg)
+    return {
+        "norm_bound": cfg.privacy.update_clip,
+        "clip": cfg.secagg.clip,
+        "dim": model_dim(cfg),
+        "num_clients": n,
+        "min_clients": least,
+        "modulus_bits": cfg.secagg.modulus_bits,
+        "bits": cfg.secagg.bits,
+    }
 
 
 def model_dim(cfg: ExperimentConfig) -> int:
@@ -867,21 +874,8 @@ def _check_distributed(cfg: ExperimentConfig) -> None:
         )
     from fedsec.privacy.distributed import plan_skellam
 
-    size, least = _largest_sum(cfg)
-    try:
-        if cfg.privacy.noise_multiplier:
-            plan_skellam(
-                noise_multiplier=cfg.privacy.noise_multiplier,
-                norm_bound=cfg.privacy.update_clip,
-                clip=cfg.secagg.clip,
-                dim=model_dim(cfg),
-                num_clients=size,
-                min_clients=least,
-                modulus_bits=cfg.secagg.modulus_bits,
-                bits=cfg.secagg.bits,
-            )
-        else:
-            distributed_noise_multiplier(cfg)
+    try:  # the solver already checks that its plan fits; a given noise is checked here
+        plan_skellam(noise_multiplier=distributed_noise_multiplier(cfg), **_skellam_setting(cfg))
     except ValueError as err:
         raise ConfigError("privacy", f"distributed DP: {err}") from None
 

@@ -206,6 +206,7 @@ class SecAggWorkflow:
         self.last_error = ""  # why the last round failed, if it did
         self._prepared: _Round | None = None  # next round, keys shared, masked-input due
         self._dp_worst: SkellamPlan | None = None
+        self._plans: dict[tuple[int, int, int], SkellamPlan] = {}
 
     def run_round(
         self,
@@ -559,6 +560,9 @@ class SecAggWorkflow:
 
     def _plan(self, n: int, min_clients: int, dim: int) -> SkellamPlan:
         """The Skellam noise for a sum of ``n``, at least ``min_clients`` of them unmasked."""
+        known = self._plans.get((n, min_clients, dim))
+        if known is not None:  # the same few bucket sizes come back every round
+            return known
         plan = plan_skellam(
             noise_multiplier=self.noise_multiplier,
             norm_bound=self.norm_bound,
@@ -575,6 +579,7 @@ class SecAggWorkflow:
             1, self.delta
         ):
             self._dp_worst = plan
+        self._plans[(n, min_clients, dim)] = plan
         return plan
 
     def _participants(
