@@ -458,14 +458,18 @@ class BenchProgress:
 @cli.command()
 def certs(
     out: Annotated[Path, typer.Argument(help="Folder for the keys (must not hold them yet).")],
-    nodes: Annotated[int, typer.Option(help="SuperNode authentication key pairs to make.")] = 2,
+    nodes: Annotated[
+        int, typer.Option(help="SuperNodes: one authentication and one signing key pair each.")
+    ] = 2,
     host: Annotated[
         list[str] | None,
-        typer.Option(help="SuperLink host name or IP (repeat); default localhost, 127.0.0.1."),
+        typer.Option(
+            help="SuperLink host name or IP (repeat); localhost and 127.0.0.1 are always added."
+        ),
     ] = None,
     days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
 ) -> None:
-    """Make a CA, the SuperLink's TLS certificate and SuperNode authentication keys."""
+    """Make a CA, the SuperLink's TLS certificate, SuperNode and reply-signing keys."""
     from fedsec.deploy.certs import write_deployment_keys
 
     try:
@@ -476,7 +480,7 @@ def certs(
         raise _fail(str(err)) from None
     console.print(f"wrote {len(keys.all())} files to {out}:", highlight=False)
     for path in keys.all():
-        console.print(f"  {path.name}", highlight=False)
+        console.print(f"  {path.relative_to(out)}", highlight=False)
 
 
 @cli.command()

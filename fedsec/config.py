@@ -83,7 +83,16 @@ class DataSection:
 
 @dataclass(frozen=True)
 class ClientSection:
-    """Client sampling and local training."""
+    """Client sampling and local training.
+
+    ``precision`` is ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 needs
+    CUDA and is refused with DP-SGD). ``max_batch`` caps the examples per
+    forward/backward pass: a logical batch larger than the cap is split into
+    chunks whose gradients are accumulated (same step, less memory); 0 = on
+    CUDA the cap that fits the device's free memory, elsewhere no cap. A
+    SuperNode's node config (``device``, ``precision``, ``max-batch``)
+    overrides ``experiment.device`` and these for that node's hardware.
+    """
 
     fraction: float = 1.0
     evaluate_fraction: float = 0.0
@@ -94,6 +103,8 @@ class ClientSection:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    precision: str = "fp32"
+    max_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -212,6 +223,20 @@ class SecAggSection:
 
 
 @dataclass(frozen=True)
+class SignaturesSection:
+    """Signed client replies (Ed25519), checked by the server before aggregation.
+
+    ``required``: every reply must carry a valid signature by a registered
+    identity, or it is excluded and logged. ``key_dir`` is the server's
+    registry of ``<identity>.pub`` (raw 32-byte Ed25519 public keys); in a
+    simulation clients also read their ``<identity>.pem`` from it.
+    """
+
+    required: bool = False
+    key_dir: str = ""
+
+
+@dataclass(frozen=True)
 class SimulationSection:
     """Resources of Flower's simulation engine (Ray)."""
 
@@ -234,6 +259,7 @@ class ExperimentConfig:
     evasion: EvasionSection = field(default_factory=EvasionSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     secagg: SecAggSection = field(default_factory=SecAggSection)
+    signatures: SignaturesSection = field(default_factory=SignaturesSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -376,7 +402,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     # syntax or unknown keys should not wait for that.
     from fedsec.data import DATASETS, PARTITIONERS
     from fedsec.models import MODELS, check_model_input
-    from fedsec.training import OPTIMIZERS
+    from fedsec.training import OPTIMIZERS, PRECISIONS
 
     exp, data, client = cfg.experiment, cfg.data, cfg.client
     if not _NAME_PATTERN.match(exp.name):
@@ -421,6 +447,14 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _require("client.lr", client.lr, lambda v: v > 0, "> 0")
     _require("client.momentum", client.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
     _require("client.weight_decay", client.weight_decay, lambda v: v >= 0, ">= 0")
+    _check_choice("client.precision", client.precision, PRECISIONS, "precision")
+    _require("client.max_batch", client.max_batch, lambda v: v >= 0, ">= 0 (0 = automatic)")
+    if client.precision == "fp16" and cfg.privacy.mode == "dp-sgd":
+        raise ConfigError(
+            "client.precision",
+            "fp16 cannot be used with DP-SGD (its loss scaling skips steps depending on "
+            "the data); use 'bf16' or 'fp32'",
+        )
 
     _resolve("model.name", MODELS.get, cfg.model.name)
     try:
@@ -438,6 +472,10 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _check_attack(cfg)
     _check_evasion(cfg)
     _check_secagg(cfg)
+    if cfg.signatures.required and not cfg.signatures.key_dir:
+        raise ConfigError(
+            "signatures.key_dir", "required signatures need the directory of registered keys"
+        )
 
     sim = cfg.simulation
     _require("simulation.cpus_per_client", sim.cpus_per_client, lambda v: v > 0, "> 0")

@@ -15,8 +15,9 @@ alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812 -- the conventional alias
@@ -26,14 +27,19 @@ from fedsec.registry import Registry
 
 __all__ = [
     "OPTIMIZERS",
+    "PRECISIONS",
     "Adversary",
     "EvalResult",
     "OptimizerFactory",
     "TrainResult",
+    "autocast_dtype",
+    "batch_cap_from_probes",
     "evaluate",
     "make_optimizer",
+    "measure_batch_cap",
     "resolve_device",
     "train",
+    "train_step_probe",
 ]
 
 
@@ -96,6 +102,148 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if not _mps_available():
         raise ValueError(f"device '{spec}' requested but MPS is not available")
     return device
+
+
+# ---- precision and memory ---------------------------------------------------
+
+#: Config names of the compute precisions: full fp32, or autocast to bf16 / fp16.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32).
+
+    Mixed precision (Micikevicius et al., "Mixed Precision Training", ICLR
+    2018) runs matrix products and convolutions in 16 bits while weights,
+    optimizer state and reductions stay in fp32. bf16 keeps fp32's exponent
+    range and needs no loss scaling; fp16 does (:func:`train` uses a
+    ``GradScaler``), and only CUDA runs it fast, so it is refused elsewhere.
+
+    Raises
+    ------
+    ValueError
+        For an unknown precision, fp16 off CUDA, or bf16 on a GPU without it
+        (compute capability < 8.0, e.g. Jetson Xavier), in one line.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}'; valid choices: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError(f"precision 'fp16' needs a CUDA device, not {device.type}; use 'bf16'")
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"precision 'bf16' is not supported by {device}; use 'fp16'")
+    return torch.bfloat16
+
+
+def batch_cap_from_probes(
+    probes: list[tuple[int, int]], available: int, *, fraction: float = 0.8
+) -> int:
+    """Largest batch whose peak memory fits ``fraction`` of ``available`` bytes.
+
+    ``probes`` are ``(batch size, peak bytes)`` of one step at two or more
+    batch sizes; the peak is modelled as ``fixed + batch * per_example``
+    (least squares over the probes), which is how activation memory grows.
+
+    Raises
+    ------
+    ValueError
+        With fewer than two distinct probe sizes or no usable memory.
+    """
+    sizes = sorted({b for b, _ in probes})
+    if len(sizes) < 2:
+        raise ValueError(f"need probes at two batch sizes at least, got {sizes}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    mean_b = sum(b for b, _ in probes) / len(probes)
+    mean_m = sum(m for _, m in probes) / len(probes)
+    cov = sum((b - mean_b) * (m - mean_m) for b, m in probes)
+    var = sum((b - mean_b) ** 2 for b, _ in probes)
+    # Memory never shrinks with the batch; a flat or noisy fit means "tiny per example".
+    per_example = max(cov / var, 1.0)
+    fixed = max(mean_m - per_example * mean_b, 0.0)
+    budget = fraction * available - fixed
+    if budget < per_example:
+        raise ValueError(
+            f"not enough device memory for one example: {available} bytes free, "
+            f"{fixed:.0f} fixed + {per_example:.0f} per example"
+        )
+    return int(budget // per_example)
+
+
+def measure_batch_cap(
+    step: Callable[[int], None],
+    device: torch.device,
+    *,
+    probe_sizes: tuple[int, int] = (4, 16),
+    fraction: float = 0.8,
+    reserve: int = 0,
+) -> int | None:
+    """The memory-aware cap on examples per pass for ``step`` on ``device``.
+
+    ``step(b)`` runs one forward and backward pass on ``b`` examples. On CUDA,
+    after one warm-up step, the memory the allocator reserves from the device
+    for it is measured at two batch sizes and extrapolated
+    (:func:`batch_cap_from_probes`) to the memory free now, less ``reserve``
+    bytes still to be allocated (e.g. the local data set), within the share
+    that ``torch.cuda.set_per_process_memory_fraction`` allows this process.
+    Reserved bytes, because that is what runs out (fragmentation included),
+    and allocated bytes, whose finer grain shows a small model's growth: the
+    smaller of the two caps. Other devices report no cap (None), as they do not
+    expose free memory reliably.
+    """
+    if device.type != "cuda":
+        return None
+    # The allocator's statistics need an explicit index ("cuda" alone is refused).
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    device = torch.device("cuda", index)
+    # One unmeasured step first: library workspaces (cuBLAS, cuDNN) allocated on
+    # first use and kept would otherwise count against the first probe only.
+    step(min(probe_sizes))
+    reserved, allocated = [], []
+    for size in probe_sizes:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base_reserved = torch.cuda.memory_reserved(device)
+        base_allocated = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(size)
+        torch.cuda.synchronize(device)
+        reserved.append((size, torch.cuda.max_memory_reserved(device) - base_reserved))
+        allocated.append((size, torch.cuda.max_memory_allocated(device) - base_allocated))
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    available = free
+    share = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+    if share < 1.0:  # a process limited to part of a shared GPU
+        available = min(available, int(share * total) - torch.cuda.memory_reserved(device))
+    # Reserved memory grows in 2 MiB blocks, which can hide a small model's
+    # per-example growth at probe sizes; the allocated bytes then tell it.
+    return min(
+        batch_cap_from_probes(probes, available - reserve, fraction=fraction)
+        for probes in (reserved, allocated)
+    )
+
+
+def train_step_probe(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, precision: str = "fp32"
+) -> Callable[[int], None]:
+    """``step(b)``: one forward and backward pass of :func:`train` on ``b`` examples.
+
+    For :func:`measure_batch_cap`; ``model``, ``x`` and ``y`` must be on the
+    same device. The gradients it leaves are cleared; the weights are untouched.
+    """
+    half = autocast_dtype(precision, x.device)
+
+    def step(b: int) -> None:
+        with _autocast(x.device, half):
+            loss = F.cross_entropy(model(x[:b]), y[:b])
+        torch.autograd.backward(loss)
+        model.zero_grad(set_to_none=True)
+
+    return step
 
 
 # ---- optimizers -------------------------------------------------------------
@@ -259,6 +407,13 @@ def _to_device(
     return x.to(dev, dtype=dtype), y.to(dev, dtype=torch.long), dev
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """Autocast to ``dtype`` on ``device``; a no-op context for plain fp32."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -274,6 +429,8 @@ def train(
     seed: int = 0,
     adversarial: Adversary | None = None,
     max_steps: int | None = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with cross-entropy on shuffled mini-batches.
 
@@ -313,6 +470,15 @@ def train(
         Stop after this many optimizer steps, even inside an epoch (FedSGD-style
         rounds of one or a few local steps); the loss and accuracy then cover
         the examples seen in the last, possibly partial, epoch.
+    precision : str
+        ``"fp32"`` (default), or ``"bf16"`` / ``"fp16"`` autocast (see
+        :func:`autocast_dtype`); fp16 scales the loss with a ``GradScaler``,
+        which skips a step whose gradients overflow.
+    max_batch : int, optional
+        At most this many examples per forward/backward pass: a batch larger
+        than that is split into chunks whose gradients add up to the batch's
+        (gradient accumulation), so the step is the same with less memory.
+        Models with BatchNorm then normalise each chunk on its own statistics.
 
     Returns
     -------
@@ -331,8 +497,13 @@ def train(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     n = _check_data(x, y, "train")
     x, y, dev = _to_device(model, x, y, device)
+    half = autocast_dtype(precision, dev)
+    scaler = torch.amp.GradScaler("cuda") if half == torch.float16 else None
+    chunk = batch_size if max_batch is None else min(batch_size, max_batch)
     opt = make_optimizer(
         optimizer,
         model.parameters(),
@@ -366,16 +537,26 @@ def train(
                 # step itself must run in training mode.
                 model.train()
             opt.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            # Same as loss.backward(), but typed (Tensor.backward is not).
-            torch.autograd.backward(loss)
-            opt.step()
+            size = int(yb.shape[0])
+            for first in range(0, size, chunk):
+                xc, yc = xb[first : first + chunk], yb[first : first + chunk]
+                with _autocast(dev, half):
+                    logits = model(xc)
+                    loss = F.cross_entropy(logits, yc)
+                if xc.shape[0] < size:  # chunk means, weighted into the batch mean
+                    loss = loss * (xc.shape[0] / size)
+                # Same as loss.backward(), but typed (Tensor.backward is not).
+                torch.autograd.backward(loss if scaler is None else scaler.scale(loss))
+                with torch.no_grad():
+                    loss_sum += loss.detach().float() * size
+                    correct += (logits.argmax(dim=1) == yc).sum()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             steps += 1
-            seen += yb.shape[0]
-            with torch.no_grad():
-                loss_sum += loss.detach() * yb.shape[0]
-                correct += (logits.argmax(dim=1) == yb).sum()
+            seen += size
     return TrainResult(
         loss=float(loss_sum.item()) / seen,
         accuracy=int(correct.item()) / seen,
@@ -391,6 +572,7 @@ def evaluate(
     *,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> EvalResult:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``.
 
@@ -406,6 +588,8 @@ def evaluate(
         Examples per forward pass (memory only; results do not depend on it).
     device : torch.device or str
         Where to evaluate; strings go through :func:`resolve_device`.
+    precision : str
+        ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast for the forward passes.
 
     Returns
     -------
@@ -420,14 +604,15 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = _check_data(x, y, "evaluate")
     x, y, dev = _to_device(model, x, y, device)
+    half = autocast_dtype(precision, dev)
     model.eval()
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(dev, half):
         for start in range(0, n, batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             logits = model(xb)
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").float()
             correct += (logits.argmax(dim=1) == yb).sum()
     return EvalResult(
         loss=float(loss_sum.item()) / n,

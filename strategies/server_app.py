@@ -48,6 +48,7 @@ from fedsec.training import evaluate, resolve_device
 
 from .adversary import AdversaryGrid
 from .secagg import SecAggWorkflow
+from .signatures import with_signatures
 from .strategy import FedSecStrategy
 from .transport import send_and_receive
 
@@ -170,7 +171,10 @@ def run_experiment(
     ------
     CheckpointError
         If resuming from a checkpoint that is missing, altered or incompatible.
+    ConfigError
+        If ``signatures.required`` and its key dir is missing, empty or malformed.
     """
+    verifier = with_signatures(grid, cfg)  # a bad key dir fails here, before round 0
     device = resolve_device(cfg.experiment.device)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
     model = make_model(
@@ -211,7 +215,8 @@ def run_experiment(
         elapsed_before = float(run.rounds[-1].get("elapsed_s", 0.0)) if run.rounds else 0.0
         logger.info("resuming %s after round %d", run.name, last)
 
-    grid = _with_adversary(grid, cfg)
+    # Innermost, under the adversary: colluders sign what they send like any client.
+    grid = _with_adversary(verifier.as_grid() if verifier is not None else grid, cfg)
     secure = make_secagg_workflow(cfg) if cfg.secagg.enabled else None
     arrays = ArrayRecord(model.state_dict())
     config_json = json.dumps(cfg.to_dict())
@@ -259,6 +264,8 @@ def run_experiment(
             )
             federated = strategy.aggregate_evaluate(server_round, eval_replies)
             metrics.update({f"federated_{k}": v for k, v in (federated or {}).items()})
+        if verifier is not None:
+            metrics["signatures_rejected"] = len(verifier.take_rejected())
 
         metrics.update(server_evaluate(model))
         metrics.update(_privacy_metrics(cfg, server_round))

@@ -2,7 +2,9 @@
 
 One SuperLink (TLS, ``--enable-supernode-auth``) and four registered SuperNodes
 on loopback run ``simulations/deploy_tls.toml`` with ``flwr run``: 2 rounds of
-bucketed secure aggregation with a coordinate median and distributed DP. One
+bucketed secure aggregation with a coordinate median and distributed DP, every
+reply signed with the node's key from ``fedsec certs`` and checked by the
+ServerApp (none may be rejected). One
 SuperNode is killed once round 1 is recorded (round 2's keys were already set
 up during round 1, so it dies inside round 2): its bucket falls below 2 and is
 discarded, never unmasked, and round 2 completes with the other bucket.
@@ -144,7 +146,12 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, Path, dict[str, str]
         procs.close()
 
 
-def _supernode(procs: Processes, name: str, i: int, port: int, *auth: str) -> None:
+def _supernode(
+    procs: Processes, name: str, i: int, port: int, *auth: str, signing_key: Path | None = None
+) -> None:
+    node_config = f"partition-id={i} num-partitions={NODES}"
+    if signing_key is not None:
+        node_config += f" signing-key='{signing_key}'"
     procs.start(
         name,
         "flower-supernode",
@@ -153,7 +160,7 @@ def _supernode(procs: Processes, name: str, i: int, port: int, *auth: str) -> No
         "--host", "127.0.0.1",
         "--port", str(_free_port()),
         "--max-retries", "3",
-        "--node-config", f"partition-id={i} num-partitions={NODES}",
+        "--node-config", node_config,
     )  # fmt: skip
 
 
@@ -165,16 +172,22 @@ def test_tls_deployment_with_node_auth_survives_a_killed_supernode(
     tls = ("--root-certificates", str(keys / "ca.crt"))
     for i in range(NODES):
         _supernode(procs, f"node-{i}", i, port, *tls, "--auth-supernode-private-key",
-                   str(keys / f"supernode-{i}.key"))  # fmt: skip
+                   str(keys / f"supernode-{i}.key"),
+                   signing_key=keys / "signing" / f"client-{i}.pem")  # fmt: skip
     # Refused: a key the SuperLink never registered, and a connection without TLS.
     _supernode(procs, "unregistered", 0, port, *tls, "--auth-supernode-private-key",
                str(keys / f"supernode-{NODES}.key"))  # fmt: skip
     _supernode(procs, "no-tls", 0, port, "--insecure")
 
+    # The shipped config with the server's registry of signing keys set to this test's.
+    relative = 'key_dir = "keys/signing"'
+    assert relative in CONFIG.read_text()
+    config = tmp / "deploy_tls.toml"
+    config.write_text(CONFIG.read_text().replace(relative, f'key_dir = "{keys / "signing"}"'))
     results = tmp / "results"
     run = subprocess.Popen(
         [str(BIN / "flwr"), "run", ".", "tls", "--stream", "--run-config",
-         f"config-file='{CONFIG}' results-dir='{results}'"],
+         f"config-file='{config}' results-dir='{results}'"],
         cwd=ROOT, env=procs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
@@ -198,6 +211,7 @@ def test_tls_deployment_with_node_auth_survives_a_killed_supernode(
     rounds = {r["round"]: r for r in data["rounds"]}
     assert data["finished"] and rounds[1]["status"] == "ok" and rounds[2]["status"] == "ok", rounds
     assert rounds[1]["num-accepted"] == NODES
+    assert rounds[1]["signatures_rejected"] == 0 and rounds[2]["signatures_rejected"] == 0
     assert rounds[2]["secagg_pipelined"] == 1
     assert rounds[2]["num-accepted"] == NODES - 2  # node 0 and its bucket partner
     assert (rounds[2]["secagg_buckets"], rounds[2]["secagg_buckets_unmasked"]) == (2, 1)

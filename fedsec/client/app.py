@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ from fedsec.client.privacy import (
     save_ledger,
 )
 from fedsec.client.secagg_mod import secagg_mod
+from fedsec.client.signing_mod import signing_mod
 from fedsec.config import (
     WIRE_CONFIG_KEY,
     ExperimentConfig,
@@ -53,10 +56,20 @@ from fedsec.data import SplitData, client_dataset, load_dataset
 from fedsec.models import make_model
 from fedsec.params import flatten_state, unflatten_state
 from fedsec.privacy.client_level import privatize_update
-from fedsec.privacy.dpsgd import dp_train
-from fedsec.training import TrainResult, evaluate, resolve_device, train
+from fedsec.privacy.dpsgd import dp_step_probe, dp_train
+from fedsec.training import (
+    PRECISIONS,
+    TrainResult,
+    autocast_dtype,
+    evaluate,
+    measure_batch_cap,
+    resolve_device,
+    train,
+    train_step_probe,
+)
 
 app = ClientApp()
+logger = logging.getLogger(__name__)
 
 
 def config_from_message(msg: Message) -> ExperimentConfig:
@@ -107,16 +120,87 @@ def client_partition(
     )
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """Where and how this node computes: device, autocast precision, batch cap."""
+
+    device: torch.device
+    precision: str = "fp32"
+    #: Examples per forward/backward pass; 0 = automatic (CUDA: fit free memory).
+    max_batch: int = 0
+
+
+def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
+    """The experiment's device settings, overridden by this node's node config.
+
+    A SuperNode knows its own hardware: ``--node-config "device='cuda:0'
+    precision='bf16' max-batch=64"`` overrides ``experiment.device``,
+    ``client.precision`` and ``client.max_batch`` for that node only.
+
+    Raises
+    ------
+    ValueError
+        On an unknown or unavailable device, an unknown precision, or a
+        negative ``max-batch``, naming the node config key.
+    """
+    node = context.node_config
+    device = resolve_device(str(node.get("device", cfg.experiment.device)))
+    precision = str(node.get("precision", cfg.client.precision))
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"node config precision '{precision}' is unknown; valid: {', '.join(PRECISIONS)}"
+        )
+    raw_cap = node.get("max-batch", cfg.client.max_batch)
+    if isinstance(raw_cap, bool) or not isinstance(raw_cap, int) or raw_cap < 0:
+        raise ValueError(f"node config max-batch must be an integer >= 0, got {raw_cap!r}")
+    if precision == "fp16" and cfg.privacy.mode == "dp-sgd":
+        raise ValueError("node config precision 'fp16' cannot be used with DP-SGD; use 'bf16'")
+    autocast_dtype(precision, device)  # refuses fp16 off CUDA, bf16 where unsupported
+    return Hardware(device=device, precision=precision, max_batch=raw_cap)
+
+
+def batch_cap(
+    cfg: ExperimentConfig,
+    hardware: Hardware,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> int | None:
+    """Examples per pass for this round: the node's cap, or what fits the GPU's free memory.
+
+    Only a cap below the batch size changes anything (the batch then goes in
+    chunks); on CPU and MPS, with no cap configured, there is none.
+    """
+    if hardware.max_batch:
+        return hardware.max_batch
+    if hardware.device.type != "cuda":
+        return None
+    model.to(hardware.device)
+    probe_x, probe_y = x[:64].to(hardware.device), y[:64].to(hardware.device, dtype=torch.long)
+    if len(probe_y) < 16:  # too little data to measure, and too little to need a cap
+        return None
+    probe = dp_step_probe if cfg.privacy.mode == "dp-sgd" else train_step_probe
+    cap = measure_batch_cap(
+        probe(model, probe_x, probe_y, precision=hardware.precision),
+        hardware.device,
+        probe_sizes=(len(probe_y) // 2, len(probe_y)),
+        reserve=x.nelement() * 4 + y.nelement() * 8,  # the local data, moved there next
+    )
+    logger.info("memory-aware batch cap on %s: %s examples per pass", hardware.device, cap)
+    return cap
+
+
 def _local_setup(
     msg: Message, context: Context
-) -> tuple[ExperimentConfig, int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.device]:
+) -> tuple[ExperimentConfig, int, torch.nn.Module, torch.Tensor, torch.Tensor, Hardware]:
     cfg = config_from_message(msg)
     partition_id = partition_id_of(context, cfg)
+    hardware = node_hardware(cfg, context)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
     x, y = client_partition(cfg, data, partition_id)
     model = make_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    return cfg, partition_id, model, x, y, resolve_device(cfg.experiment.device)
+    return cfg, partition_id, model, x, y, hardware
 
 
 def local_train(
@@ -128,6 +212,8 @@ def local_train(
     device: torch.device,
     seed: int,
     adversarial: Any = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
 ) -> TrainResult:
     """Local training with the config's client settings (clients and the FLTrust server)."""
     return train(
@@ -144,6 +230,8 @@ def local_train(
         seed=seed,
         adversarial=adversarial,
         max_steps=cfg.client.local_steps or None,
+        precision=precision,
+        max_batch=max_batch,
     )
 
 
@@ -191,10 +279,11 @@ def _adversarial_hook(cfg: ExperimentConfig, seed: int) -> Any:
     )
 
 
-@app.train(mods=[secagg_mod])
+@app.train(mods=[signing_mod, secagg_mod])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition."""
-    cfg, partition_id, model, x, y, device = _local_setup(msg, context)
+    cfg, partition_id, model, x, y, hardware = _local_setup(msg, context)
+    device = hardware.device
     server_round = msg.content.config_records["config"].get("server-round", 0)
     if not isinstance(server_round, int):
         raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
@@ -212,6 +301,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             reason = ledger.refusal_reason(plan.noise_multiplier, plan.sample_rate, plan.steps)
             return Message(Error(code=PRIVACY_BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    max_batch = batch_cap(cfg, hardware, model, x, y)
     if cfg.privacy.mode == "dp-sgd":
         assert ledger is not None and plan is not None
         dp_result = dp_train(
@@ -230,12 +320,22 @@ def train_handler(msg: Message, context: Context) -> Message:
             seed=seed,
             secure_mode=cfg.privacy.secure_mode,
             max_steps=cfg.client.local_steps or None,
+            precision=hardware.precision,
+            max_batch=max_batch,
         )
         result = dp_result.train
         ledger.record(plan.noise_multiplier, dp_result.sample_rate, dp_result.steps)
     else:
         result = local_train(
-            cfg, model, x, y, device=device, seed=seed, adversarial=_adversarial_hook(cfg, seed)
+            cfg,
+            model,
+            x,
+            y,
+            device=device,
+            seed=seed,
+            adversarial=_adversarial_hook(cfg, seed),
+            precision=hardware.precision,
+            max_batch=max_batch,
         )
     metrics = MetricRecord(
         {
@@ -301,11 +401,18 @@ def _poison_update(
     return unflatten_state(flatten_state(global_state) + update, global_state)
 
 
-@app.evaluate()
+@app.evaluate(mods=[signing_mod])
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local partition."""
-    _, _, model, x, y, device = _local_setup(msg, context)
-    result = evaluate(model, x, y, device=device)
+    _, _, model, x, y, hardware = _local_setup(msg, context)
+    result = evaluate(
+        model,
+        x,
+        y,
+        batch_size=min(512, hardware.max_batch or 512),
+        device=hardware.device,
+        precision=hardware.precision,
+    )
     content = RecordDict(
         {
             "metrics": MetricRecord(

@@ -9,7 +9,12 @@
   SuperNode's ``--root-certificates``);
 * ``supernode-<i>.key`` / ``supernode-<i>.pub``: each SuperNode's
   authentication key pair (EC P-384, OpenSSH format, as Flower's
-  ``--auth-supernode-private-key`` and ``flwr supernode register`` read them).
+  ``--auth-supernode-private-key`` and ``flwr supernode register`` read them);
+* ``signing/client-<i>.pem`` / ``signing/client-<i>.pub``: each client's
+  Ed25519 key for signed replies (PKCS#8 PEM, and the raw 32-byte public key
+  the server registers; see :mod:`fedsec.deploy.signatures`). The server's
+  ``signatures.key_dir`` is ``signing/`` (it reads only the ``.pub`` files);
+  node i gets ``client-<i>.pem`` as its node config ``signing-key``.
 
 Private keys are written with mode 0600 and never overwritten: an existing
 file stops the command with a one-line error, so a CA in use cannot be lost
@@ -29,10 +34,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsec.secagg.signing import generate_signing_key
+
 __all__ = ["DeploymentKeys", "write_deployment_keys"]
 
 #: Curve of every key (Flower accepts NIST curves for SuperNode keys).
 CURVE = ec.SECP384R1()
+#: Subfolder of the clients' reply-signing keys (the server's ``signatures.key_dir``).
+SIGNING_DIR = "signing"
 
 
 class DeploymentKeys:
@@ -46,6 +55,9 @@ class DeploymentKeys:
         self.server_key = folder / "server.key"
         self.node_keys = [folder / f"supernode-{i}.key" for i in range(nodes)]
         self.node_public_keys = [folder / f"supernode-{i}.pub" for i in range(nodes)]
+        self.signing_dir = folder / SIGNING_DIR
+        self.signing_keys = [self.signing_dir / f"client-{i}.pem" for i in range(nodes)]
+        self.signing_public_keys = [self.signing_dir / f"client-{i}.pub" for i in range(nodes)]
 
     def all(self) -> list[Path]:
         """Every file, in writing order."""
@@ -56,6 +68,8 @@ class DeploymentKeys:
             self.server_key,
             *self.node_keys,
             *self.node_public_keys,
+            *self.signing_keys,
+            *self.signing_public_keys,
         ]
 
 
@@ -66,17 +80,20 @@ def write_deployment_keys(
     hosts: Sequence[str] = ("localhost", "127.0.0.1"),
     days: int = 365,
 ) -> DeploymentKeys:
-    """Write a CA, the SuperLink's certificate and ``nodes`` SuperNode key pairs.
+    """Write a CA, the SuperLink's certificate, ``nodes`` SuperNode and signing key pairs.
 
     Parameters
     ----------
     folder : path
         Created if missing; must not hold any of the files yet.
     nodes : int
-        SuperNode key pairs to make (>= 0).
+        SuperNode key pairs, and client reply-signing key pairs, to make (>= 0).
     hosts : sequence of str
         DNS names and IP addresses the SuperLink is reached at (its
-        certificate's subject alternative names).
+        certificate's subject alternative names). ``localhost`` and
+        ``127.0.0.1`` are always added: the SuperLink's own SuperExec
+        connects to it on 127.0.0.1 over TLS, and without them every run
+        hangs at its start.
     days : int
         Validity of the certificates.
 
@@ -91,12 +108,15 @@ def write_deployment_keys(
         raise ValueError(f"days must be >= 1, got {days}")
     if not hosts:
         raise ValueError("hosts must name at least one host name or IP address")
+    hosts = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
     folder = Path(folder)
     keys = DeploymentKeys(folder, nodes)
-    taken = [p.name for p in keys.all() if p.exists()]
+    taken = [str(p.relative_to(folder)) for p in keys.all() if p.exists()]
     if taken:
         raise ValueError(f"{folder} already holds {', '.join(taken)}; use an empty folder")
     folder.mkdir(parents=True, exist_ok=True)
+    if nodes:
+        keys.signing_dir.mkdir(exist_ok=True)
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(CURVE)
@@ -156,6 +176,15 @@ def write_deployment_keys(
         )
         _write(private_path, private, private=True)
         _write(public_path, public + b"\n")
+    for private_path, public_path in zip(keys.signing_keys, keys.signing_public_keys, strict=True):
+        signing_key, signing_public = generate_signing_key()
+        signing_pem = signing_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write(private_path, signing_pem, private=True)
+        _write(public_path, signing_public)
     return keys
 
 

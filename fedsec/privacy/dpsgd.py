@@ -80,6 +80,7 @@ runs are not reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import Counter
@@ -95,12 +96,20 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedsec.privacy.client_level import secure_standard_normal
-from fedsec.training import TrainResult, _check_data, _to_device, make_optimizer
+from fedsec.training import (
+    TrainResult,
+    _autocast,
+    _check_data,
+    _to_device,
+    autocast_dtype,
+    make_optimizer,
+)
 
 __all__ = [
     "DPSGDResult",
     "clipped_gradient_sum",
     "dp_sgd_steps",
+    "dp_step_probe",
     "dp_train",
     "per_sample_gradients",
     "poisson_sample",
@@ -383,13 +392,16 @@ def _step_grads(
     yb: torch.Tensor,
     *,
     materialize: bool,
+    half: torch.dtype | None = None,
 ) -> tuple[_StepGrads, torch.Tensor, torch.Tensor]:
     """Forward, one backward to the layer outputs, and per-example gradient terms.
 
     Returns the terms, the logits and the summed (per-example) cross-entropy.
+    ``half`` runs the forward pass under autocast to that dtype.
     """
-    logits = recorder.forward(model, xb)
-    loss = F.cross_entropy(logits, yb, reduction="sum")
+    with _autocast(xb.device, half):
+        logits = recorder.forward(model, xb)
+        loss = F.cross_entropy(logits, yb, reduction="sum")
     records = recorder.records
     backprops: tuple[torch.Tensor | None, ...] = ()
     if records:  # no trainable layer ran: every gradient is zero
@@ -400,6 +412,14 @@ def _step_grads(
         if g is None:  # the layer's output did not reach the loss
             continue
         layer = rec.layer
+        if half is not None:
+            # Under autocast the recorded activations and output gradients are
+            # 16-bit; norms, clipping and sums run in the parameters' precision.
+            dtype = next(p.dtype for p in layer.parameters(recurse=False))
+            g = g.to(dtype)
+            rec = dataclasses.replace(
+                rec, inputs=[a.to(dtype) if a.is_floating_point() else a for a in rec.inputs]
+            )
         if (
             not materialize
             and type(layer) is nn.Linear
@@ -568,6 +588,27 @@ def clipped_gradient_sum(
     return {name: sums[p] for name, p in named}
 
 
+def dp_step_probe(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, precision: str = "fp32"
+) -> Callable[[int], None]:
+    """``step(b)``: the per-example gradient work of one :func:`dp_train` pass on ``b`` examples.
+
+    For :func:`fedsec.training.measure_batch_cap`; ``model``, ``x`` and ``y``
+    must be on the same device. Nothing of the model changes.
+    """
+    half = autocast_dtype(precision, x.device)
+    recorder = _Recorder(model)
+    named = _named_trainable(model)
+    sums: dict[torch.Tensor, torch.Tensor] = {p: torch.zeros_like(p) for _, p in named}
+
+    def step(b: int) -> None:
+        with recorder.attached():
+            terms, _, _ = _step_grads(model, recorder, x[:b], y[:b], materialize=False, half=half)
+            _add_clipped_sums(terms, _clip_factors(terms, 1.0, named[0][1]), sums)
+
+    return step
+
+
 # ---- sampling and noise --------------------------------------------------------
 
 
@@ -665,6 +706,8 @@ def dp_train(
     seed: int = 0,
     secure_mode: bool = False,
     max_steps: int | None = None,
+    precision: str = "fp32",
+    max_batch: int | None = None,
 ) -> DPSGDResult:
     """Train ``model`` in place with DP-SGD (Abadi et al. 2016), Opacus semantics.
 
@@ -718,6 +761,18 @@ def dp_train(
         MLP (about 6x its non-secure training time).
     max_steps : int, optional
         Stop after this many steps, even inside an epoch.
+    precision : str
+        ``"fp32"`` (default) or ``"bf16"``: the forward pass and the backward
+        pass to the layer outputs run under bf16 autocast, while per-example
+        norms, clipping, the clipped sums and the noise stay in the
+        parameters' fp32, so the sensitivity bound holds exactly as in fp32.
+        ``"fp16"`` is refused: its loss scaling skips steps whose gradients
+        overflow, a data-dependent decision the accountant does not cover.
+    max_batch : int, optional
+        At most this many examples per pass: a sampled batch larger than that
+        is processed in chunks whose clipped sums add up before the single
+        noise draw, Opacus's ``BatchMemoryManager`` semantics (the privacy
+        analysis sees the same logical batch).
 
     Returns
     -------
@@ -747,6 +802,15 @@ def dp_train(
     sigma = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
     clip = _check_positive("max_grad_norm", max_grad_norm)
     lr = _check_positive("lr", lr)
+    if max_batch is not None and (
+        isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+    ):
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if precision == "fp16":
+        raise ValueError(
+            "precision 'fp16' cannot be used with DP-SGD (loss scaling skips steps "
+            "depending on the data); use 'bf16' or 'fp32'"
+        )
     n = _check_data(x, y, "train with DP-SGD")
     if batch_size > n:
         raise ValueError(
@@ -761,6 +825,8 @@ def dp_train(
         raise ValueError("all trainable parameters must have the same dtype")
     recorder = _Recorder(model)
     x, y, dev = _to_device(model, x, y, device)
+    half = autocast_dtype(precision, dev)
+    chunk = batch_size if max_batch is None else max_batch
     opt = make_optimizer(optimizer, params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     q = batch_size / n
@@ -801,17 +867,22 @@ def dp_train(
                     _fill_noise(flat, std, generator=noise_gen, secure=secure_mode)
                 else:
                     flat.zero_()
-                if idx.numel() > 0:  # an empty batch takes a noise-only step
-                    idx = idx.to(dev)
-                    xb, yb = x[idx], y[idx]
+                idx = idx.to(dev)
+                # An empty batch takes a noise-only step; a large one goes in chunks.
+                for first in range(0, idx.numel(), chunk):
+                    part = idx[first : first + chunk]
+                    xb, yb = x[part], y[part]
                     terms, logits, batch_loss = _step_grads(
-                        model, recorder, xb, yb, materialize=False
+                        model, recorder, xb, yb, materialize=False, half=half
                     )
                     factors = _clip_factors(terms, clip, flat).mul_(1.0 / batch_size)
                     _add_clipped_sums(terms, factors, grads)
                     seen += terms.batch
-                    loss_sum += batch_loss
+                    loss_sum += batch_loss.float()
                     correct += (logits.detach().argmax(dim=1) == yb).sum()
+                    # Free this chunk's activations and per-example terms before the
+                    # next forward pass, or the peak is two chunks' worth.
+                    del terms, logits, factors
                 opt.step()
     finally:
         for p in params:
