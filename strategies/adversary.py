@@ -165,6 +165,7 @@ class AdversaryGrid:
                     content,
                     message_type=MessageType.TRAIN,
                     dst_node_id=original.metadata.dst_node_id,
+                    group_id=original.metadata.group_id,
                 )
             )
         masked.extend(self.grid.send_and_receive(second, timeout=timeout))

@@ -79,6 +79,8 @@ class InProcessGrid:
         """Run each message through its node's ClientApp and collect the replies."""
         replies = []
         for msg in messages:
+            # As Flower's grids do on push: the id is the hash of the message.
+            msg.metadata.__dict__["_message_id"] = msg.object_id
             node = msg.metadata.dst_node_id
             if node in self.dead:
                 continue

@@ -610,6 +610,7 @@ class SecAggWorkflow:
                     ),
                     message_type=MessageType.TRAIN,
                     dst_node_id=node,
+                    group_id=_group(config),
                 )
                 for node in unknown
             ]
@@ -641,7 +642,12 @@ class SecAggWorkflow:
                     body.update(part.content[node])
                 body[part.key] = ConfigRecord(request.to_record())
         messages = [
-            Message(RecordDict(body), message_type=MessageType.TRAIN, dst_node_id=node)
+            Message(
+                RecordDict(body),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+                group_id=_group(config),
+            )
             for node, body in bodies.items()
         ]
         by_node = {
@@ -663,6 +669,11 @@ class SecAggWorkflow:
         name = "+".join(dict.fromkeys(_stage_name(p) for p in parts))
         times[name] = times.get(name, 0.0) + time.perf_counter() - started
         return [part.replies for part in parts]
+
+
+def _group(config: ConfigRecord) -> str:
+    """The messages' group id: the server round the exchange belongs to."""
+    return str(config.get("server-round", ""))
 
 
 def _share_keys(bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:

@@ -24,7 +24,7 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsec.aggregation import Rule
-from fedsec.attacks.threat import is_colluding
+from fedsec.attacks.threat import is_colluding, simulated_adversary
 from fedsec.checkpoint import CheckpointError
 from fedsec.client.app import local_train
 from fedsec.config import (
@@ -215,7 +215,9 @@ def run_experiment(
         elapsed_before = float(run.rounds[-1].get("elapsed_s", 0.0)) if run.rounds else 0.0
         logger.info("resuming %s after round %d", run.name, last)
 
-    # Innermost, under the adversary: colluders sign what they send like any client.
+    # Under the adversary component, which exists only in simulations: it must see
+    # verified replies, and its crafted updates are simulated attackers' (under SecAgg
+    # the colluders mask and sign them; in plain rounds it rewrites verified replies).
     grid = _with_adversary(verifier.as_grid() if verifier is not None else grid, cfg)
     secure = make_secagg_workflow(cfg) if cfg.secagg.enabled else None
     arrays = ArrayRecord(model.state_dict())
@@ -359,10 +361,18 @@ def _decisions(strategy: FedSecStrategy, server_round: int) -> dict[str, object]
 
 
 def _with_adversary(grid: Grid, cfg: ExperimentConfig) -> Grid:
-    """Wrap ``grid`` in the adversary component (and referee) when an attack is configured."""
+    """Wrap ``grid`` in the adversary component (and referee) when an attack is configured.
+
+    Only in a simulation's adversary mode: the component rewrites replies
+    after the server received them, so a deployment must never run it, whatever
+    its config names.
+    """
     attack = cfg.attack
     built = build_configured_attack(cfg)
     if built is None:
+        return grid
+    if not simulated_adversary():
+        logger.warning("attack %r ignored: not a simulation in adversary mode", attack.name)
         return grid
     if not is_colluding(built):
         return AdversaryGrid(grid, None).as_grid()  # referee only
@@ -409,12 +419,13 @@ def main(grid: Grid, context: Context) -> None:
     # Flower streams its own logger to `flwr run --stream`, so report through it.
     flwr_log(INFO, "fedsec: writing results to %s", run.path)
     built = build_configured_attack(cfg)
-    if built is not None and is_colluding(built):
+    if built is not None and (is_colluding(built) or not simulated_adversary()):
         flwr_log(
             WARNING,
-            "fedsec: '%s' is a colluding attack: its clients act only in the simulation's "
-            "adversary mode (FEDSEC_SIMULATED_ADVERSARY=1 in the clients' environment; "
-            "`fedsec run` sets it)",
+            "fedsec: attack '%s' needs the simulation's adversary mode "
+            "(FEDSEC_SIMULATED_ADVERSARY=1 in the server's and clients' environment; "
+            "`fedsec run` sets it): without it no colluder acts and the server "
+            "neither crafts updates nor scores detection",
             cfg.attack.name,
         )
     run_experiment(grid, cfg, run, on_round=_log_round)

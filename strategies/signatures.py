@@ -1,22 +1,26 @@
 """Server side of signed client replies: a grid wrapper that checks every reply.
 
 :class:`VerifyingGrid` wraps the grid the round loop and the SecAgg workflow
-talk through. After each exchange it checks every reply that is not an error
-(errors stay as they are: the strategy and the workflow treat them as a
-failure or a dropout) and hands on only those that pass, without their
-``fedsec-signature`` record:
+talk through. After each exchange it hands on only the replies that pass,
+without their ``fedsec-signature`` record:
 
+* every message of the exchange has an id (else nothing is accepted: a
+  reply could not be bound to its instruction);
+* the reply answers a message of this exchange (``reply_to_message_id``),
+  comes from the node that message went to, is the only reply to it, and
+  has that message's run id, message type and group id (the round);
 * the ``fedsec-signature`` ConfigRecord is there, with a string identity
-  and bytes signature;
-* the reply answers a message of this exchange sent to the node it comes
-  from (its ``reply_to_message_id`` and source node);
-* the identity is registered (``<identity>.pub`` in the key dir);
-* the signature verifies over the reply's run id, ``reply_to_message_id``,
-  message type and group id and the digest of its content
-  (:func:`fedsec.client.signing_mod.content_digest`);
+  and bytes signature, the identity is registered (``<identity>.pub`` in the
+  key dir), and the signature verifies over the reply's run id,
+  ``reply_to_message_id``, message type and group id and the digest of its
+  content (:func:`fedsec.client.signing_mod.content_digest`);
 * no other reply of the exchange claims the same identity (if several do,
   all of them are excluded: the server cannot tell which one is legitimate,
   and one key must not count twice).
+
+Error replies carry no content and pass unsigned (the strategy and the
+workflow count them as the node's failure or dropout), but only if they
+answer a message of the exchange that has no verified reply.
 
 Every exclusion is logged at WARNING in one line naming the node and the
 reason, and counted; :meth:`VerifyingGrid.take_rejected` hands the round
@@ -29,11 +33,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedsec.attacks.threat import simulated_adversary
 from fedsec.client.signing_mod import SIGNATURE_KEY, content_digest
 from fedsec.config import ConfigError, ExperimentConfig
 from fedsec.deploy.signatures import SignatureError, load_registry, verify_reply
@@ -100,7 +106,6 @@ class VerifyingGrid:
     def __init__(self, grid: Grid, registry: dict[str, bytes]) -> None:
         self.grid = grid
         self.registry = dict(registry)
-        self.identities: dict[int, str] = {}  # node id -> identity of its last accepted reply
         self._rejected: list[Rejection] = []
 
     def as_grid(self) -> Grid:
@@ -121,30 +126,51 @@ class VerifyingGrid:
         messages = list(messages)
         replies = send_and_receive(self.grid, messages, timeout=_timeout(timeout))
         # A real grid sets each message's id when pushing it, so read them after sending.
-        sent = {(m.metadata.message_id, m.metadata.dst_node_id) for m in messages}
-        kept: list[Message] = []
+        sent = {m.metadata.message_id: m for m in messages}
+        if "" in sent:
+            # Without ids nothing binds a reply to its instruction: replays would pass.
+            for reply in replies:
+                self._reject(reply, _claimed(reply), "the grid sent messages without ids")
+            return []
+        answers = Counter(r.metadata.reply_to_message_id for r in replies if not r.has_error())
+        errors: list[Message] = []
         checked: list[tuple[Message, str]] = []
         for reply in replies:
-            if reply.has_error():
-                kept.append(reply)
-                continue
-            node = reply.metadata.src_node_id
-            if (reply.metadata.reply_to_message_id, node) not in sent:
-                self._reject(reply, "", "answers no message sent to this node in this exchange")
-                continue
-            try:
-                checked.append((reply, check_reply(reply, self.registry)))
-            except SignatureError as err:
-                self._reject(reply, _claimed(reply), str(err))
+            request = sent.get(reply.metadata.reply_to_message_id)
+            if request is None:
+                self._reject(reply, _claimed(reply), "answers no message of this exchange")
+            elif reply.has_error():
+                # Flower's own errors may come from the ServerApp's node id: match on the id only.
+                errors.append(reply)
+            else:
+                problem = _mismatch(reply, request, answers)
+                if problem is not None:
+                    self._reject(reply, _claimed(reply), problem)
+                    continue
+                try:
+                    checked.append((reply, check_reply(reply, self.registry)))
+                except SignatureError as err:
+                    self._reject(reply, _claimed(reply), str(err))
         claims = Counter(identity for _, identity in checked)
+        kept: list[Message] = []
         for reply, identity in checked:
             if claims[identity] > 1:
                 self._reject(reply, identity, f"identity {identity!r} signed several replies")
                 continue
             del reply.content[SIGNATURE_KEY]
-            self.identities[reply.metadata.src_node_id] = identity
             kept.append(reply)
+        answered = {r.metadata.reply_to_message_id for r in kept}
+        # An error for a message that has a verified answer would count the node twice.
+        kept[:0] = [e for e in errors if e.metadata.reply_to_message_id not in answered]
         return kept
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Refused: replies pulled around :meth:`send_and_receive` would skip verification."""
+        raise TypeError("VerifyingGrid verifies replies in send_and_receive only")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Refused, as :meth:`push_messages`."""
+        raise TypeError("VerifyingGrid verifies replies in send_and_receive only")
 
     def take_rejected(self) -> list[Rejection]:
         """The exclusions since the last call (the round loop calls it once a round)."""
@@ -162,7 +188,22 @@ class VerifyingGrid:
         )
 
 
+def _mismatch(reply: Message, request: Message, answers: Counter[str]) -> str | None:
+    """Why ``reply`` is not a well-formed single answer to ``request``, or None."""
+    got, sent = reply.metadata, request.metadata
+    if got.src_node_id != sent.dst_node_id:
+        return f"answers a message sent to node {sent.dst_node_id}"
+    if answers[got.reply_to_message_id] > 1:
+        return "one of several replies to the same message"
+    for field in ("run_id", "message_type", "group_id"):
+        if getattr(got, field) != getattr(sent, field):
+            return f"its {field} differs from the message it answers"
+    return None
+
+
 def _claimed(reply: Message) -> str:
+    if reply.has_error():  # an error reply has no content to read
+        return ""
     record = reply.content.config_records.get(SIGNATURE_KEY)
     identity = None if record is None else record.get("identity")
     return identity if isinstance(identity, str) else ""
@@ -188,4 +229,12 @@ def with_signatures(grid: Grid, cfg: ExperimentConfig) -> VerifyingGrid | None:
     except SignatureError as err:
         raise ConfigError("signatures.key_dir", str(err)) from None
     logger.info("signatures: %d registered identities", len(registry))
+    private = sorted(p.name for p in Path(cfg.signatures.key_dir).expanduser().glob("*.pem"))
+    if private and not simulated_adversary():
+        # A simulation shares the folder with its clients; a server needs only the .pub files.
+        logger.warning(
+            "signatures: %s also holds private keys (%s); remove them from the server",
+            cfg.signatures.key_dir,
+            ", ".join(private[:3]) + (", ..." if len(private) > 3 else ""),
+        )
     return VerifyingGrid(grid, registry)

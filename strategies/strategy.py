@@ -193,7 +193,12 @@ class FedSecStrategy(Strategy):
         content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
         logger.info("round %d: sampled %d nodes", server_round, len(node_ids))
         return [
-            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            Message(
+                content=content,
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+                group_id=str(server_round),
+            )
             for node in node_ids
         ]
 
@@ -412,7 +417,12 @@ class FedSecStrategy(Strategy):
         config["server-round"] = server_round
         content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
         return [
-            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
+            Message(
+                content=content,
+                message_type=MessageType.EVALUATE,
+                dst_node_id=node,
+                group_id=str(server_round),
+            )
             for node in node_ids
         ]
 

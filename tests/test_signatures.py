@@ -43,6 +43,7 @@ from fedsec.deploy.signatures import (
     ContentHasher,
     SignatureError,
     Value,
+    check_public_key,
     hash_values,
     load_registry,
     load_signing_key,
@@ -339,12 +340,10 @@ def test_valid_replies_pass_without_their_signature(keys: dict[str, Ed25519Priva
     replies, grid = _exchange(keys, lambda m: _signed(m, keys))
     assert [r.metadata.src_node_id for r in replies] == [1, 2, 3]
     assert all(SIGNATURE_KEY not in r.content for r in replies)
-    assert grid.take_rejected() == [] and grid.identities == {
-        1: "client-0",
-        2: "client-1",
-        3: "client-2",
-    }
+    assert grid.take_rejected() == []
     assert list(grid.get_node_ids()) == [1, 2, 3]
+    with pytest.raises(TypeError, match="send_and_receive only"):
+        grid.push_messages([_instruction()])  # a side door around the check
 
 
 def _reasons(grid: VerifyingGrid) -> dict[int, str]:
@@ -445,7 +444,7 @@ def test_replayed_replies_are_rejected(keys: dict[str, Ed25519PrivateKey]) -> No
     replies, grid = _exchange(keys, replay)
     assert [r.metadata.src_node_id for r in replies] == [3]
     assert _reasons(grid) == {
-        1: "answers no message sent to this node in this exchange",
+        1: "answers no message of this exchange",
         2: "signature of 'client-1' does not verify",
     }
 
@@ -454,6 +453,132 @@ def test_error_replies_pass_unchanged(keys: dict[str, Ed25519PrivateKey]) -> Non
     replies, grid = _exchange(keys, lambda m: Message(Error(code=5, reason="x"), reply_to=m))
     assert len(replies) == 3 and all(r.has_error() for r in replies)
     assert grid.take_rejected() == []
+
+
+class _ExtraGrid(_ScriptedGrid):
+    """Adds the replies ``extra(messages)`` returns to each exchange's answers."""
+
+    def __init__(
+        self,
+        answer: Callable[[Message], Message | None],
+        extra: Callable[[list[Message]], list[Message]],
+    ) -> None:
+        super().__init__(answer)
+        self.extra = extra
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        messages = list(messages)
+        return [*super().send_and_receive(messages, timeout=timeout), *self.extra(messages)]
+
+
+def _extra_exchange(
+    keys: dict[str, Ed25519PrivateKey], extra: Callable[[list[Message]], list[Message]]
+) -> tuple[list[Message], VerifyingGrid]:
+    grid = VerifyingGrid(_ExtraGrid(lambda m: _signed(m, keys), extra), _registry(keys))
+    messages = [_instruction(node=n) for n in (1, 2, 3)]
+    return grid.send_and_receive(messages, timeout=1.0), grid
+
+
+def test_a_second_reply_to_one_message_excludes_both(keys: dict[str, Ed25519PrivateKey]) -> None:
+    # Another registered key answering node 1's message (as if relayed from node 1).
+    def second(messages: list[Message]) -> list[Message]:
+        reply = _answer(messages[0], loss=0.9)
+        sign_message(reply, messages[0], "client-2", keys["client-2"])
+        return [reply]
+
+    replies, grid = _extra_exchange(keys, second)
+    assert [r.metadata.src_node_id for r in replies] == [2, 3]
+    rejected = grid.take_rejected()
+    assert [(r.node_id, r.reason) for r in rejected] == [
+        (1, "one of several replies to the same message"),
+        (1, "one of several replies to the same message"),
+    ]
+
+
+def test_error_replies_must_answer_this_exchange(keys: dict[str, Ed25519PrivateKey]) -> None:
+    stray = Message(Error(code=5, reason="forged"), reply_to=_instruction(node=7))
+
+    def extra(messages: list[Message]) -> list[Message]:
+        # A stray error, and an error for a message that also has a verified reply.
+        return [stray, Message(Error(code=5, reason="late"), reply_to=messages[0])]
+
+    replies, grid = _extra_exchange(keys, extra)
+    assert [(r.metadata.src_node_id, r.has_error()) for r in replies] == [
+        (1, False),
+        (2, False),
+        (3, False),
+    ]
+    assert _reasons(grid) == {7: "answers no message of this exchange"}
+
+
+def test_metadata_must_match_the_message_answered(keys: dict[str, Ed25519PrivateKey]) -> None:
+    def regroup(msg: Message) -> Message:
+        reply = _signed(msg, keys)
+        if msg.metadata.dst_node_id == 2:  # signed, then relabelled into another round
+            reply.metadata.group_id = "99"
+        return reply
+
+    replies, grid = _exchange(keys, regroup)
+    assert [r.metadata.src_node_id for r in replies] == [1, 3]
+    assert _reasons(grid) == {2: "its group_id differs from the message it answers"}
+
+
+def test_messages_without_ids_bind_nothing(keys: dict[str, Ed25519PrivateKey]) -> None:
+    grid = VerifyingGrid(_ScriptedGrid(lambda m: _signed(m, keys)), _registry(keys))
+    messages = [_instruction(node=n, message_id="") for n in (1, 2)]
+    for msg in messages:
+        msg.metadata.__dict__["_message_id"] = ""
+    assert grid.send_and_receive(messages, timeout=1.0) == []
+    assert {r.reason for r in grid.take_rejected()} == {"the grid sent messages without ids"}
+
+
+def _small_order_and_invalid_keys() -> dict[str, bytes]:
+    p = 2**255 - 19
+    order8 = 2707385501144840649318225287225658788936804267575313519463743609750303402022
+    return {
+        "identity": (1).to_bytes(32, "little"),  # "R = identity, s = 0" verifies for it
+        "zeros": bytes(32),  # y = 0: order 4
+        "order-2": (p - 1).to_bytes(32, "little"),
+        "order-8": order8.to_bytes(32, "little"),
+        "non-canonical": (p + 1).to_bytes(32, "little"),
+        "off-curve": b"\xff" * 31 + b"\x7f",
+    }
+
+
+@pytest.mark.parametrize("name", list(_small_order_and_invalid_keys()))
+def test_registry_refuses_keys_signatures_can_be_forged_for(tmp_path: Path, name: str) -> None:
+    write_key_dir(tmp_path, ["client-0"])
+    (tmp_path / "client-1.pub").write_bytes(_small_order_and_invalid_keys()[name])
+    with pytest.raises(SignatureError, match=r"client-1\.pub is not a usable Ed25519 public key"):
+        load_registry(tmp_path)
+
+
+def test_the_identity_key_would_accept_a_keyless_forgery() -> None:
+    # Why the registry checks the order: no private key is needed for this one.
+    identity = (1).to_bytes(32, "little")
+    forged = identity + bytes(32)  # R = identity, s = 0
+    fields = {
+        "run_id": 1,
+        "message_id": "m",
+        "message_type": "train",
+        "group_id": "1",
+        "identity": "client-0",
+        "content_digest": bytes(32),
+    }
+    verify_reply(identity, forged, **fields)  # type: ignore[arg-type]
+    with pytest.raises(SignatureError, match="small or mixed order"):
+        check_public_key(identity)
+
+
+def test_registry_refuses_one_key_under_two_identities(tmp_path: Path) -> None:
+    write_key_dir(tmp_path, ["client-0"])
+    (tmp_path / "client-0-alias.pub").write_bytes((tmp_path / "client-0.pub").read_bytes())
+    with pytest.raises(
+        SignatureError, match=r"client-0\.pub holds the same key as client-0-alias\.pub; one key"
+    ):
+        load_registry(tmp_path)
 
 
 # -- full rounds -----------------------------------------------------------------------
@@ -567,7 +692,8 @@ def test_a_missing_key_dir_fails_before_round_one(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("secure", [False, True])
 def test_colluders_sign_their_crafted_updates(tmp_path: Path, secure: bool) -> None:
-    """The check sits under the adversary component: its rewrites are the colluders' own."""
+    """The check sits under the simulation's adversary component, which must see verified
+    replies; under SecAgg the colluders mask and sign its crafted updates themselves."""
     keys = tmp_path / "keys"
     write_key_dir(keys, [f"client-{i}" for i in range(4)])
     sections: dict[str, Any] = {
@@ -579,3 +705,32 @@ def test_colluders_sign_their_crafted_updates(tmp_path: Path, secure: bool) -> N
     round1 = run.rounds[1]
     assert round1["status"] == "ok" and round1["num-accepted"] == 4
     assert round1["signatures_rejected"] == 0
+
+
+def test_a_reply_replayed_into_the_next_round_is_excluded(tmp_path: Path) -> None:
+    write_key_dir(tmp_path / "keys", [f"client-{i}" for i in range(3)])
+    first: list[Message] = []
+
+    def replay(reply: Message) -> Message:
+        if reply.metadata.message_type != MessageType.TRAIN or reply.has_error():
+            return reply
+        if not first:
+            first.append(reply)  # node 1's signed round-1 update, kept by a relay
+            return reply
+        return first[0] if reply.metadata.group_id == "2" else reply
+
+    cfg = _config(tmp_path / "keys", rounds=2)
+    run = _run(cfg, tmp_path / "run", tamper={1: replay})
+    assert [r["signatures_rejected"] for r in run.rounds[1:]] == [0, 1]
+    assert run.rounds[2]["status"] == "ok" and run.rounds[2]["num-accepted"] == 2
+
+
+def test_the_adversary_component_runs_only_in_simulations(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsec.strategies.adversary import AdversaryGrid
+    from fedsec.strategies.server_app import _with_adversary
+
+    cfg = parse_config({"attack": {"name": "ipm", "num_malicious": 1}})
+    grid = InProcessGrid(client_app, 3).as_grid()  # turns the mode on, as simulations do
+    assert isinstance(_with_adversary(grid, cfg), AdversaryGrid)
+    monkeypatch.delenv("FEDSEC_SIMULATED_ADVERSARY")  # a deployment's ServerApp
+    assert _with_adversary(grid, cfg) is grid

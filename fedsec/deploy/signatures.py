@@ -36,6 +36,7 @@ __all__ = [
     "ContentHasher",
     "SignatureError",
     "Value",
+    "check_public_key",
     "hash_values",
     "load_registry",
     "load_signing_key",
@@ -250,6 +251,67 @@ def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
     return key
 
 
+# Edwards25519 (RFC 8032, Section 5.1): field prime, curve constant, group order.
+_P = 2**255 - 19
+_D = (-121665 * pow(121666, -1, _P)) % _P
+_L = 2**252 + 27742317777372353535851937790883648493
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+_Point = tuple[int, int]
+
+
+def _decode_point(public: bytes) -> _Point | None:
+    """RFC 8032 point decoding (Section 5.1.3); None for a non-canonical or off-curve encoding."""
+    n = int.from_bytes(public, "little")
+    sign, y = n >> 255, n & ((1 << 255) - 1)
+    if y >= _P:
+        return None
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x2 = u * pow(v, -1, _P) % _P
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - x2) % _P or (x == 0 and sign):
+        return None
+    return (_P - x if x & 1 != sign else x), y
+
+
+def _add(a: _Point, b: _Point) -> _Point:
+    (x1, y1), (x2, y2) = a, b
+    t = _D * x1 * x2 * y1 * y2 % _P
+    x = (x1 * y2 + x2 * y1) * pow(1 + t, -1, _P) % _P
+    return x, (y1 * y2 + x1 * x2) * pow(1 - t, -1, _P) % _P
+
+
+def _times(k: int, point: _Point) -> _Point:
+    result = (0, 1)
+    while k:
+        if k & 1:
+            result = _add(result, point)
+        point, k = _add(point, point), k >> 1
+    return result
+
+
+def check_public_key(public: bytes) -> None:
+    """Raise :class:`SignatureError` unless ``public`` encodes a point of prime order.
+
+    ``Ed25519PublicKey.from_public_bytes`` accepts any 32 bytes, but a key of
+    small order (the identity, points of order 2, 4 or 8) lets anyone forge
+    signatures without a private key (the identity accepts ``R = identity,
+    s = 0`` on every message), and an off-curve or non-canonical encoding is no
+    key at all. So a registered key must decode (RFC 8032, Section 5.1.3) to a
+    point ``A`` with ``L * A`` the identity and ``A`` not the identity, i.e. of
+    the prime order ``L`` of the base point: no small-order component either.
+    About 10 ms per key in Python, once when the registry is loaded.
+    """
+    if len(public) != PUBLIC_KEY_SIZE:
+        raise SignatureError(f"{len(public)} bytes, not {PUBLIC_KEY_SIZE}")
+    point = _decode_point(public)
+    if point is None:
+        raise SignatureError("not a canonical encoding of a curve point")
+    if point == (0, 1) or _times(_L, point) != (0, 1):
+        raise SignatureError("a point of small or mixed order, for which signatures can be forged")
+
+
 def load_registry(key_dir: str | Path) -> dict[str, bytes]:
     """The registered identities: ``<identity>.pub`` files (raw 32-byte Ed25519 keys).
 
@@ -258,8 +320,10 @@ def load_registry(key_dir: str | Path) -> dict[str, bytes]:
     Raises
     ------
     SignatureError
-        If the folder is missing, holds no ``.pub`` file, or one is not a raw
-        Ed25519 public key (the message names the file).
+        If the folder is missing, holds no ``.pub`` file, one is not a valid
+        raw Ed25519 public key of prime order (:func:`check_public_key`), or
+        two identities share a key (one key must not count twice); the
+        message names the files.
     """
     folder = Path(key_dir).expanduser()
     if not folder.is_dir():
@@ -276,9 +340,12 @@ def load_registry(key_dir: str | Path) -> dict[str, bytes]:
                 f"({len(public)} bytes)"
             )
         try:
-            Ed25519PublicKey.from_public_bytes(public)
-        except ValueError:
-            raise SignatureError(f"{path} is not an Ed25519 public key") from None
+            check_public_key(public)
+        except SignatureError as err:
+            raise SignatureError(f"{path} is not a usable Ed25519 public key: {err}") from None
+        twin = next((name for name, key in registry.items() if key == public), None)
+        if twin is not None:
+            raise SignatureError(f"{path} holds the same key as {twin}.pub; one key per identity")
         registry[path.stem] = public
     if not registry:
         raise SignatureError(f"key dir {folder} holds no <identity>.pub public keys")
