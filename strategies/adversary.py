@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,11 +41,12 @@ from fedsec.attacks.threat import MALICIOUS_TAG, TRUTH_TAG, effective_boost, rou
 from fedsec.client.secagg_mod import ADVERSARY_KEY, NUM_EXAMPLES_ARRAY, SECAGG_KEY
 
 from .arrays import ArraySpec
+from .transport import GridWrapper
 
 logger = logging.getLogger("fedsec")
 
 
-class AdversaryGrid:
+class AdversaryGrid(GridWrapper):
     """A grid wrapper in which colluding malicious clients craft their updates.
 
     Parameters
@@ -78,7 +78,7 @@ class AdversaryGrid:
         server_lr: float = 1.0,
         seed: int = 0,
     ) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.attack = attack
         self.omniscient = omniscient
         self.rule = rule
@@ -87,17 +87,6 @@ class AdversaryGrid:
         self.seed = seed
         self.rounds_attacked = 0
         self.malicious_nodes: set[int] = set()  # ground truth of the last training exchange
-
-    def as_grid(self) -> Grid:
-        """This wrapper typed as Flower's Grid (it forwards what the strategy uses)."""
-        return self  # type: ignore[return-value]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """The real grid's nodes."""
-        return self.grid.get_node_ids()
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

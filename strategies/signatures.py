@@ -34,7 +34,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -44,7 +44,7 @@ from fedsec.client.signing_mod import SIGNATURE_KEY, content_digest
 from fedsec.config import ConfigError, ExperimentConfig
 from fedsec.deploy.signatures import SignatureError, load_registry, verify_reply
 
-from .transport import send_and_receive
+from .transport import GridWrapper, send_and_receive
 
 __all__ = ["Rejection", "VerifyingGrid", "check_reply", "with_signatures"]
 
@@ -91,7 +91,7 @@ def check_reply(reply: Message, registry: dict[str, bytes]) -> str:
     return identity
 
 
-class VerifyingGrid:
+class VerifyingGrid(GridWrapper):
     """A grid wrapper that passes on only replies signed by a registered identity.
 
     Parameters
@@ -104,20 +104,9 @@ class VerifyingGrid:
     """
 
     def __init__(self, grid: Grid, registry: dict[str, bytes]) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.registry = dict(registry)
         self._rejected: list[Rejection] = []
-
-    def as_grid(self) -> Grid:
-        """This wrapper typed as Flower's Grid (it forwards what the strategy uses)."""
-        return self  # type: ignore[return-value]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """The wrapped grid's nodes."""
-        return self.grid.get_node_ids()
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-__all__ = ["send_and_receive"]
+__all__ = ["GridWrapper", "send_and_receive"]
 
 
 def send_and_receive(
@@ -47,3 +48,25 @@ def send_and_receive(
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(interval * 1.5, max_interval)
     return replies
+
+
+class GridWrapper:
+    """Base of the objects that stand between the round loop and a grid.
+
+    Attributes other than :meth:`send_and_receive` go to the wrapped grid, so a
+    wrapper only overrides what it changes.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def as_grid(self) -> Grid:
+        """This wrapper typed as Flower's Grid (it forwards what the strategy uses)."""
+        return self  # type: ignore[return-value]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The wrapped grid's nodes."""
+        return self.grid.get_node_ids()

@@ -25,6 +25,7 @@ import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +35,7 @@ __all__ = [
     "DOMAIN",
     "PUBLIC_KEY_SIZE",
     "ContentHasher",
+    "ReplyFields",
     "SignatureError",
     "Value",
     "check_public_key",
@@ -172,40 +174,23 @@ def reply_payload(
     )
 
 
-def sign_reply(
-    key: Ed25519PrivateKey,
-    *,
-    run_id: int,
-    message_id: str,
-    message_type: str,
-    group_id: str,
-    identity: str,
-    content_digest: bytes,
-) -> bytes:
+class ReplyFields(TypedDict):
+    """What a reply signature binds besides the content: :func:`reply_payload`'s arguments."""
+
+    run_id: int
+    message_id: str
+    message_type: str
+    group_id: str
+    identity: str
+    content_digest: bytes
+
+
+def sign_reply(key: Ed25519PrivateKey, **fields: Unpack[ReplyFields]) -> bytes:
     """Sign a reply's :func:`reply_payload` with ``key``; the 64-byte signature."""
-    return key.sign(
-        reply_payload(
-            run_id=run_id,
-            message_id=message_id,
-            message_type=message_type,
-            group_id=group_id,
-            identity=identity,
-            content_digest=content_digest,
-        )
-    )
+    return key.sign(reply_payload(**fields))
 
 
-def verify_reply(
-    public: bytes,
-    signature: bytes,
-    *,
-    run_id: int,
-    message_id: str,
-    message_type: str,
-    group_id: str,
-    identity: str,
-    content_digest: bytes,
-) -> None:
+def verify_reply(public: bytes, signature: bytes, **fields: Unpack[ReplyFields]) -> None:
     """Return if ``signature`` is ``public``'s on this reply; raise otherwise.
 
     Raises
@@ -213,18 +198,11 @@ def verify_reply(
     SignatureError
         If the signature does not verify (or the key is malformed).
     """
-    payload = reply_payload(
-        run_id=run_id,
-        message_id=message_id,
-        message_type=message_type,
-        group_id=group_id,
-        identity=identity,
-        content_digest=content_digest,
-    )
+    payload = reply_payload(**fields)
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(signature, payload)
     except (InvalidSignature, ValueError):
-        raise SignatureError(f"signature of {identity!r} does not verify") from None
+        raise SignatureError(f"signature of {fields['identity']!r} does not verify") from None
 
 
 def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
