@@ -153,8 +153,6 @@ def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
     raw_cap = node.get("max-batch", cfg.client.max_batch)
     if isinstance(raw_cap, bool) or not isinstance(raw_cap, int) or raw_cap < 0:
         raise ValueError(f"node config max-batch must be an integer >= 0, got {raw_cap!r}")
-    if precision == "fp16" and cfg.privacy.mode == "dp-sgd":
-        raise ValueError("node config precision 'fp16' cannot be used with DP-SGD; use 'bf16'")
     autocast_dtype(precision, device)  # refuses fp16 off CUDA, bf16 where unsupported
     return Hardware(device=device, precision=precision, max_batch=raw_cap)
 

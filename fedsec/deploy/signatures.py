@@ -31,6 +31,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedsec.secagg.signing import frame
+
 __all__ = [
     "DOMAIN",
     "PUBLIC_KEY_SIZE",
@@ -125,10 +127,6 @@ def hash_values(*values: Value) -> bytes:
     return ContentHasher().update_all(values).digest()
 
 
-def _frame(*parts: bytes) -> bytes:
-    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
-
-
 def reply_payload(
     *,
     run_id: int,
@@ -165,7 +163,7 @@ def reply_payload(
     if not 0 <= run_id < 2**64:
         raise SignatureError(f"run id {run_id} is not an unsigned 64-bit integer")
     head = DOMAIN + struct.pack(">Q", run_id)
-    return head + _frame(
+    return head + frame(
         message_id.encode(),
         message_type.encode(),
         group_id.encode(),

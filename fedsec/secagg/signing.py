@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedsec.secagg.messages import ProtocolError
 
 __all__ = [
+    "frame",
     "generate_signing_key",
     "public_bytes",
     "sign_keys",
@@ -49,7 +50,8 @@ def public_bytes(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _frame(*parts: bytes) -> bytes:
+def frame(*parts: bytes) -> bytes:
+    """Each part prefixed with its 4-byte length, so no two part lists give the same bytes."""
     return b"".join(struct.pack(">I", len(p)) + p for p in parts)
 
 
@@ -63,13 +65,13 @@ def _keys_payload(
     parameters: bytes,
 ) -> bytes:
     head = _KEYS_DOMAIN + struct.pack(">QQ", server_round, client_id)
-    return head + _frame(session, identity.encode(), c_public, s_public, parameters)
+    return head + frame(session, identity.encode(), c_public, s_public, parameters)
 
 
 def _survivors_payload(session: bytes, server_round: int, survivors: Iterable[int]) -> bytes:
     ids = sorted(survivors)
     body = struct.pack(f">{len(ids)}Q", *ids)
-    return _SURVIVORS_DOMAIN + struct.pack(">Q", server_round) + _frame(session, body)
+    return _SURVIVORS_DOMAIN + struct.pack(">Q", server_round) + frame(session, body)
 
 
 def sign_keys(
