@@ -67,6 +67,8 @@ class ExperimentSection:
     rounds: int = 10
     device: str = "auto"
     results_dir: str = "results"
+    #: Checkpoints kept on disk (the newest; round 0 always stays); 0 keeps all.
+    keep_checkpoints: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ class ServerSection:
     lr: float = 1.0
     momentum: float = 0.0
     round_timeout: float = 600.0
+    #: Largest example count a reply may claim; 0 derives it from the data set
+    #: (its training split), capped at 2**31. Larger or non-finite counts are excluded.
+    max_examples: int = 0
+    #: Consecutive rounds with no usable reply after which a run stops (resumable).
+    max_failed_rounds: int = 3
 
 
 @dataclass(frozen=True)
@@ -417,6 +424,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
             "experiment.device",
             f"must be auto, cpu, mps, cuda or cuda:N (got {exp.device!r})",
         )
+    _require("experiment.keep_checkpoints", exp.keep_checkpoints, lambda v: v >= 0, ">= 0")
     if not exp.results_dir:
         raise ConfigError("experiment.results_dir", "must not be empty")
 
@@ -466,6 +474,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _require("server.lr", server.lr, lambda v: v > 0, "> 0")
     _require("server.momentum", server.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
     _require("server.round_timeout", server.round_timeout, lambda v: v > 0, "> 0")
+    _require("server.max_examples", server.max_examples, lambda v: 0 <= v <= 2**31, "in [0, 2**31]")
+    _require("server.max_failed_rounds", server.max_failed_rounds, lambda v: v >= 1, ">= 1")
 
     _check_privacy(cfg)  # before the rule is built: central DP wraps it
     _check_aggregation(cfg)
