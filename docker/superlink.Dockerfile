@@ -16,8 +16,11 @@ RUN pip install --no-cache-dir /dist/*.whl && rm -rf /dist \
 USER 1000:1000
 WORKDIR /home/fedsec
 ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-EXPOSE 9093
-ENTRYPOINT ["flower-superlink", "--disable-runtime-dependency-installation"]
+# Only the Fleet API listens on the network (9092); the Control and Runtime APIs
+# stay on the container's loopback (fedsec.deploy.lan_superlink, README "Deployment
+# on a LAN"): registration and `flwr run` happen inside its network namespace.
+EXPOSE 9092
+ENTRYPOINT ["python", "-m", "fedsec.deploy.lan_superlink", "--disable-runtime-dependency-installation"]
 CMD ["--ssl-ca-certfile", "/keys/ca.crt", "--ssl-certfile", "/keys/server.crt", \
      "--ssl-keyfile", "/keys/server.key", "--enable-supernode-auth", \
-     "--host", "0.0.0.0", "--port", "9093"]
+     "--fleet-host", "0.0.0.0", "--fleet-port", "9092", "--host", "127.0.0.1", "--port", "9093"]

@@ -16,5 +16,5 @@ USER 1000:1000
 WORKDIR /home/fedsec
 # Pass the SuperLink, keys and partition as arguments, e.g.
 #   --root-certificates /keys/ca.crt --auth-supernode-private-key /keys/supernode-0.key
-#   --superlink superlink:9093 --node-config "partition-id=0 num-partitions=3"
+#   --superlink superlink:9092 --node-config "partition-id=0 num-partitions=3"
 ENTRYPOINT ["flower-supernode"]
