@@ -10,47 +10,89 @@ up during round 1, so it dies inside round 2): its bucket falls below 2 and is
 discarded, never unmasked, and round 2 completes with the other bucket.
 A SuperNode whose key was never registered and one that connects without TLS
 must both be refused.
+
+The SuperLink runs as the README's LAN walkthrough starts it
+(``python -m fedsec.deploy.lan_superlink``): the Fleet API alone on the "LAN"
+address (127.0.0.2 stands in for it), the Control and Runtime APIs on
+127.0.0.1, where the administrator registers keys and runs ``flwr run``. An
+outsider on the LAN holding only ``ca.crt`` can neither register a SuperNode
+key nor submit a run (issue 16, case 1): under plain ``flower-superlink``
+both succeed, since Flower 1.42 serves every API on one port.
+
+A second test runs ``simulations/deploy_ledger.toml`` (local DP, a budget of
+exactly 2 rounds, 4 rounds) on two registered SuperNodes, each with its own
+``state-dir``: SuperNode 0 is killed with -9 after round 1 and started again
+with the same key and folder, and must continue its privacy ledger (issue 16,
+case 2): both nodes end with 2 rounds spent and refuse the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fedsec.client.privacy import LEDGER_SUBDIR, STATE_DIR_KEY, ledger_file_name
+from fedsec.config import load_config
 from fedsec.deploy.certs import write_deployment_keys
+from fedsec.privacy.accounting import Accountant, check_accountant, epsilon_for_history
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIG = ROOT / "simulations" / "deploy_tls.toml"
 NODES = 4
+LAN = "127.0.0.2"  # the SuperLink's LAN address (Fleet API only); the admin side is 127.0.0.1
+ADMIN = "127.0.0.1"
+
+
+def _free_port(host: str = ADMIN) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def _can_bind(host: str) -> bool:
+    try:
+        _free_port(host)
+    except OSError:
+        return False
+    return True
+
+
+def _connection(home: Path, name: str, address: str, ca_cert: Path) -> None:
+    """A flwr CLI home whose only (and default) SuperLink connection is ``name``."""
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
+        f'root-certificates = "{ca_cert}"\n'
+    )
+
 
 pytestmark = [
     pytest.mark.deployment,
     pytest.mark.skipif(
         not (BIN / "flower-superlink").exists(), reason="Flower's deployment CLIs not installed"
     ),
+    pytest.mark.skipif(not _can_bind(LAN), reason=f"cannot bind {LAN} (no 127/8 loopback)"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class Processes:
@@ -95,16 +137,26 @@ def _descendants(pid: int) -> list[int]:
     return [d for c in children for d in (*_descendants(c), c)]
 
 
+@dataclass
+class Deployment:
+    """A running split SuperLink: its processes, addresses, keys and CLI homes."""
+
+    procs: Processes
+    tmp: Path
+    keys: Path
+    fleet: str  # host:port on the LAN address: the Fleet API, nothing else
+    admin: str  # host:port on loopback: the Control and Runtime APIs
+    outsider_env: dict[str, str]  # a LAN machine's flwr CLI, holding only ca.crt
+
+
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[tuple[Processes, Path, dict[str, str]]]:
-    keys = write_deployment_keys(tmp_path / "keys", nodes=NODES + 1)  # the last: unregistered
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    # The last key pair is never registered; LAN is in the server certificate's names.
+    keys = write_deployment_keys(tmp_path / "keys", nodes=NODES + 1, hosts=(LAN,))
+    admin = f"{ADMIN}:{_free_port(ADMIN)}"
+    fleet = f"{LAN}:{_free_port(LAN)}"
     home = tmp_path / "flwr-home"
-    home.mkdir()
-    port = _free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{keys.ca_cert}"\n'
-    )
+    _connection(home, "tls", admin, keys.ca_cert)  # the administrator's, on the SuperLink host
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -113,86 +165,161 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Processes, Path, dict[str, str]
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("FEDSEC_SIMULATED_ADVERSARY", None)  # a deployment, not a simulation
+    outsider_home = tmp_path / "outsider-home"
+    _connection(outsider_home, "lan", fleet, keys.ca_cert)  # all a client machine holds
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Processes(logs, env)
     try:
+        # As the README starts it: the Fleet API alone on the LAN address, the rest on loopback.
         procs.start(
             "superlink",
-            "flower-superlink",
+            "python", "-m", "fedsec.deploy.lan_superlink",
+            "--fleet-host", LAN,
+            "--fleet-port", str(_split(fleet)[1]),
+            "--host", ADMIN,
+            "--port", str(_split(admin)[1]),
             "--ssl-ca-certfile", str(keys.ca_cert),
             "--ssl-certfile", str(keys.server_cert),
             "--ssl-keyfile", str(keys.server_key),
             "--enable-supernode-auth",
-            "--host", "127.0.0.1",
-            "--port", str(port),
             "--disable-runtime-dependency-installation",
         )  # fmt: skip
         deadline = time.monotonic() + 60
-        while not _listening(port):
+        while not (_listening(*_split(admin)) and _listening(*_split(fleet))):
+            assert procs.started["superlink"].poll() is None, procs.log("superlink")[-2000:]
             assert time.monotonic() < deadline, procs.log("superlink")[-2000:]
             time.sleep(0.25)
         for i in range(NODES):
-            registered = subprocess.run(
-                [str(BIN / "flwr"), "supernode", "register", str(keys.node_public_keys[i]), "tls"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            registered = _flwr(env, "supernode", "register", str(keys.node_public_keys[i]), "tls")
             assert registered.returncode == 0, registered.stdout + registered.stderr
-        yield procs, tmp_path, {"port": str(port), "keys": str(keys.folder)}
+        outsider_env = {**env, "FLWR_HOME": str(outsider_home)}
+        yield Deployment(procs, tmp_path, keys.folder, fleet, admin, outsider_env)
     finally:
         procs.close()
 
 
-def _supernode(
-    procs: Processes, name: str, i: int, port: int, *auth: str, signing_key: Path | None = None
-) -> None:
-    node_config = f"partition-id={i} num-partitions={NODES}"
+def _split(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+def _flwr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def start_supernode(
+    d: Deployment,
+    name: str,
+    i: int,
+    *auth: str,
+    signing_key: Path | None = None,
+    partitions: int = NODES,
+    state_dir: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start SuperNode ``name`` for partition ``i`` on the LAN address (call again to restart)."""
+    node_config = f"partition-id={i} num-partitions={partitions}"
     if signing_key is not None:
         node_config += f" signing-key='{signing_key}'"
-    procs.start(
+    if state_dir is not None:
+        node_config += f" {STATE_DIR_KEY}='{state_dir}'"
+    return d.procs.start(
         name,
         "flower-supernode",
         *auth,
-        "--superlink", f"127.0.0.1:{port}",
-        "--host", "127.0.0.1",
+        "--superlink", d.fleet,
+        "--host", ADMIN,
         "--port", str(_free_port()),
         "--max-retries", "3",
         "--node-config", node_config,
     )  # fmt: skip
 
 
-def test_tls_deployment_with_node_auth_survives_a_killed_supernode(
-    deployment: tuple[Processes, Path, dict[str, str]],
-) -> None:
-    procs, tmp, info = deployment
-    port, keys = int(info["port"]), Path(info["keys"])
-    tls = ("--root-certificates", str(keys / "ca.crt"))
-    for i in range(NODES):
-        _supernode(procs, f"node-{i}", i, port, *tls, "--auth-supernode-private-key",
-                   str(keys / f"supernode-{i}.key"),
-                   signing_key=keys / "signing" / f"client-{i}.pem")  # fmt: skip
-    # Refused: a key the SuperLink never registered, and a connection without TLS.
-    _supernode(procs, "unregistered", 0, port, *tls, "--auth-supernode-private-key",
-               str(keys / f"supernode-{NODES}.key"))  # fmt: skip
-    _supernode(procs, "no-tls", 0, port, "--insecure")
+def start_registered_supernode(
+    d: Deployment,
+    i: int,
+    *,
+    name: str | None = None,
+    partitions: int = NODES,
+    state_dir: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """SuperNode ``node-i`` (or ``name``): TLS, its registered key, its reply-signing key."""
+    return start_supernode(
+        d, name or f"node-{i}", i,
+        "--root-certificates", str(d.keys / "ca.crt"),
+        "--auth-supernode-private-key", str(d.keys / f"supernode-{i}.key"),
+        signing_key=d.keys / "signing" / f"client-{i}.pem",
+        partitions=partitions,
+        state_dir=state_dir,
+    )  # fmt: skip
 
-    # The shipped config with the server's registry of signing keys set to this test's.
+
+def submit_run(d: Deployment, shipped: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """``flwr run`` of a shipped config whose signatures.key_dir is set to this test's keys.
+
+    Returns the streaming ``flwr run`` process and the run's results folder.
+    """
     relative = 'key_dir = "keys/signing"'
-    assert relative in CONFIG.read_text()
-    config = tmp / "deploy_tls.toml"
-    config.write_text(CONFIG.read_text().replace(relative, f'key_dir = "{keys / "signing"}"'))
-    results = tmp / "results"
+    assert relative in shipped.read_text()
+    config = d.tmp / shipped.name
+    config.write_text(shipped.read_text().replace(relative, f'key_dir = "{d.keys / "signing"}"'))
+    results = d.tmp / "results"
     run = subprocess.Popen(
         [str(BIN / "flwr"), "run", ".", "tls", "--stream", "--run-config",
          f"config-file='{config}' results-dir='{results}'"],
-        cwd=ROOT, env=procs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT, env=d.procs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
+    return run, results
+
+
+def assert_outsider_locked_out(d: Deployment) -> None:
+    """A LAN machine holding only ca.crt can neither register a key nor submit a run.
+
+    Its flwr CLI points at the address the SuperNodes use. The key it offers is
+    the one the test's "unregistered" SuperNode uses, so a registration that
+    slipped through would also show as that SuperNode being admitted.
+    """
+    rogue = d.keys / f"supernode-{NODES}.pub"
+    register = _flwr(d.outsider_env, "supernode", "register", str(rogue), "lan")
+    out = register.stdout + register.stderr
+    assert register.returncode != 0, f"an outsider registered a SuperNode key:\n{out}"
+    assert "only the Fleet API is served on this address" in out, out
+    run = _flwr(d.outsider_env, "run", ".", "lan", "--run-config", "config-file='nowhere.toml'")
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, f"an outsider submitted a run:\n{out}"
+    assert "only the Fleet API is served on this address" in out, out
+    # Nor is the Runtime API (a ServerApp's tasks and messages) on the LAN address.
+    host, port = _split(d.fleet)
+    context = ssl.create_default_context(cafile=str(d.keys / "ca.crt"))
+    conn = http.client.HTTPSConnection(host, port, context=context, timeout=30)
+    try:
+        conn.request("POST", "/v1/runtime/acquire-task", body=b"",
+                     headers={"content-type": "application/protobuf"})  # fmt: skip
+        assert conn.getresponse().status == 404
+    finally:
+        conn.close()
+
+
+def test_tls_deployment_with_node_auth_survives_a_killed_supernode(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    procs, keys = d.procs, d.keys
+    # First, before any SuperNode is up: nobody on the LAN may register a key or start a run.
+    assert_outsider_locked_out(d)
+    for i in range(NODES):
+        start_registered_supernode(d, i)
+    # Refused: a key the SuperLink never registered, and a connection without TLS.
+    start_supernode(d, "unregistered", 0, "--root-certificates", str(keys / "ca.crt"),
+                    "--auth-supernode-private-key", str(keys / f"supernode-{NODES}.key"))  # fmt: skip
+    start_supernode(d, "no-tls", 0, "--insecure")
+
+    run, results = submit_run(d, CONFIG)
     metrics = results / "deploy-tls" / "metrics.json"
-    deadline = time.monotonic() + 170
+    deadline = time.monotonic() + 600  # generous: 2-3.5 min on 2 idle cores, far more under load
     killed = False
     while run.poll() is None and time.monotonic() < deadline:
         if not killed and metrics.exists():
@@ -223,14 +350,174 @@ def test_tls_deployment_with_node_auth_survives_a_killed_supernode(
         process.wait(timeout=30)
         assert process.returncode not in (0, None), procs.log(name)[-1500:]
     assert "Failed to activate SuperNode" in procs.log("unregistered")
-    nodes = subprocess.run(
-        [str(BIN / "flwr"), "supernode", "ls", "tls", "--format", "json"],
-        env=procs.env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    # The administrator's view: only the registered keys, and only the legitimate run.
+    nodes = _flwr(procs.env, "supernode", "ls", "tls", "--format", "json")
     assert nodes.returncode == 0, nodes.stderr
-    assert nodes.stdout.count('"online"') + nodes.stdout.count('"offline"') <= NODES
+    assert len(json.loads(nodes.stdout)["nodes"]) == NODES, nodes.stdout
+    runs = _flwr(procs.env, "ls", "tls", "--format", "json")
+    assert runs.returncode == 0, runs.stderr
+    assert len(json.loads(runs.stdout)["runs"]) == 1, runs.stdout
     times = {n: round(r["round_time_s"], 1) for n, r in rounds.items() if n}
     print(
         f"round times {times}; round 2: {rounds[2]['num-accepted']} accepted, "
         f"{rounds[2]['secagg_buckets_unmasked']} of {rounds[2]['secagg_buckets']} buckets"
+    )
+
+
+# ---- a SuperNode restarted mid-run keeps its privacy spend (issue 16, case 2) -------------
+
+LEDGER_CONFIG = ROOT / "simulations" / "deploy_ledger.toml"
+
+
+def _ledger_history(path: Path) -> list[list[float]] | None:
+    """A ledger file's history (None before the node's first round)."""
+    try:
+        return list(json.loads(path.read_text())["history"])
+    except FileNotFoundError:
+        return None
+
+
+def _decision_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a run's decisions.jsonl (one per recorded round)."""
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # the server is writing it
+            break
+    return lines
+
+
+def _client(line: dict[str, Any], node: int) -> dict[str, Any]:
+    """A node's entry in one round's decisions ("absent" when the round names it not)."""
+    entries = [c for c in line["clients"] if c["node"] == node]
+    return entries[0] if entries else {"node": node, "status": "absent"}
+
+
+def _rounds_in_budget(budget: float, sigma: float, delta: float, accountant: Accountant) -> int:
+    """How many local-DP rounds (one Gaussian mechanism each, q = 1) fit the budget."""
+    rounds = 0
+    while (
+        epsilon_for_history([(sigma, 1.0, 1)] * (rounds + 1), delta=delta, accountant=accountant)
+        <= budget
+    ):
+        rounds += 1
+    return rounds
+
+
+def test_supernode_killed_and_restarted_mid_run_keeps_its_privacy_spend(
+    deployment: Deployment,
+) -> None:
+    """A SuperNode killed with -9 and started again continues its ledger from its state-dir.
+
+    Two registered SuperNodes with local DP and a budget that fits exactly K
+    rounds run K + 2 rounds. Node 0 is killed once round 1 is recorded and
+    started again, same key and state-dir, once the server has seen it gone.
+    Both nodes must end with exactly K rounds in their ledger files, never
+    more than K accepted updates, and refuse the last round. A node whose
+    ledger lived in memory only (Flower's node state, before issue 16) comes
+    back with an empty history and trains again: more than K accepted updates,
+    a ledger file that stopped growing, and a last round it does not refuse.
+    """
+    d = deployment
+    cfg = load_config(LEDGER_CONFIG)
+    dp, nodes, total = cfg.privacy, cfg.data.num_clients, cfg.experiment.rounds
+    accountant = check_accountant(dp.accountant)
+    budget_rounds = _rounds_in_budget(dp.epsilon_budget, dp.noise_multiplier, dp.delta, accountant)
+    assert (dp.mode, budget_rounds, total) == ("local", 2, budget_rounds + 2)
+    states = [d.tmp / f"state-{i}" for i in range(nodes)]  # each node's own, as on its machine
+    ledgers = [state / LEDGER_SUBDIR / ledger_file_name(i) for i, state in enumerate(states)]
+    for i, state in enumerate(states):
+        state.mkdir()
+        start_registered_supernode(d, i, partitions=nodes, state_dir=state)
+    run, results = submit_run(d, LEDGER_CONFIG)
+    decisions = results / cfg.experiment.name / "decisions.jsonl"
+
+    deadline = time.monotonic() + 900  # generous: about 2 min on 2 idle cores
+    seen: list[int] = []  # node 0's ledger length at every poll, in order
+    node0, kill_round, killed_at, killed_with = 0, 0, 0.0, -1
+    restarted_after = 0.0  # seconds from the kill to the restart
+    while run.poll() is None and time.monotonic() < deadline:
+        polled = _ledger_history(ledgers[0])
+        if polled is not None:
+            seen.append(len(polled))
+        lines = _decision_lines(decisions)
+        if not killed_at and lines:
+            # Round 1 is recorded: node 0 has spent at least one round.
+            node0 = next(c["node"] for c in lines[0]["clients"] if c["partition"] == 0)
+            d.procs.kill("node-0")
+            killed_at, kill_round = time.monotonic(), lines[-1]["round"]
+            killed_with = len(_ledger_history(ledgers[0]) or [])
+            seen.append(killed_with)
+        elif killed_at and not restarted_after:
+            # Start it again once the server has given up on it for a round (it
+            # counts as online, and cannot re-activate, until two heartbeats are
+            # missed), or after 150 s whatever the server saw.
+            gone = any(
+                line["round"] > kill_round and _client(line, node0)["status"] != "accepted"
+                for line in lines
+            )
+            if gone or time.monotonic() - killed_at > 150:
+                start_registered_supernode(
+                    d, 0, name="node-0-restarted", partitions=nodes, state_dir=states[0]
+                )
+                restarted_after = time.monotonic() - killed_at
+        time.sleep(0.5)
+    if run.poll() is None:
+        os.killpg(run.pid, signal.SIGKILL)
+    output = run.communicate()[0].decode(errors="replace")
+    assert run.returncode == 0, output[-3000:]
+    assert restarted_after, output[-3000:]
+    assert d.procs.started["node-0-restarted"].poll() is None, d.procs.log("node-0-restarted")
+
+    # Node 0's history only grew: the restart continued it, never started it again at 1.
+    final = _ledger_history(ledgers[0])
+    assert final is not None
+    seen.append(len(final))
+    assert killed_with >= 1 and seen == sorted(seen), seen
+    # Each file: exactly the budget's rounds, its epsilon the accountant's for that history.
+    for i, path in enumerate(ledgers):
+        data = json.loads(path.read_text())
+        history = [(float(s), float(q), int(t)) for s, q, t in data["history"]]
+        assert len(history) == budget_rounds, (i, history)
+        epsilon = epsilon_for_history(history, delta=data["delta"], accountant=data["accountant"])
+        assert data["epsilon_spent"] == pytest.approx(epsilon, rel=1e-12)
+        assert data["epsilon_budget"] == dp.epsilon_budget and epsilon <= dp.epsilon_budget
+        after = epsilon_for_history([*history, history[-1]], delta=dp.delta, accountant=accountant)
+        assert after > dp.epsilon_budget, (i, after)
+
+    # The server's view: who trained, who refused, round by round.
+    lines = _decision_lines(decisions)
+    assert [line["round"] for line in lines] == list(range(1, total + 1))
+    partitions = {c["partition"]: c["node"] for c in lines[0]["clients"]}
+    assert sorted(partitions) == list(range(nodes)) and partitions[0] == node0
+    timeline: dict[int, list[str]] = {}
+    for partition, node in sorted(partitions.items()):
+        entries = [_client(line, node) for line in lines]
+        accepted = [n for n, e in enumerate(entries, 1) if e["status"] == "accepted"]
+        refused = [
+            n
+            for n, e in enumerate(entries, 1)
+            if e["status"] == "excluded" and "privacy budget exhausted" in e.get("reason", "")
+        ]
+        missed = sorted(set(range(1, total + 1)) - set(accepted) - set(refused))
+        timeline[partition] = [e["status"] for e in entries]
+        # Never more updates than the budget allows, and refusals only once it is spent.
+        assert 1 in accepted and len(accepted) <= budget_rounds, timeline
+        assert refused and min(refused) > max(accepted) and total in refused, timeline
+        if partition == 0:  # the one round it was dead for (or none, if it died idle)
+            assert len(missed) <= 1 and all(n > kill_round for n in missed), timeline
+        else:
+            assert (accepted, refused) == (
+                list(range(1, budget_rounds + 1)),
+                list(range(budget_rounds + 1, total + 1)),
+            ), timeline
+    metrics = json.loads((results / cfg.experiment.name / "metrics.json").read_text())
+    assert metrics["finished"]
+    assert all(r.get("dp_epsilon_max", 0.0) <= dp.epsilon_budget for r in metrics["rounds"])
+    print(
+        f"node 0 killed after round {kill_round} with {killed_with} round(s) in its ledger, "
+        f"restarted {restarted_after:.0f} s later; per partition {timeline}"
     )

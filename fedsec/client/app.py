@@ -11,6 +11,11 @@ under ``fedsec-config``), so a client needs nothing but its node config:
 ``partition-id`` (which Flower's simulation engine sets, and a SuperNode gets
 from ``--node-config``). Replies carry the trained model in the ArrayRecord
 ``arrays`` and ``num-examples`` plus metrics in the MetricRecord ``metrics``.
+
+With client-side DP a node keeps its privacy ledger on disk, in its node
+config's ``state-dir`` (``--node-config "partition-id=0 state-dir='/path'"``;
+see :mod:`fedsec.client.privacy` for the default and for simulations), and
+writes each round's spend there before its update leaves.
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ from fedsec.attacks.threat import (
     simulated_adversary,
 )
 from fedsec.client.privacy import (
+    LEDGER_MODES,
     PRIVACY_BUDGET_EXHAUSTED,
-    load_ledger,
+    PRIVACY_LEDGER_UNUSABLE,
+    LedgerUnavailableError,
+    NodeLedger,
+    open_node_ledger,
     plan_round,
-    save_ledger,
 )
 from fedsec.client.secagg_mod import secagg_mod
 from fedsec.client.signing_mod import signing_mod
@@ -279,12 +287,39 @@ def _adversarial_hook(cfg: ExperimentConfig, seed: int) -> Any:
 
 @app.train(mods=[signing_mod, secagg_mod])
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train the received global model on the local partition."""
+    """Train the received global model on the local partition.
+
+    With client-side DP (``dp-sgd``, ``local``) the round runs under the node's
+    ledger lock and its spend is committed (written durably) before the reply
+    is returned; a ledger that cannot be used makes the node answer with the
+    error :data:`~fedsec.client.privacy.PRIVACY_LEDGER_UNUSABLE` instead.
+    """
     cfg, partition_id, model, x, y, hardware = _local_setup(msg, context)
-    device = hardware.device
-    server_round = msg.content.config_records["config"].get("server-round", 0)
+    round_config = msg.content.config_records["config"]
+    server_round = round_config.get("server-round", 0)
     if not isinstance(server_round, int):
         raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
+    if cfg.privacy.mode not in LEDGER_MODES:
+        return _train(msg, cfg, partition_id, model, x, y, hardware, server_round, None)
+    try:
+        with open_node_ledger(context, cfg, round_config, partition_id) as node_ledger:
+            return _train(msg, cfg, partition_id, model, x, y, hardware, server_round, node_ledger)
+    except LedgerUnavailableError as err:
+        return Message(Error(code=PRIVACY_LEDGER_UNUSABLE, reason=str(err)), reply_to=msg)
+
+
+def _train(
+    msg: Message,
+    cfg: ExperimentConfig,
+    partition_id: int,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hardware: Hardware,
+    server_round: int,
+    node_ledger: NodeLedger | None,
+) -> Message:
+    device = hardware.device
     # Distinct, reproducible randomness per client and round.
     seed = cfg.experiment.seed * 1_000_003 + server_round * 10_007 + partition_id
     malicious = _is_malicious(cfg, partition_id, server_round)
@@ -292,8 +327,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     if isinstance(attack, DataPoisoningAttack):
         x, y = attack.poison(x, y, round_generator(seed, server_round, salt=1))
     ledger, plan = None, None
-    if cfg.privacy.mode in ("dp-sgd", "local"):
-        ledger = load_ledger(context, cfg)
+    if node_ledger is not None:
+        ledger = node_ledger.ledger
         plan = plan_round(cfg, len(y))
         if ledger.would_exceed(plan.noise_multiplier, plan.sample_rate, plan.steps)[0]:
             reason = ledger.refusal_reason(plan.noise_multiplier, plan.sample_rate, plan.steps)
@@ -340,6 +375,8 @@ def train_handler(msg: Message, context: Context) -> Message:
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
             "num-examples": result.num_examples,
+            # Names this client in the server's decisions.jsonl (node ids are random).
+            "partition-id": partition_id,
         }
     )
     state = model.state_dict()
@@ -355,9 +392,10 @@ def train_handler(msg: Message, context: Context) -> Message:
         )
         state = unflatten_state(flatten_state(global_state) + update, global_state)
         ledger.record(plan.noise_multiplier, plan.sample_rate, plan.steps)
-    if ledger is not None:
-        save_ledger(context, ledger)
-        metrics["dp_epsilon_max"] = ledger.spent()
+    if node_ledger is not None:
+        # Durable before the update leaves: a crash from here on over-counts, never under.
+        node_ledger.commit()
+        metrics["dp_epsilon_max"] = node_ledger.ledger.spent()
     if malicious:
         state = _poison_update(cfg, attack, global_state, state, seed, server_round)
         if simulated_adversary():  # tags for the simulation's adversary and referee only

@@ -16,13 +16,29 @@ Epsilon is computed from the whole history by Opacus's accountants (see
 :mod:`fedsec.privacy.accounting`): composition across rounds is exact in RDP
 (Mironov, "Rényi Differential Privacy", CSF 2017) and in PRV (Gopi, Lee,
 Wutschitz, NeurIPS 2021), rather than a sum of per-round epsilons.
+
+A ledger that must outlive its process (a SuperNode restarted, a simulation
+killed and resumed) is kept in a :class:`LedgerFile`: one JSON document per
+participant, replaced atomically (temporary file in the same folder, ``fsync``,
+``os.replace``, ``fsync`` of the folder), carrying a SHA-256 digest of its
+contents and checked field by field when read back. The digest catches
+truncation, corruption and careless hand edits, not a forger: whoever can
+write the file owns the participant's machine (and its data) anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
 import math
-from collections.abc import Mapping
+import os
+import stat
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedsec.privacy.accounting import (
@@ -200,3 +216,242 @@ class PrivacyLedger:
             accountant=config["accountant"],
             history=[(float(s), float(q), int(t)) for s, q, t in zip(*columns, strict=True)],
         )
+
+
+# ---- durable ledger file ---------------------------------------------------------------
+
+#: ``format`` field of a ledger file.
+LEDGER_FORMAT = "fedsec-privacy-ledger"
+#: ``version`` field of the ledger files this code writes and reads.
+LEDGER_VERSION = 1
+#: Largest ledger file read back (about 200,000 rounds); a bigger one is refused
+#: unread, so a file pointing at a device or a huge file costs nothing.
+MAX_LEDGER_BYTES = 16 * 1024 * 1024
+_FILE_KEYS = frozenset(
+    {
+        "format",
+        "version",
+        "partition",
+        "epsilon_budget",
+        "delta",
+        "accountant",
+        "history",
+        "epsilon_spent",
+        "sha256",
+    }
+)
+
+
+class LedgerFileError(ValueError):
+    """A ledger file that cannot be used: unreadable, malformed or altered (one line)."""
+
+
+def _digest(body: Mapping[str, Any]) -> str:
+    # Canonical JSON: Python writes floats with repr, which reads back to the same float.
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name}")
+
+
+class LedgerFile:
+    """The durable copy of one participant's :class:`PrivacyLedger`.
+
+    Parameters
+    ----------
+    path : Path
+        The JSON file; its folder must exist.
+    partition : int
+        The participant the ledger belongs to (a client's partition id). The
+        file records it and a file of another partition is refused, so a file
+        copied or renamed by mistake is not silently spent from.
+
+    Notes
+    -----
+    The file holds ``format``, ``version``, ``partition``, the ledger's
+    ``epsilon_budget``, ``delta``, ``accountant`` and ``history`` (a list of
+    ``[noise_multiplier, sample_rate, steps]``), ``epsilon_spent`` (for people
+    reading it; recomputed, never trusted, on load) and ``sha256``, the digest
+    of every other field as canonical JSON. Concurrent writers (two messages
+    for one node at once) serialise on :meth:`locked`, an advisory
+    ``fcntl.flock`` on ``<file>.lock`` that the OS releases if the process dies.
+    """
+
+    def __init__(self, path: Path, partition: int) -> None:
+        self.path = Path(path)
+        self.partition = int(partition)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's exclusive lock (blocking) for a load-spend-save cycle."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; one message per node at a time there
+            yield
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def exists(self) -> bool:
+        """Whether the file is there (a broken link counts as there, and fails on load)."""
+        return self.path.is_symlink() or self.path.exists()
+
+    def load(self) -> PrivacyLedger | None:
+        """The stored ledger, or None when there is no file.
+
+        Raises
+        ------
+        LedgerFileError
+            If the file is not a regular file, is larger than
+            :data:`MAX_LEDGER_BYTES`, is not valid JSON, or any field is
+            missing, unknown, of the wrong type or out of range, names another
+            partition, or does not match its digest.
+        """
+        # No following links (the file is replaced on save, a link would be lost anyway)
+        # and no blocking on a FIFO: refuse anything but a regular file, unread.
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            if self.path.is_symlink():
+                raise LedgerFileError(
+                    f"privacy ledger {self.path} is a broken symbolic link"
+                ) from None
+            return None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise LedgerFileError(
+                    f"privacy ledger {self.path} is a symbolic link, not a regular file"
+                ) from None
+            raise LedgerFileError(
+                f"privacy ledger {self.path} cannot be read: {err.strerror or err}"
+            ) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise LedgerFileError(f"privacy ledger {self.path} is not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                raw = handle.read(MAX_LEDGER_BYTES + 1)
+        except OSError as err:
+            raise LedgerFileError(
+                f"privacy ledger {self.path} cannot be read: {err.strerror or err}"
+            ) from None
+        finally:
+            os.close(fd)
+        if len(raw) > MAX_LEDGER_BYTES:
+            raise LedgerFileError(
+                f"privacy ledger {self.path} is larger than {MAX_LEDGER_BYTES} bytes"
+            )
+        return self.parse(raw)
+
+    def parse(self, raw: bytes) -> PrivacyLedger:
+        """Validate a ledger file's bytes and rebuild the ledger (see :meth:`load`)."""
+        where = f"privacy ledger {self.path}"
+        try:
+            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise LedgerFileError(f"{where} is not valid JSON ({detail})") from None
+        if not isinstance(data, dict):
+            raise LedgerFileError(f"{where} is not a JSON object")
+        missing = sorted(_FILE_KEYS - data.keys())
+        unknown = sorted(str(key) for key in data.keys() - _FILE_KEYS)
+        if missing or unknown:
+            parts = [f"lacks {', '.join(missing)}"] if missing else []
+            parts += [f"has unknown fields {', '.join(unknown)}"] if unknown else []
+            raise LedgerFileError(f"{where} {' and '.join(parts)}")
+        if data["format"] != LEDGER_FORMAT or data["version"] != LEDGER_VERSION:
+            raise LedgerFileError(
+                f"{where} is not a {LEDGER_FORMAT} version {LEDGER_VERSION} file "
+                f"(format {data['format']!r}, version {data['version']!r})"
+            )
+        body = {key: value for key, value in data.items() if key != "sha256"}
+        if data["sha256"] != _digest(body):
+            raise LedgerFileError(f"{where} does not match its sha256 (altered or corrupted)")
+        partition = data["partition"]
+        if isinstance(partition, bool) or partition != self.partition:
+            raise LedgerFileError(
+                f"{where} belongs to partition {partition!r}, not {self.partition}"
+            )
+        history = data["history"]
+        try:
+            if not isinstance(history, list) or not all(
+                isinstance(entry, list) and len(entry) == 3 for entry in history
+            ):
+                raise ValueError("history must be a list of [noise_multiplier, sample_rate, steps]")
+            if not isinstance(data["accountant"], str):
+                raise ValueError(f"accountant must be 'rdp' or 'prv', got {data['accountant']!r}")
+            return PrivacyLedger(
+                epsilon_budget=data["epsilon_budget"],
+                delta=data["delta"],
+                accountant=data["accountant"],  # type: ignore[arg-type]
+                history=[(entry[0], entry[1], entry[2]) for entry in history],
+            )
+        except ValueError as err:
+            raise LedgerFileError(f"{where}: {err}") from None
+
+    def dumps(self, ledger: PrivacyLedger) -> bytes:
+        """The file's bytes for ``ledger`` (digest included)."""
+        body: dict[str, Any] = {
+            "format": LEDGER_FORMAT,
+            "version": LEDGER_VERSION,
+            "partition": self.partition,
+            "epsilon_budget": ledger.epsilon_budget,
+            "delta": ledger.delta,
+            "accountant": ledger.accountant,
+            "history": [[float(s), float(q), int(t)] for s, q, t in ledger.history],
+            "epsilon_spent": ledger.spent(),
+        }
+        body["sha256"] = _digest(body)
+        return (json.dumps(body, indent=1, allow_nan=False) + "\n").encode()
+
+    def save(self, ledger: PrivacyLedger) -> None:
+        """Write ``ledger`` durably: it is on disk, whole, when this returns.
+
+        A temporary file in the same folder is written and ``fsync``-ed, renamed
+        over the file (``os.replace``, atomic on POSIX) and the folder is
+        ``fsync``-ed so the rename itself survives a crash: a reader sees the
+        old ledger or the new one, never a mix.
+
+        Raises
+        ------
+        OSError
+            If the folder is missing or not writable, or the disk is full.
+        """
+        write_atomic(self.path, self.dumps(ledger))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (owner-only permissions).
+
+    Raises
+    ------
+    OSError
+        If the folder is missing or not writable, or the disk is full.
+    """
+    folder = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a folder (Windows) have no folder fsync
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
