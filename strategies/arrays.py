@@ -4,16 +4,66 @@ The global model fixes an :class:`ArraySpec` (names, shapes, dtypes and each
 array's slice of the flat vector). Client replies are checked against it and
 copied straight into rows of one preallocated [n, d] tensor, so the rules work
 on a single matrix and no per-layer arithmetic happens in Python.
+
+A reply's payload is untrusted bytes: an ``Array`` carries metadata
+(``dtype``, ``shape``, ``stype``) and ``data``, a ``.npy`` file with its own
+header. ``np.load`` trusts that header and allocates what it claims before
+reading a byte of data (a 1 TiB claim with an 8-byte payload raises
+``MemoryError``). So :meth:`ArraySpec.flatten_into` never calls it: it parses
+only the bounded header, checks dtype, shape and the exact byte length against
+the spec, and only then views the bytes in place (``np.frombuffer``, no copy).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
+
+#: Largest ``.npy`` header accepted. np.save writes ~120 bytes for a float array
+#: (padded to 64); numpy's own limit is 10,000 (literal_eval cost).
+NPY_MAX_HEADER = 4096
+_NPY_PREFIX = 10  # magic (6) + version (2) + header length (2, or 4 in version 2.0)
+
+
+@dataclass(frozen=True)
+class NpyLayout:
+    """What a ``.npy`` payload's header declares, and where its data starts."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fortran_order: bool
+    offset: int
+
+
+def read_npy_layout(data: bytes) -> NpyLayout:
+    """Parse the header of a ``.npy`` payload without touching (or allocating) its data.
+
+    Raises
+    ------
+    ValueError
+        If the magic, version or header is malformed or longer than
+        :data:`NPY_MAX_HEADER`.
+    """
+    # Only the header's bytes are copied; ``data`` may be a GiB.
+    fp = io.BytesIO(memoryview(data)[: _NPY_PREFIX + 2 + NPY_MAX_HEADER])
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(
+            fp, max_header_size=NPY_MAX_HEADER
+        )
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(
+            fp, max_header_size=NPY_MAX_HEADER
+        )
+    else:  # 3.0 only adds utf-8 field names, which float arrays never have
+        raise ValueError(f".npy format version {version} is not supported")
+    return NpyLayout(dtype, tuple(int(s) for s in shape), bool(fortran_order), fp.tell())
 
 
 @dataclass(frozen=True)
@@ -55,36 +105,46 @@ class ArraySpec:
         Only the metadata is checked here; :meth:`flatten_into` checks the
         payload itself, which a malicious client could make disagree with it.
         """
-        if tuple(record.keys()) != self.names:
+        if len(record) != len(self.names) or tuple(record.keys()) != self.names:
             missing = sorted(set(self.names) - set(record.keys()))
             extra = sorted(set(record.keys()) - set(self.names))
             if missing or extra:
-                return f"array names differ (missing {missing[:3]}, unexpected {extra[:3]})"
+                return (
+                    f"array names differ (missing {short_repr(missing[:3])}, "
+                    f"unexpected {short_repr(extra[:3])})"
+                )
             return "arrays are in a different order"
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
             array = record[name]
             if tuple(array.shape) != shape:
-                return f"array '{name}' has shape {tuple(array.shape)}, expected {shape}"
+                return f"array '{name}' has shape {short_repr(array.shape)}, expected {shape}"
             if array.dtype != dtype:
-                return f"array '{name}' has dtype {array.dtype}, expected {dtype}"
+                return f"array '{name}' has dtype {short_repr(array.dtype)}, expected {dtype}"
+            if array.stype != SType.NUMPY:
+                return f"array '{name}' has stype {short_repr(array.stype)}, expected {SType.NUMPY}"
         return None
 
     def flatten_into(self, record: ArrayRecord, out: torch.Tensor) -> str | None:
         """Copy ``record``'s arrays into the 1-D tensor ``out``; return a reason on failure.
 
-        Fails (returning why) if a payload does not deserialise to the declared
-        shape, or holds NaN or infinite values.
+        Each payload's ``.npy`` header must declare exactly the spec's dtype
+        (either byte order) and shape, and the payload must hold exactly that
+        many bytes; all of this is checked before any data is read, so a lying
+        header cannot make the server allocate or decode more than the model's
+        size. Fails (returning why) on any mismatch, on NaN or infinite values,
+        or on any error while decoding; never raises for a malformed record.
         """
         flat = out.numpy()
-        for name, shape, offset in zip(self.names, self.shapes, self.offsets, strict=True):
+        for name, shape, dtype, offset in zip(
+            self.names, self.shapes, self.dtypes, self.offsets, strict=True
+        ):
             try:
-                values = record[name].numpy()
-            except (TypeError, ValueError, OSError) as err:
-                return f"array '{name}' cannot be decoded ({err})"
-            if values.shape != shape:
-                return f"array '{name}' payload has shape {values.shape}, declared {shape}"
-            size = values.size
-            flat[offset : offset + size] = values.reshape(-1)
+                reason = _copy_payload(record[name], name, shape, np.dtype(dtype), flat, offset)
+            except Exception as err:  # any decoding failure excludes the reply
+                kind = type(err).__name__
+                reason = f"array '{name}' cannot be decoded ({kind}: {short_repr(err)})"
+            if reason is not None:
+                return reason
         if not torch.isfinite(out).all():
             return "update contains NaN or infinite values"
         return None
@@ -100,3 +160,66 @@ class ArraySpec:
             chunk = values[offset : offset + size].reshape(shape).astype(dtype, copy=False)
             record[name] = Array(np.ascontiguousarray(chunk))
         return record
+
+
+def _copy_payload(
+    array: Array,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    flat: np.ndarray,
+    offset: int,
+) -> str | None:
+    """Check one payload's header and length against the spec, then copy it into ``flat``."""
+    values = payload_view(array, name, shape, dtype)
+    if isinstance(values, str):
+        return values
+    flat[offset : offset + values.size] = values
+    return None
+
+
+def payload_view(
+    array: Array, name: str, shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray | str:
+    """``array``'s values as a flat read-only view of its bytes, or why they are refused.
+
+    The ``.npy`` header must declare exactly ``dtype`` (either byte order) and
+    ``shape``, and the payload must hold exactly that many bytes; all checked
+    before any data is read, so a lying header cannot make the caller allocate
+    or decode more than ``shape`` allows. No copy is made (``np.frombuffer``)
+    unless the payload is column-major. Raises ``ValueError`` on a malformed
+    header.
+    """
+    if array.stype != SType.NUMPY:
+        return f"array '{name}' has stype {short_repr(array.stype)}, expected {SType.NUMPY}"
+    data = array.data
+    if not isinstance(data, bytes):
+        return f"array '{name}' payload is {type(data).__name__}, not bytes"
+    layout = read_npy_layout(data)
+    # Same type and width; a big-endian payload is converted on copy. float64,
+    # complex or bool sent as float32 never reach the (lossy) assignment below.
+    if layout.dtype.newbyteorder("=") != dtype:
+        return f"array '{name}' payload has dtype {short_repr(layout.dtype)}, declared {dtype}"
+    if layout.shape != shape:
+        return f"array '{name}' payload has shape {short_repr(layout.shape)}, declared {shape}"
+    size = math.prod(shape)
+    expected = size * dtype.itemsize
+    if len(data) - layout.offset != expected:
+        return (
+            f"array '{name}' payload holds {len(data) - layout.offset} bytes of data, "
+            f"its shape and dtype need {expected}"
+        )
+    values = np.frombuffer(data, dtype=layout.dtype, count=size, offset=layout.offset)
+    if layout.fortran_order:  # column-major payload: same values, transposed layout
+        values = values.reshape(shape[::-1]).transpose().reshape(-1)
+    return values
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``value`` as text cut to ``limit`` characters (client-controlled text goes into logs)."""
+    if isinstance(value, str):
+        value = value[: limit + 1]  # never repr a megabyte to keep 60 characters of it
+    elif isinstance(value, tuple | list) and len(value) > 16:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = str(value) if isinstance(value, BaseException) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

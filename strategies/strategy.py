@@ -6,6 +6,15 @@ global model) in one preallocated [n, d] tensor, applies the configured
 aggregation rule from :mod:`fedsec.aggregation`, then the server step (server
 learning rate, optional server momentum). Malformed replies are excluded with
 their reason logged and counted; they never crash a round.
+
+A reply is untrusted input. Before it can weigh on the model: at most one reply
+per node and round is considered (the first to arrive), its arrays must match
+the global model's layout byte for byte (:mod:`fedsec.strategies.arrays`), and
+its example count must be a finite number in ``[1, max_examples]``, so a
+single client can neither take the whole weight of a mean (``2**62``) nor
+overflow the rule's float32 weights (``1e39``). Client metrics enter the
+round's record only under bounded names that cannot collide with the
+server's own (see :func:`client_metric_name`).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +42,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsec.aggregation import Rule
 from fedsec.params import prefixed, unprefixed
 
-from .arrays import ArraySpec
+from .arrays import ArraySpec, short_repr
 
 logger = logging.getLogger("fedsec")
 
@@ -40,6 +50,38 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
+#: A client's claim of which data partition it trains on (recorded, never trusted).
+PARTITION_KEY = "partition-id"
+
+#: Ceiling of ``max_examples``: no data set here has 2**31 training examples, and
+#: n * 2**31 stays far inside float32's range (3.4e38) for any n.
+MAX_EXAMPLES_CEILING = 2**31
+#: Most metrics one reply may carry (fedsec's ClientApp sends at most 5).
+MAX_CLIENT_METRICS = 32
+#: Client metric names: short, of a charset safe in CSV headers, JSON and logs.
+CLIENT_METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+#: Client-derived aggregates enter the round's record as ``client_<name>`` ...
+CLIENT_METRIC_PREFIX = "client_"
+#: ... except these, which fedsec's own ClientApp reports and the report and CLI
+#: read; the server never writes them itself.
+KNOWN_CLIENT_METRICS = frozenset(
+    {"train_loss", "train_accuracy", "dp_epsilon_max", "eval_loss", "eval_accuracy"}
+)
+#: Metrics the server writes from its own counts (none is a client metric name).
+SERVER_METRICS = frozenset(
+    {
+        "num-sampled",
+        "num-replies",
+        "num-accepted",
+        "num-excluded",
+        "num-duplicates",
+        "num-rule-excluded",
+        "num-downweighted",
+        "num-metrics-dropped",
+        "secagg_total_weight",
+        "num-rule-excluded-buckets",
+    }
+)
 
 
 @dataclass
@@ -51,6 +93,10 @@ class RoundReport:
     accepted: list[int] = field(default_factory=list)
     excluded: dict[int, str] = field(default_factory=dict)
     weights: dict[int, float] = field(default_factory=dict)
+    #: Extra replies per node beyond the first, which were ignored.
+    duplicates: dict[int, int] = field(default_factory=dict)
+    #: Partition each replying node says it trains on (its claim, unverified).
+    partitions: dict[int, int] = field(default_factory=dict)
 
 
 class FedSecStrategy(Strategy):
@@ -86,6 +132,11 @@ class FedSecStrategy(Strategy):
     bucketed : bool, default False
         With ``secure``: rounds run bucketed secure aggregation and ``rule``
         combines the bucket means (it must not need ``client_ids``).
+    max_examples : int, default MAX_EXAMPLES_CEILING
+        Largest example count a reply may claim; larger, non-finite or
+        non-positive counts exclude the reply. :func:`build_strategy
+        <fedsec.strategies.server_app.build_strategy>` sets it to the data
+        set's training split size.
     """
 
     def __init__(
@@ -103,7 +154,11 @@ class FedSecStrategy(Strategy):
         reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
         secure: bool = False,
         bucketed: bool = False,
+        max_examples: int = MAX_EXAMPLES_CEILING,
     ) -> None:
+        if isinstance(max_examples, bool) or not 1 <= max_examples <= MAX_EXAMPLES_CEILING:
+            raise ValueError(f"max_examples must be in [1, 2**31], got {max_examples!r}")
+        self.max_examples = int(max_examples)
         self.rule = rule
         self.rule_name = rule_name
         self.fraction_train = fraction_train
@@ -202,23 +257,37 @@ class FedSecStrategy(Strategy):
             for node in node_ids
         ]
 
-    def _check_reply(self, msg: Message, row: torch.Tensor) -> str | None:
-        """Copy a reply's model into ``row``; return why it is rejected, if it is."""
+    def _check_reply(self, msg: Message, row: torch.Tensor) -> tuple[str | None, float]:
+        """Copy a reply's model into ``row``; return why it is rejected (or None) and its weight."""
         assert self._spec is not None and self.last_report is not None
         if msg.has_error():
-            return f"client error: {msg.error.reason}"
+            return f"client error: {short_repr(msg.error.reason, 200)}", 0.0
         if msg.metadata.src_node_id not in self.last_report.sampled:
-            return "reply from a node that was not sampled this round"
+            return "reply from a node that was not sampled this round", 0.0
         content = msg.content
         if list(content.array_records) != [ARRAYS_KEY]:
-            return f"expected one ArrayRecord '{ARRAYS_KEY}', got {list(content.array_records)}"
+            return (
+                f"expected one ArrayRecord '{ARRAYS_KEY}', "
+                f"got {short_repr(list(content.array_records))}"
+            ), 0.0
         if METRICS_KEY not in content.metric_records:
-            return f"missing MetricRecord '{METRICS_KEY}'"
-        num_examples = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES_KEY)
-        if not _is_positive_number(num_examples):
-            return f"'{NUM_EXAMPLES_KEY}' must be a positive number, got {num_examples!r}"
+            return f"missing MetricRecord '{METRICS_KEY}'", 0.0
+        count = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES_KEY)
+        reason = self._check_count(count)
+        if reason is not None:
+            return reason, 0.0
         arrays = content.array_records[ARRAYS_KEY]
-        return self._spec.check(arrays) or self._spec.flatten_into(arrays, row)
+        return self._spec.check(arrays) or self._spec.flatten_into(arrays, row), _as_float(count)
+
+    def _check_count(self, count: object) -> str | None:
+        """Why an example count is refused: not a finite number in ``[1, max_examples]``."""
+        number = _scalar(count)
+        if number is None or not 1 <= number <= self.max_examples:
+            return (
+                f"'{NUM_EXAMPLES_KEY}' must be a finite number in [1, {self.max_examples}] "
+                f"(server.max_examples), got {short_repr(count)}"
+            )
+        return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -227,33 +296,46 @@ class FedSecStrategy(Strategy):
 
         Returns ``(None, metrics)`` when no reply is usable; the caller then keeps
         the global model as it was.
+
+        Raises
+        ------
+        FloatingPointError
+            If the accepted example counts sum to a non-finite float32 weight
+            (not reachable with counts capped by ``max_examples``; checked so
+            that no rule ever sees such weights).
         """
         if self._spec is None or self._global_flat is None or self.last_report is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        # Node order, not arrival order: rules that draw (bucketing) then do not depend
-        # on which client happened to answer first.
-        replies = sorted(replies, key=lambda m: m.metadata.src_node_id)
         report = self.last_report
-        updates = torch.empty(len(replies), self._spec.dim, dtype=torch.float32)
+        replies = _first_per_node(server_round, list(replies), report.duplicates)
+        # One row per sampled node at most: a flood of replies cannot grow the matrix.
+        rows = len({m.metadata.src_node_id for m in replies} & set(report.sampled))
+        updates = torch.empty(rows, self._spec.dim, dtype=torch.float32)
         weights: list[float] = []
         accepted: list[Message] = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            reason = self._check_reply(msg, updates[len(accepted)])
+            self._record_partition(msg)
+            row = updates[len(accepted)] if len(accepted) < rows else updates[:0]
+            try:
+                reason, weight = self._check_reply(msg, row)
+            except Exception as err:  # one bad reply never fails the round
+                reason, weight = f"reply cannot be read ({type(err).__name__})", 0.0
             if reason is not None:
                 report.excluded[node] = reason
                 logger.warning("round %d: excluded node %d: %s", server_round, node, reason)
                 continue
             report.accepted.append(node)
             accepted.append(msg)
-            weights.append(_as_float(msg.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]))
+            weights.append(weight)
         # Sampled nodes that sent nothing (timeout, crash) are dropouts, not exclusions.
         metrics = MetricRecord(
             {
                 "num-sampled": len(report.sampled),
-                "num-replies": len(replies),
+                "num-replies": len(replies) + sum(report.duplicates.values()),
                 "num-accepted": len(accepted),
                 "num-excluded": len(report.excluded),
+                "num-duplicates": sum(report.duplicates.values()),
             }
         )
         if not accepted:
@@ -268,7 +350,7 @@ class FedSecStrategy(Strategy):
         if "reference" in self.rule.requires:
             assert self.reference_fn is not None and self._global_arrays is not None
             context["reference"] = self.reference_fn(self._global_arrays)
-        result = self.rule(stacked, torch.tensor(weights, dtype=torch.float32), **context)
+        result = self.rule(stacked, checked_weights(weights), **context)
         new_flat = self._server_step(result.aggregate)
 
         for node, weight in zip(report.accepted, result.weights.tolist(), strict=True):
@@ -279,9 +361,21 @@ class FedSecStrategy(Strategy):
         metrics["num-downweighted"] = sum(
             1 for w in report.weights.values() if 0 < w < 0.5 * equal_share
         )
-        for key, value in weighted_metrics(accepted, weights).items():
+        client_metrics, dropped = weighted_client_metrics(accepted, weights, server_round)
+        metrics["num-metrics-dropped"] = dropped
+        for key, value in client_metrics.items():
             metrics[key] = value
         return self._spec.to_record(new_flat), metrics
+
+    def _record_partition(self, msg: Message) -> None:
+        """Record the partition a reply says it comes from (for decisions.jsonl)."""
+        assert self.last_report is not None
+        if msg.has_error():
+            return
+        metrics = msg.content.metric_records.get(METRICS_KEY)
+        claim = None if metrics is None else metrics.get(PARTITION_KEY)
+        if isinstance(claim, int) and not isinstance(claim, bool) and 0 <= claim < 2**31:
+            self.last_report.partitions[msg.metadata.src_node_id] = claim
 
     @property
     def dim(self) -> int:
@@ -429,60 +523,186 @@ class FedSecStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Example-weighted mean of the clients' evaluation metrics."""
+        """Example-weighted mean of the clients' evaluation metrics.
+
+        The same checks as in training: one reply per node, counts in
+        ``[1, max_examples]``, bounded metric names (:func:`client_metric_name`).
+        """
         valid: list[Message] = []
         weights: list[float] = []
-        for msg in replies:
+        for msg in _first_per_node(server_round, list(replies), {}):
             metrics = None if msg.has_error() else msg.content.metric_records.get(METRICS_KEY)
             count = None if metrics is None else metrics.get(NUM_EXAMPLES_KEY)
-            if _is_positive_number(count):
+            reason = "no metrics" if metrics is None else self._check_count(count)
+            if reason is None:
                 valid.append(msg)
                 weights.append(_as_float(count))
             else:
                 logger.warning(
-                    "round %d: ignored evaluation reply from node %d",
+                    "round %d: ignored evaluation reply from node %d: %s",
                     server_round,
                     msg.metadata.src_node_id,
+                    reason,
                 )
-        return weighted_metrics(valid, weights) if valid else None
+        if not valid:
+            return None
+        checked_weights(weights)
+        return weighted_client_metrics(valid, weights, server_round)[0]
+
+
+def _first_per_node(
+    server_round: int, replies: list[Message], duplicates: dict[int, int]
+) -> list[Message]:
+    """The first reply of each node, in node order; later copies are counted in ``duplicates``.
+
+    Whatever the grid delivers, one node gets one vote per round (five copies
+    of one update must not move the model five times as far). Node order,
+    not arrival order: rules that draw (bucketing) then do not depend on
+    which client happened to answer first.
+    """
+    first: dict[int, Message] = {}
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if node in first:
+            duplicates[node] = duplicates.get(node, 0) + 1
+        else:
+            first[node] = msg
+    for node, extra in duplicates.items():
+        logger.warning(
+            "round %d: node %d sent %d more replies; only its first is considered",
+            server_round,
+            node,
+            extra,
+        )
+    return [first[node] for node in sorted(first)]
 
 
 def _scalar(value: object) -> float | None:
     """``value`` as a float if it is a finite int or float (not a bool or list), else None."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _is_positive_number(value: object) -> bool:
-    number = _scalar(value)
-    return number is not None and number > 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)  # an int beyond float's range raises OverflowError
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _as_float(value: object) -> float:
     number = _scalar(value)
     if number is None:
-        raise TypeError(f"expected a finite number, got {value!r}")
+        raise TypeError(f"expected a finite number, got {short_repr(value)}")
     return number
 
 
-def weighted_metrics(replies: list[Message], weights: list[float]) -> MetricRecord:
-    """Weighted mean of the scalar metrics every reply reports (finite values only).
+def checked_weights(weights: list[float]) -> torch.Tensor:
+    """The rule's float32 weights, once their sum is known finite and positive.
 
-    Keys missing from some reply, non-scalar or non-finite values are skipped
-    rather than trusted, so a malformed metric cannot break a round. Keys
-    ending in ``_max`` (e.g. ``dp_epsilon_max``) take the maximum instead.
+    Summed in float64 and again in float32 (the rules' precision): three
+    counts of 3e38 are each finite in float32 but sum to inf, which made
+    weighted means return a zero update marked ok.
+
+    Raises
+    ------
+    FloatingPointError
+        If a weight or the sum is not finite, or the sum is not positive.
     """
-    records = [msg.content.metric_records[METRICS_KEY] for msg in replies]
+    wide = torch.tensor(weights, dtype=torch.float64)
+    narrow = wide.to(torch.float32)
+    total = float(wide.sum())
+    if not (math.isfinite(total) and total > 0 and torch.isfinite(narrow).all()):
+        raise FloatingPointError(f"example counts sum to {total!r}; not a usable weight")
+    if not math.isfinite(float(narrow.sum())):
+        raise FloatingPointError(f"example counts sum to {total!r}, beyond float32")
+    return narrow
+
+
+def client_metric_name(name: object) -> str | None:
+    """The round-record key of a client metric, or None if the name is refused.
+
+    Names must be 1-64 characters of ``[A-Za-z0-9_.-]``. fedsec's own client
+    metrics (:data:`KNOWN_CLIENT_METRICS`) keep their names; any other gets
+    :data:`CLIENT_METRIC_PREFIX`, so a client's ``num-accepted`` becomes
+    ``client_num-accepted`` and can never overwrite the server's count, nor
+    any other key of the round's record (no server key starts with the prefix).
+    ``num-examples`` and ``partition-id`` are read by the server, not averaged.
+    """
+    if not isinstance(name, str) or len(name) > 64 or not CLIENT_METRIC_NAME.fullmatch(name):
+        return None
+    if name in (NUM_EXAMPLES_KEY, PARTITION_KEY):
+        return None
+    return name if name in KNOWN_CLIENT_METRICS else CLIENT_METRIC_PREFIX + name
+
+
+def weighted_client_metrics(
+    replies: list[Message], weights: list[float], server_round: int = 0
+) -> tuple[MetricRecord, int]:
+    """Weighted mean of the scalar metrics every reply reports, and how many were dropped.
+
+    Only names :func:`client_metric_name` accepts and finite scalar values
+    count; a reply with more than :data:`MAX_CLIENT_METRICS` metrics
+    contributes none. Keys missing from some reply or with a non-scalar value
+    in one are skipped rather than trusted, so a malformed metric cannot
+    break a round. Keys ending in ``_max`` (e.g. ``dp_epsilon_max``) take the
+    maximum instead.
+    """
     total = sum(weights)
-    out = MetricRecord()
-    keys = set.intersection(*(set(r.keys()) for r in records)) - {NUM_EXAMPLES_KEY}
-    for key in sorted(keys):
-        values = [_scalar(r[key]) for r in records]
-        if key.endswith("_max") and all(v is not None for v in values):
-            out[key] = max(v for v in values if v is not None)
-        elif all(v is not None for v in values):
-            out[key] = (
-                sum(w * v for w, v in zip(weights, values, strict=True) if v is not None) / total
+    per_reply: list[dict[str, float]] = []
+    dropped = 0
+    for msg in replies:
+        record = msg.content.metric_records[METRICS_KEY]
+        node = msg.metadata.src_node_id
+        if len(record) > MAX_CLIENT_METRICS:
+            logger.warning(
+                "round %d: node %d sent %d metrics (at most %d); all dropped",
+                server_round,
+                node,
+                len(record),
+                MAX_CLIENT_METRICS,
             )
-    return out
+            dropped += len(record)
+            per_reply.append({})
+            continue
+        kept: dict[str, float] = {}
+        for name, value in record.items():
+            key = client_metric_name(name)
+            number = _scalar(value)
+            if key is None or number is None:
+                if name not in (NUM_EXAMPLES_KEY, PARTITION_KEY):
+                    dropped += 1
+                    logger.warning(
+                        "round %d: dropped metric %s of node %d: %s",
+                        server_round,
+                        short_repr(name),
+                        node,
+                        "name not 1-64 characters of [A-Za-z0-9_.-]"
+                        if key is None
+                        else "value not a finite scalar",
+                    )
+                continue
+            kept[key] = number
+        per_reply.append(kept)
+    out = MetricRecord()
+    if not per_reply:
+        return out, dropped
+    shares = [w / total for w in weights]  # each <= 1: no overflow from the weights
+    for key in sorted(set.intersection(*(set(r) for r in per_reply))):
+        values = [r[key] for r in per_reply]
+        if key.endswith("_max"):
+            value = max(values)
+        else:
+            try:
+                value = math.fsum(s * v for s, v in zip(shares, values, strict=True))
+            except OverflowError:  # finite values near 1e308 whose sum is not
+                value = math.inf
+        if math.isfinite(value):
+            out[key] = value
+        else:
+            dropped += 1
+            logger.warning("round %d: dropped metric %s: its mean overflows", server_round, key)
+    return out, dropped
+
+
+def weighted_metrics(replies: list[Message], weights: list[float]) -> MetricRecord:
+    """Weighted mean of the replies' scalar metrics (see :func:`weighted_client_metrics`)."""
+    return weighted_client_metrics(replies, weights)[0]

@@ -173,10 +173,13 @@ def test_dp_fedavg_clips_each_client() -> None:
     assert torch.equal(updates, torch.tensor([[100.0, 0.0], [0.0, 0.5], [3.0, 4.0]]))
 
 
-def test_dp_fedavg_zeroes_non_finite_updates() -> None:
+def test_dp_fedavg_refuses_non_finite_updates() -> None:
+    # Every rule refuses non-finite input in one line (issue 16, case 3); the strategy
+    # excludes such replies before the rule, so a round is never lost to one.
     updates = torch.tensor([[math.nan, 1.0], [math.inf, 0.0], [0.3, 0.4]])
-    result = CentralDPFedAvg(Mean(), clip=1.0, noise_multiplier=0.0)(updates)
-    assert torch.allclose(result.aggregate, torch.tensor([0.1, 0.4 / 3]))
+    with pytest.raises(ValueError, match=r"non-finite values \(rows 0, 1\)") as error:
+        CentralDPFedAvg(Mean(), clip=1.0, noise_multiplier=0.0)(updates)
+    one_line(error)
 
 
 @pytest.mark.parametrize(

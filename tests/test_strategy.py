@@ -101,7 +101,7 @@ def _bad_replies(requests: list[Message]) -> dict[str, Message]:
         "NaN": _reply(requests[0], nan),
         "shape": _reply(requests[1], wrong_shape),
         "dtype": _reply(requests[2], wrong_dtype),
-        "missing ArrayRecord": _reply(requests[3], None),
+        "missing ArrayRecord": _reply(requests[0], None),  # node 4 sends the good one
         "payload": liar,
         "num-examples": _reply(requests[0], _shifted(1.0), examples=-5),
         "extra array": _reply(

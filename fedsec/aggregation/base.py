@@ -8,10 +8,19 @@ A rule is a small configured object, called on a stacked update matrix::
     result.weights                    # [n], 0 for clients the rule excluded
 
 Rules check their requirement on (n, f) first and raise ``ValueError`` with the
-numbers. They work on float32 or float64 tensors on any device, never modify
-their input, and bound their temporaries: nothing of size n x n x d, and work
-over d is done in column blocks so that n = 100, d = 10M stays within about
-3x the memory of the stacked updates.
+numbers. The shared entry point (:meth:`Rule.__call__`) also refuses, with a
+one-line ``ValueError`` naming the rows, non-finite updates, non-finite or
+negative weights, weights that are all 0 and non-finite context tensors (a
+server reference), and raises rather than return a non-finite aggregate: a
+hostile client's NaN or 1e39 must never reach the global model as NaN, inf or
+a silent zero. Weights are normalised in float64 after dividing by the
+largest, so weights near the float32 or float64 maximum (whose sum overflows)
+keep their relative sizes (3 x 3e38 gives equal thirds, not zeros).
+
+Rules work on float32 or float64 tensors on any device, never modify their
+input, and bound their temporaries: nothing of size n x n x d, and work over d
+is done in column blocks so that n = 100, d = 10M stays within about 3x the
+memory of the stacked updates.
 """
 
 from __future__ import annotations
@@ -74,12 +83,37 @@ class Rule:
     def __call__(
         self, updates: torch.Tensor, weights: torch.Tensor | None = None, **context: Any
     ) -> AggregationResult:
-        w = check_updates(updates, weights)
+        """Validate the input, aggregate it and validate the output.
+
+        Raises
+        ------
+        ValueError
+            One line naming the problem, before any work or state change:
+            bad shapes or non-finite updates, weights or context tensors
+            (:func:`check_updates`, :func:`check_finite`), too few clients
+            (:meth:`check`), missing context; after the rule: a non-finite
+            aggregate or weights (the rule's state may then already have moved).
+        """
+        w = check_updates(updates, weights, name=self.name)
         self.check(updates.shape[0])
         missing = self.requires - context.keys()
         if missing:
             raise ValueError(f"{self.name} needs {', '.join(sorted(missing))}")
-        return self.aggregate(updates, w, **{k: context[k] for k in self.requires})
+        picked = {k: context[k] for k in self.requires}
+        for key, value in picked.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                check_finite(value, key, name=self.name)
+        result = self.aggregate(updates, w, **picked)
+        # Finite input can still overflow inside a rule (float64 updates near
+        # 1e154 square to inf): refuse rather than hand NaN to the model.
+        for what, value in (("aggregate", result.aggregate), ("weights", result.weights)):
+            if not all_finite(value):
+                bad = int((~torch.isfinite(value)).sum())
+                raise ValueError(
+                    f"{self.name} produced {bad} non-finite {what} value(s) from finite "
+                    f"input: the updates overflow {updates.dtype} inside the rule"
+                )
+        return result
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint (empty for stateless rules)."""
@@ -93,30 +127,110 @@ class Rule:
         return f"{type(self).__name__}({params})"
 
 
-def check_updates(updates: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Validate the shapes of a rule's inputs and return normalised weights [n].
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every entry of ``values`` is finite, in one pass without temporaries.
+
+    A sum is finite only if every entry is (NaN and +-inf propagate through
+    addition), so a finite sum settles it in one vectorised reduction. A sum
+    that is not finite may also come from finite entries near the dtype's
+    maximum (an attacker's 1e38s); then ``torch.aminmax``, which propagates
+    NaN and reaches +-inf, decides exactly. Neither allocates anything of the
+    input's size. On the CPU, for [50, 1M] float32, the sum measured about 2x
+    faster than ``aminmax`` and over 10x faster than
+    ``torch.isfinite(values).all()``, which materialises boolean masks.
+    """
+    if values.numel() == 0 or not values.is_floating_point():
+        return True
+    if bool(torch.isfinite(values.sum())):
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(torch.stack((low, high))).all())  # one device sync
+
+
+def _positions(mask: torch.Tensor, unit: str, limit: int = 8) -> str:
+    """``"rows 1, 4"``: where ``mask`` [m] is true, the first ``limit`` of them."""
+    found = torch.nonzero(mask).flatten().tolist()
+    shown = ", ".join(str(i) for i in found[:limit]) + (", ..." if len(found) > limit else "")
+    return f"{unit if len(found) == 1 else unit + 's'} {shown}"
+
+
+def check_finite(values: torch.Tensor, what: str, name: str | None = None) -> None:
+    """Raise ``ValueError("krum: updates contain 3 non-finite values (rows 1, 4)")``.
+
+    The check is :func:`all_finite` (one pass); the count and the rows (first
+    dimension; indices for a vector) are computed only when it fails.
+    """
+    if all_finite(values):
+        return
+    bad = ~torch.isfinite(values)
+    count = int(bad.sum())
+    where = _positions(bad, "index") if bad.ndim == 1 else _positions(bad.flatten(1).any(1), "row")
+    prefix = f"{name}: " if name else ""
+    verb = "contains" if values.ndim == 1 else "contain"
+    plural = "" if count == 1 else "s"
+    raise ValueError(f"{prefix}{what} {verb} {count} non-finite value{plural} ({where})")
+
+
+def check_updates(
+    updates: torch.Tensor, weights: torch.Tensor | None, name: str | None = None
+) -> torch.Tensor:
+    """Validate a rule's inputs and return normalised weights [n].
+
+    Parameters
+    ----------
+    updates : torch.Tensor
+        Client updates [n, d], floating point, every entry finite.
+    weights : torch.Tensor or None
+        Per-client weights [n] (any real dtype), finite, >= 0, not all 0;
+        ``None`` for equal weights.
+    name : str or None
+        Rule name that prefixes error messages.
+
+    Returns
+    -------
+    torch.Tensor
+        Weights [n] summing to 1, in the dtype of ``updates``. They are
+        normalised in float64 after dividing by the largest weight, so the sum
+        cannot overflow: weights 3 x 3e38 (whose float32 sum is inf) give equal
+        thirds, not zeros, and so do 3 x 1.7e308 in float64.
 
     Raises
     ------
     ValueError
-        If ``updates`` is not a non-empty floating [n, d] tensor, or ``weights``
-        is not [n], non-negative, finite, with a positive sum.
+        One line naming the problem: ``updates`` not a non-empty floating
+        [n, d] tensor or with non-finite entries (count and rows), ``weights``
+        of the wrong shape, with non-finite or negative entries (rows), or all 0.
     """
+    prefix = f"{name}: " if name else ""
     if updates.ndim != 2 or updates.shape[0] == 0:
-        raise ValueError(f"updates must have shape [n, d] with n >= 1, got {tuple(updates.shape)}")
+        raise ValueError(
+            f"{prefix}updates must have shape [n, d] with n >= 1, got {tuple(updates.shape)}"
+        )
     if not updates.is_floating_point():
-        raise ValueError(f"updates must be floating point, got {updates.dtype}")
+        raise ValueError(f"{prefix}updates must be floating point, got {updates.dtype}")
+    check_finite(updates, "updates", name)
     n = updates.shape[0]
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=updates.dtype, device=updates.device)
     if weights.shape != (n,):
         raise ValueError(
-            f"weights must have shape [{n}] to match updates, got {tuple(weights.shape)}"
+            f"{prefix}weights must have shape [{n}] to match updates, got {tuple(weights.shape)}"
         )
-    w = weights.to(dtype=updates.dtype, device=updates.device)
-    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise ValueError("weights must be finite, non-negative and sum to > 0")
-    return w / w.sum()
+    # float64 first: a float64 count of 1e39 is finite, its float32 cast is not.
+    w = weights.detach().to(dtype=torch.float64, device=updates.device)
+    problem = None
+    if not all_finite(w):
+        bad = ~torch.isfinite(w)
+        problem = f"{int(bad.sum())} non-finite ({_positions(bad, 'row')})"
+    elif bool((w < 0).any()):
+        bad = w < 0
+        problem = f"{int(bad.sum())} negative ({_positions(bad, 'row')})"
+    elif not bool((w > 0).any()):
+        problem = "all are 0"
+    if problem is not None:
+        raise ValueError(f"{prefix}weights must be finite, non-negative and sum to > 0; {problem}")
+    w = w / w.max()  # in [0, 1]: the sum below is at most n, whatever the scale
+    return (w / w.sum()).to(updates.dtype)
 
 
 def require(name: str, ok: bool, requirement: str, **numbers: int) -> None:

@@ -241,9 +241,9 @@ class CentralDPFedAvg(Rule):
     * The number n of aggregated clients is treated as fixed (McMahan et al.'s
       fixed-denominator estimator, Flower's ``num_sampled_clients``), which
       makes the division by n post-processing of the noisy sum.
-    * A row with non-finite entries (or whose norm overflows float64) is
-      replaced by zeros before averaging; any row's contribution stays
-      within C.
+    * Non-finite updates are refused (``ValueError``, as by every rule); a
+      finite row whose norm overflows float64 is replaced by zeros before
+      averaging, so any row's contribution stays within C.
     * The noise comes from a seeded torch generator, so a resumed run is
       reproducible; whoever knows the seed can remove the noise. For
       deployment against a curious observer, keep the seed secret (e.g.
