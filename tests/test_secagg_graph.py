@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from fedsec.secagg.graph import harary_graph, secagg_parameters
@@ -47,16 +45,21 @@ def test_parameters_satisfy_constraints(n: int, drop: float, corrupt: float) -> 
         return
     assert 0 < k < n and (k % 2 == 0 or n % 2 == 0)
     assert k * corrupt < t <= k * (1 - drop)
+    assert 2 * t > k  # what every client checks
     if n <= 1000:  # the graph for these parameters exists and is k-regular
         assert all(len(nb) == k for nb in harary_graph(n, k, SEED).values())
 
 
-def test_parameters_near_google_anchors() -> None:
-    k, t = secagg_parameters(1000, dropout_rate=0.33, corrupt_fraction=0.05)
-    assert 60 <= k <= 90 and 20 <= t <= 30  # Google: 72 / 24
-    k, t = secagg_parameters(10**6, dropout_rate=0.33, corrupt_fraction=0.05)
-    assert 90 <= k <= 115 and 30 <= t <= 40  # Google: 102 / 34
-    assert k < math.log2(10**6) ** 2
+def test_parameters_at_google_setting_keep_a_majority_threshold() -> None:
+    """Google's finder gives (72, 24) at n = 1000 and (102, 34) at 10**6 (5% corrupt,
+    33% dropout): t < k / 2, which every client now refuses, so the degree grows to
+    keep t > k / 2 reachable by the 67% survivors, still slowly with n."""
+    k3, t3 = secagg_parameters(1000, dropout_rate=0.33, corrupt_fraction=0.05)
+    k6, t6 = secagg_parameters(10**6, dropout_rate=0.33, corrupt_fraction=0.05)
+    for k, t in ((k3, t3), (k6, t6)):
+        assert 2 * t > k and t <= 0.67 * k
+    assert (k3, t3) == (295, 148) and (k6, t6) == (405, 203)
+    assert k6 < 1.5 * k3
 
 
 def test_parameters_infeasible_raises() -> None:

@@ -1020,12 +1020,15 @@ def test_no_client_unmasks_a_sum_of_one_whatever_the_round_says() -> None:
 
 
 def test_bucket_thresholds_resist_the_tolerated_colluders() -> None:
-    # Unsigned: t >= c + 1 (c = 1 at 5 % corrupt), else s - 1 so s survivors finish.
+    # Unsigned: t >= c + 1 (c = 1 at 5 % corrupt), else s - 1 so s survivors finish,
+    # and never t <= k / 2 (a split survivor set): the largest bucket (2s - 1) gets t = s.
     assert bucket_parameters(3, 2) == (2, 2)
-    assert bucket_parameters(5, 3) == (4, 2)
-    assert bucket_parameters(9, 5) == (8, 4)
+    assert bucket_parameters(4, 3) == (3, 2)
+    assert bucket_parameters(5, 3) == (4, 3)
+    assert bucket_parameters(8, 5) == (7, 4)
+    assert bucket_parameters(9, 5) == (8, 5)
     assert bucket_parameters(2, 2) == (1, 1)  # the sum of two already tells each the other's
-    assert bucket_parameters(4, 2, corrupt_fraction=0.0) == (3, 1)
+    assert bucket_parameters(4, 2, corrupt_fraction=0.0) == (3, 2)
     # Signed: t > (k + c) / 2 against a split survivor set; a bucket of 2 cannot have it.
     assert bucket_parameters(3, 3, signed=True) == (2, 2)
     assert bucket_parameters(5, 3, signed=True) == (4, 3)

@@ -33,6 +33,15 @@ experiment's ``secagg.key_dir`` instead (there server and clients share a
 machine; a deployment must not take its trust anchors from the server). A
 node whose config names ``secagg-key-dir`` or ``secagg-identity`` refuses
 unsigned rounds, so the server cannot downgrade it.
+
+Node limits (what a server can make this node spend on one round): the node
+config ``secagg-max-nodes`` (default and ceiling 100,000) and
+``secagg-max-degree`` (default and ceiling 1,024) refuse, at advertise-keys and
+before any work, a round of more clients or a larger graph degree. A client
+builds only its own row of the neighbour graph, and every list a request
+carries is refused beyond ``k`` (neighbours, shares) or ``n`` (survivors,
+signatures) before it is parsed further. ``secagg-min-sum`` (default 2): no
+survivor set smaller than this is unmasked.
 """
 
 from __future__ import annotations
@@ -60,8 +69,15 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedsec.config import WIRE_CONFIG_KEY
 from fedsec.params import flatten_state
-from fedsec.secagg.client import ClientStage, SecAggClient
+from fedsec.secagg.client import (
+    DEFAULT_MAX_DEGREE,
+    DEFAULT_MAX_NODES,
+    ClientStage,
+    SecAggClient,
+)
 from fedsec.secagg.messages import (
+    MAX_CLIENTS,
+    MAX_DEGREE,
     AdvertiseKeysRequest,
     ConsistencyCheckRequest,
     MaskedInputRequest,
@@ -184,10 +200,13 @@ def _masked_input(
     crafted = msg.content.array_records.get(ADVERSARY_KEY)
     if crafted is not None:
         return _mask_crafted(msg, context, client, crafted)
+    sent = msg.content.array_records.get("arrays")
+    size = sum(math.prod(a.shape) for a in sent.values()) if sent is not None else 0
+    if sent is not None and size != setup.dim:  # the round's vector must be the model sent
+        raise ProtocolError(f"the model sent has {size} values, the round expects {setup.dim}")
     trained = call_next(msg, context)
     if trained.has_error() or _for_adversary(trained):
         return trained
-    sent = msg.content.array_records.get("arrays")
     back = trained.content.array_records.get("arrays")
     if sent is None or back is None:
         raise ProtocolError("masked-input stage needs the model in 'arrays' both ways")
@@ -290,7 +309,23 @@ def _load_client(context: Context, msg: Message, request: Any) -> SecAggClient:
         trusted_keys=trusted,
         require_signed=_provisioned(context),
         min_sum=int(context.node_config.get("secagg-min-sum", 2)),
+        max_nodes=_node_limit(context, "secagg-max-nodes", DEFAULT_MAX_NODES, 2, MAX_CLIENTS),
+        max_degree=_node_limit(context, "secagg-max-degree", DEFAULT_MAX_DEGREE, 1, MAX_DEGREE),
     )
+
+
+def _node_limit(context: Context, key: str, default: int, floor: int, ceiling: int) -> int:
+    """The integer node config ``key`` in ``[floor, ceiling]``, or ``default`` when unset.
+
+    A malformed limit refuses every round (one line naming the key) rather
+    than silently falling back to the default.
+    """
+    value = context.node_config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not floor <= value <= ceiling:
+        raise ProtocolError(
+            f"node config {key} must be an integer in [{floor}, {ceiling}], got {value!r}"
+        )
+    return value
 
 
 def _provisioned(context: Context) -> bool:

@@ -15,13 +15,21 @@ must come from a joint coin toss (e.g. commit-then-reveal by the clients).
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
+import numpy.typing as npt
 
 from fedsec.secagg.masking import expand_mask
 
-__all__ = ["harary_graph", "malicious_threshold", "secagg_parameters"]
+__all__ = [
+    "bucket_parameters",
+    "harary_graph",
+    "harary_neighbours",
+    "malicious_threshold",
+    "secagg_parameters",
+]
 
 #: Statistical security: P[some client has >= t corrupt neighbours] <= 2**-SECURITY_BITS.
 SECURITY_BITS = 40
@@ -29,31 +37,34 @@ SECURITY_BITS = 40
 CORRECTNESS_BITS = 20
 
 
-def _permutation(n: int, rng_seed: bytes) -> list[int]:
-    """Fisher-Yates shuffle of ``range(n)`` driven by the AES-256-CTR stream of ``rng_seed``.
+def _permutation(n: int, rng_seed: bytes) -> npt.NDArray[np.intp]:
+    """Uniform permutation of ``range(n)`` (position -> label) expanded from ``rng_seed``.
 
-    Uniform draws use rejection sampling on 64-bit words, so the result is
-    unbiased and identical on every party.
+    Every label draws a 64-bit key from the AES-256-CTR stream of a key derived
+    from ``rng_seed`` (domain-separated from the seed's other uses); sorting
+    the labels by key (stable, ties by label) gives the permutation. It is
+    uniform unless two keys tie (probability below ``n**2 / 2**65``, about
+    ``3e-10`` at ``n = 10**5``), identical on every party, and costs ``O(n)``
+    memory and one C sort, so a client can afford it for any ``n`` it accepts.
     """
-    perm = list(range(n))
-    words: list[int] = []
-    block = max(2 * n, 64)
-    counter = 0
-    for i in range(n - 1, 0, -1):
-        bound = i + 1
-        limit = (2**64 // bound) * bound
-        while True:
-            if not words:
-                # A fresh key per block keeps the stream deterministic and non-repeating.
-                key = (int.from_bytes(rng_seed, "big") ^ counter).to_bytes(32, "big")
-                counter += 1
-                words = expand_mask(key, block, np.uint64).tolist()
-            w = words.pop()
-            if w < limit:
-                break
-        j = w % bound
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
+    key = hashlib.sha256(b"fedsec-secagg-harary-permutation" + rng_seed).digest()
+    return np.argsort(expand_mask(key, n, np.uint64), kind="stable")
+
+
+def _offsets(n: int, k: int) -> npt.NDArray[np.int64]:
+    """Ring offsets of a position's ``k`` neighbours in ``H_{k,n}`` (all distinct as ``k < n``)."""
+    half = np.arange(1, k // 2 + 1, dtype=np.int64)
+    parts = [half, n - half] + ([np.array([n // 2], dtype=np.int64)] if k % 2 else [])
+    return np.concatenate(parts)
+
+
+def _check_graph_args(n: int, k: int, rng_seed: bytes) -> None:
+    if not 0 < k < n:
+        raise ValueError(f"need 0 < k < n, got k={k}, n={n}")
+    if k % 2 and n % 2:
+        raise ValueError(f"odd degree k={k} needs an even number of nodes, got n={n}")
+    if len(rng_seed) != 32:
+        raise ValueError(f"rng_seed must be 32 bytes, got {len(rng_seed)}")
 
 
 def harary_graph(n: int, k: int, rng_seed: bytes) -> dict[int, frozenset[int]]:
@@ -63,7 +74,10 @@ def harary_graph(n: int, k: int, rng_seed: bytes) -> dict[int, frozenset[int]]:
     ``i +- j (mod n)`` for ``j = 1..k//2``; for odd ``k`` (which needs even
     ``n``) also to the opposite position ``i + n/2``. Every node has degree
     exactly ``k``. Client ``perm[i]`` sits at position ``i``, where ``perm`` is
-    a uniform permutation expanded from ``rng_seed`` (AES-256-CTR + Fisher-Yates).
+    a uniform permutation expanded from ``rng_seed`` (:func:`_permutation`).
+
+    The whole graph holds ``n * k`` entries: the server builds it; a client
+    needs only its own row, :func:`harary_neighbours`.
 
     Parameters
     ----------
@@ -79,36 +93,48 @@ def harary_graph(n: int, k: int, rng_seed: bytes) -> dict[int, frozenset[int]]:
     dict[int, frozenset[int]]
         Neighbour set of every client.
     """
-    if not 0 < k < n:
-        raise ValueError(f"need 0 < k < n, got k={k}, n={n}")
-    if k % 2 and n % 2:
-        raise ValueError(f"odd degree k={k} needs an even number of nodes, got n={n}")
-    if len(rng_seed) != 32:
-        raise ValueError(f"rng_seed must be 32 bytes, got {len(rng_seed)}")
+    _check_graph_args(n, k, rng_seed)
     perm = _permutation(n, rng_seed)
-    offsets = {j % n for j in range(1, k // 2 + 1)} | {-j % n for j in range(1, k // 2 + 1)}
-    if k % 2:
-        offsets.add(n // 2)
-    return {perm[i]: frozenset(perm[(i + d) % n] for d in offsets) for i in range(n)}
+    offsets = _offsets(n, k)
+    rows = perm[(np.arange(n, dtype=np.int64)[:, None] + offsets[None, :]) % n].tolist()
+    return {u: frozenset(row) for u, row in zip(perm.tolist(), rows, strict=True)}
 
 
-def _log2_binom_tail_ge(k: int, p: float, t: int) -> float:
-    """``log2 P[Binomial(k, p) >= t]``, computed in log space."""
-    if t <= 0:
-        return 0.0
-    if t > k:
-        return -math.inf
+def harary_neighbours(n: int, k: int, rng_seed: bytes, node: int) -> frozenset[int]:
+    """Neighbours of ``node`` in :func:`harary_graph` ``(n, k, rng_seed)``, without the rest.
+
+    Costs one permutation (``O(n)`` memory, one C sort) and ``O(k)`` for the
+    row, so a request naming a huge round cannot make a client build ``n * k``
+    entries it never uses.
+
+    Raises
+    ------
+    ValueError
+        Bad graph arguments, or ``node`` outside ``0..n-1``.
+    """
+    _check_graph_args(n, k, rng_seed)
+    if not 0 <= node < n:
+        raise ValueError(f"node {node} outside [0, {n})")
+    perm = _permutation(n, rng_seed)
+    position = int(np.flatnonzero(perm == node)[0])
+    return frozenset(perm[(position + _offsets(n, k)) % n].tolist())
+
+
+def _log2_binom_tails(k: int, p: float) -> npt.NDArray[np.float64]:
+    """``log2 P[Binomial(k, p) >= t]`` for every ``t = 0..k+1``, in log space.
+
+    One pass: the log pmf of every outcome, then a suffix log-sum-exp, so the
+    parameter search costs ``O(k)`` per candidate degree instead of ``O(k**2)``.
+    """
     if p <= 0.0:
-        return -math.inf
+        return np.array([0.0] + [-math.inf] * (k + 1))
     if p >= 1.0:
-        return 0.0
-    lp, lq = math.log(p), math.log1p(-p)
-    terms = [
-        math.lgamma(k + 1) - math.lgamma(i + 1) - math.lgamma(k - i + 1) + i * lp + (k - i) * lq
-        for i in range(t, k + 1)
-    ]
-    m = max(terms)
-    return (m + math.log(sum(math.exp(x - m) for x in terms))) / math.log(2)
+        return np.array([0.0] * (k + 1) + [-math.inf])
+    i = np.arange(k + 1, dtype=np.float64)
+    log_fact = np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, k + 1, dtype=np.float64)))))
+    log_pmf = log_fact[k] - log_fact - log_fact[::-1] + i * math.log(p) + (k - i) * math.log1p(-p)
+    tails = np.logaddexp.accumulate(log_pmf[::-1])[::-1] / math.log(2)
+    return np.append(np.minimum(tails, 0.0), -math.inf)
 
 
 def malicious_threshold(k: int, corrupt: int) -> int:
@@ -140,13 +166,19 @@ def secagg_parameters(
       surviving neighbours to reconstruct), which implies
       ``t <= k * (1 - delta)``.
 
+    * in every mode ``t > k / 2`` (``t >= k // 2 + 1``), the floor every
+      client enforces: with ``2 t <= k`` a server that tells half of a
+      client's neighbours it survived and the other half it dropped gets ``t``
+      shares of both its self-mask seed and its mask key, hence its input.
+
     ``k`` is the smallest admissible degree (even, or any when ``n`` is even)
-    and ``t`` the smallest secure threshold for it. When no ``k < n - 1`` works,
-    the complete graph ``k = n - 1`` is used with worst-case counts
+    and ``t`` the smallest threshold meeting these for it. When no ``k < n - 1``
+    works, the complete graph ``k = n - 1`` is used with worst-case counts
     ``c = ceil(gamma * n)`` corrupt and ``d = ceil(delta * n)`` dropped clients:
-    ``t = max(c + 1, k // 2 + 1)`` if ``t <= k - d``, else ``t = c + 1``. As
-    sanity anchors, Google's finder gives (k, t) = (72, 24) for n = 1000 and
-    (102, 34) for n = 10**6 at 5% corrupt / 33% dropout.
+    ``t = max(c + 1, k // 2 + 1)``, refused if ``t > k - d``. Google's finder
+    gives (k, t) = (72, 24) for n = 1000 and (102, 34) for n = 10**6 at 5%
+    corrupt / 33% dropout; its ``t < k / 2`` is what the majority floor here
+    rules out, so the degrees come out larger.
 
     Parameters
     ----------
@@ -180,20 +212,17 @@ def secagg_parameters(
     for k in range(2, n - 1):
         if k % 2 and n % 2:
             continue
-        t = next(
-            (
-                t
-                for t in range(1, k + 1)
-                if _log2_binom_tail_ge(k, corrupt_fraction, t) + log2_n <= -SECURITY_BITS
-            ),
-            None,
+        secure = np.flatnonzero(
+            _log2_binom_tails(k, corrupt_fraction)[1 : k + 1] + log2_n <= -SECURITY_BITS
         )
+        t = int(secure[0]) + 1 if secure.size else None
         if t is None:
             continue
-        if malicious:
-            t = max(t, malicious_threshold(k, t - 1))
+        # Every mode: t > k / 2, which every client checks (else a server showing
+        # halves of a neighbourhood different survivor sets collects both shares).
+        t = max(t, malicious_threshold(k, t - 1 if malicious else 0))
         # P[Bin(k, 1-delta) < t] = P[Bin(k, delta) >= k - t + 1]
-        if _log2_binom_tail_ge(k, dropout_rate, k - t + 1) + log2_n <= -CORRECTNESS_BITS:
+        if _log2_binom_tails(k, dropout_rate)[k - t + 1] + log2_n <= -CORRECTNESS_BITS:
             return k, t
     k = n - 1
     corrupt = math.ceil(corrupt_fraction * n)
@@ -211,8 +240,13 @@ def secagg_parameters(
                 "surviving neighbours; tolerate fewer dropouts or corrupt clients"
             )
         return k, t
-    t = max(corrupt + 1, k // 2 + 1)
-    return (k, t) if t <= k - dropped else (k, corrupt + 1)
+    t = max(corrupt + 1, malicious_threshold(k, 0))
+    if t > k - dropped:
+        raise ValueError(
+            f"no (k, t) for n={n}: t={t} (> k/2 and > {corrupt} corrupt) exceeds the "
+            f"{k - dropped} neighbours left after {dropped} dropouts; tolerate fewer dropouts"
+        )
+    return k, t
 
 
 def bucket_parameters(
@@ -226,7 +260,10 @@ def bucket_parameters(
     fraction is positive), ``t >= c + 1`` keeps any member's secrets from
     the colluders; up to that floor ``t = s - 1``, the largest threshold that
     ``s`` survivors always reach (each survivor's shares are held by the
-    ``s - 1`` others), so a bucket of ``s`` survivors can still finish. Signed
+    ``s - 1`` others), so a bucket of ``s`` survivors can still finish. Every
+    mode also needs ``t > k / 2`` (what every client checks), so a bucket of
+    more than ``s`` members (``k > 2 s - 3``) gets ``t = k // 2 + 1`` and
+    needs ``t + 1`` survivors to finish. Signed
     mode needs ``t > (k + c) / 2`` (:func:`malicious_threshold`) against a
     server that splits the survivor set, so a bucket there needs ``t + 1``
     survivors and ``k >= t``: buckets of 2 cannot be signed.
@@ -259,4 +296,6 @@ def bucket_parameters(
                 f"server splitting the survivor set (needs t={t} > k={k}); use buckets of 3 or more"
             )
         return k, t
-    return k, min(k, max(corrupt + 1, min_survivors - 1))
+    # Unsigned: still t > k / 2 (every client checks it); that floor can exceed
+    # s - 1 in buckets larger than s, which then need t + 1 survivors to finish.
+    return k, max(malicious_threshold(k, 0), min(k, max(corrupt + 1, min_survivors - 1)))

@@ -72,10 +72,17 @@ KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 #: Serialized pair of Shamir shares (self-mask seed, mask key), 52 bytes each.
 SHARE_BYTES = 52
-#: Largest round a client takes part in, and largest graph degree: bounds the
-#: work and memory a request can make a client spend on the graph.
+#: AES-GCM ciphertext of one share pair: 12-byte nonce, 2 x 52 bytes, 16-byte tag.
+CIPHERTEXT_BYTES = 12 + 2 * SHARE_BYTES + 16
+#: Protocol ceilings on the round size ``n`` and the graph degree ``k``; a node
+#: lowers them with its node config (``secagg-max-nodes``, ``secagg-max-degree``,
+#: :class:`~fedsec.secagg.client.SecAggClient`). Every list a message carries is
+#: refused above its ceiling before it is parsed further: ids of neighbours and
+#: shares (at most ``k``) and of survivors and signers (at most ``n``).
 MAX_CLIENTS = 100_000
 MAX_DEGREE = 1_024
+#: Longest identity name (signed mode), in characters.
+MAX_IDENTITY_CHARS = 256
 
 
 class ProtocolError(ValueError):
@@ -97,15 +104,25 @@ def _expect(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) 
     return value
 
 
-def _int_list(record: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    values = _expect(record, key, list)
+def _list(record: Mapping[str, Any], key: str, limit: int) -> list[Any]:
+    """The list under ``key``, refused before any per-item work when longer than ``limit``."""
+    values: list[Any] = _expect(record, key, list)
+    if len(values) > limit:
+        raise _fail(f"secagg field '{key}' holds {len(values)} items; at most {limit} allowed")
+    return values
+
+
+def _int_list(record: Mapping[str, Any], key: str, limit: int = MAX_CLIENTS) -> tuple[int, ...]:
+    values = _list(record, key, limit)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise _fail(f"secagg field '{key}' must be a list of ints")
     return tuple(values)
 
 
-def _bytes_list(record: Mapping[str, Any], key: str, size: int | None = None) -> tuple[bytes, ...]:
-    values = _expect(record, key, list)
+def _bytes_list(
+    record: Mapping[str, Any], key: str, size: int | None = None, limit: int = MAX_CLIENTS
+) -> tuple[bytes, ...]:
+    values = _list(record, key, limit)
     if not all(isinstance(v, bytes) for v in values):
         raise _fail(f"secagg field '{key}' must be a list of bytes")
     if size is not None and any(len(v) != size for v in values):
@@ -197,8 +214,11 @@ class AdvertiseKeysRequest(_Request):
             raise _fail(f"need 1 <= t <= k < n and k or n even, got t={t}, k={k}, n={n}")
         if k > MAX_DEGREE:
             raise _fail(f"degree k={k} exceeds the limit of {MAX_DEGREE}")
-        if self.signed and 2 * t <= k:
-            raise _fail(f"signed round needs t > k / 2 (got t={t}, k={k})")
+        if 2 * t <= k:
+            # With t <= k / 2 a server telling half of a client's neighbours that it
+            # survived and the other half that it dropped gets t shares of its seed
+            # and t of its mask key: its input in the clear. Refused in every mode.
+            raise _fail(f"secagg round needs t > k / 2 (got t={t}, k={k})")
         if len(self.graph_seed) != KEY_BYTES:
             raise _fail(f"graph_seed must be {KEY_BYTES} bytes, got {len(self.graph_seed)}")
         if not (np.isfinite(self.clip) and self.clip > 0):
@@ -256,9 +276,11 @@ class AdvertiseKeysRequest(_Request):
     def from_record(cls, record: Mapping[str, Any]) -> AdvertiseKeysRequest:
         """Parse and validate; raises :class:`ProtocolError`."""
         session, server_round = cls._parse_header(record)
-        identities = _expect(record, "identities", list)
-        if not all(isinstance(i, str) for i in identities):
-            raise _fail("secagg field 'identities' must be a list of strings")
+        identities = _list(record, "identities", MAX_CLIENTS)
+        if not all(isinstance(i, str) and len(i) <= MAX_IDENTITY_CHARS for i in identities):
+            raise _fail(
+                f"secagg field 'identities' must be strings of at most {MAX_IDENTITY_CHARS} chars"
+            )
         return cls(
             session=session,
             round=server_round,
@@ -339,11 +361,15 @@ class ShareKeysRequest(_Request):
     def from_record(cls, record: Mapping[str, Any]) -> ShareKeysRequest:
         """Parse and validate; raises :class:`ProtocolError`."""
         session, server_round = cls._parse_header(record)
-        ids = _int_list(record, "ids")
+        ids = _int_list(record, "ids", MAX_DEGREE)
         _check_ids(ids, "ids")
-        c_pub = _bytes_list(record, "c_public", KEY_BYTES)
-        s_pub = _bytes_list(record, "s_public", KEY_BYTES)
-        sigs = _bytes_list(record, "signatures")
+        c_pub = _bytes_list(record, "c_public", KEY_BYTES, MAX_DEGREE)
+        s_pub = _bytes_list(record, "s_public", KEY_BYTES, MAX_DEGREE)
+        sigs = _bytes_list(record, "signatures", None, MAX_DEGREE)
+        if any(len(sig) not in (0, SIGNATURE_BYTES) for sig in sigs):
+            raise _fail(
+                f"secagg field 'signatures' must hold empty or {SIGNATURE_BYTES}-byte values"
+            )
         if not len(ids) == len(c_pub) == len(s_pub) == len(sigs):
             raise _fail("secagg share-keys request: lists of different lengths")
         peers = tuple(PeerKeys(*row) for row in zip(ids, c_pub, s_pub, sigs, strict=True))
@@ -363,9 +389,10 @@ class ShareKeysReply:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> ShareKeysReply:
         """Parse and validate; raises :class:`ProtocolError`."""
-        ids = _int_list(record, "ids")
+        ids = _int_list(record, "ids", MAX_DEGREE)
         _check_ids(ids, "ids")
-        return cls(_mapping(ids, _bytes_list(record, "ciphertexts"), "share-keys reply"))
+        cts = _bytes_list(record, "ciphertexts", CIPHERTEXT_BYTES, MAX_DEGREE)
+        return cls(_mapping(ids, cts, "share-keys reply"))
 
 
 @dataclass(frozen=True)
@@ -387,9 +414,10 @@ class MaskedInputRequest(_Request):
     def from_record(cls, record: Mapping[str, Any]) -> MaskedInputRequest:
         """Parse and validate; raises :class:`ProtocolError`."""
         session, server_round = cls._parse_header(record)
-        ids = _int_list(record, "ids")
+        ids = _int_list(record, "ids", MAX_DEGREE)
         _check_ids(ids, "ids")
-        cts = _mapping(ids, _bytes_list(record, "ciphertexts"), "masked-input request")
+        values = _bytes_list(record, "ciphertexts", CIPHERTEXT_BYTES, MAX_DEGREE)
+        cts = _mapping(ids, values, "masked-input request")
         return cls(session=session, round=server_round, ciphertexts=cts)
 
 
@@ -505,14 +533,15 @@ class UnmaskReply:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> UnmaskReply:
         """Parse and validate; raises :class:`ProtocolError`."""
-        seed_ids = _int_list(record, "seed_ids")
-        key_ids = _int_list(record, "key_ids")
+        seed_ids = _int_list(record, "seed_ids", MAX_DEGREE)
+        key_ids = _int_list(record, "key_ids", MAX_DEGREE)
         _check_ids(seed_ids, "seed_ids")
         _check_ids(key_ids, "key_ids")
-        half = SHARE_BYTES
+        seeds = _bytes_list(record, "seed_shares", SHARE_BYTES, MAX_DEGREE)
+        keys = _bytes_list(record, "key_shares", SHARE_BYTES, MAX_DEGREE)
         return cls(
-            seed_shares=_mapping(seed_ids, _bytes_list(record, "seed_shares", half), "unmask"),
-            key_shares=_mapping(key_ids, _bytes_list(record, "key_shares", half), "unmask"),
+            seed_shares=_mapping(seed_ids, seeds, "unmask"),
+            key_shares=_mapping(key_ids, keys, "unmask"),
         )
 
 
