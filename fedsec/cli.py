@@ -10,8 +10,15 @@ report; ``fedsec certs OUT`` makes the TLS certificates and SuperNode keys of
 a deployment.
 
 Bad input (a config that does not parse or validate, a missing data set, a
-checkpoint whose hash does not match) prints one ``error:`` line and exits with
+checkpoint whose hash does not match, an unusable ``results_dir``, a run
+folder another process is writing) prints one ``error:`` line and exits with
 code 2, before anything starts.
+
+Exit codes of ``fedsec run``: 0 done; 1 the run failed (its completed rounds
+are kept); 2 bad input; 3 the run stopped because ``server.max_failed_rounds``
+rounds in a row had no usable reply (the engine or every client died);
+130 interrupted (Ctrl-C). After 1, 3 and 130, ``fedsec run --resume RUN_DIR``
+continues from the last complete round.
 """
 
 from __future__ import annotations
@@ -19,11 +26,15 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -32,7 +43,13 @@ from rich.table import Table
 
 from fedsec.checkpoint import CheckpointError
 from fedsec.config import ConfigError, ExperimentConfig, default_config, load_config
-from fedsec.runs import RoundMetrics, RunDirectory, RunDirectoryError
+from fedsec.runs import (
+    EngineStoppedError,
+    RoundMetrics,
+    RunDirectory,
+    RunDirectoryError,
+    check_results_dir,
+)
 
 # The ServerApp lives in fedsec.strategies (a layer above this package's core);
 # the CLI is the top-level entry point, so it loads it by name, as Flower does.
@@ -41,7 +58,11 @@ AUDIT_MODULE = "fedsec.strategies.audit"
 BENCH_MODULE = "fedsec.strategies.bench"
 CLIENT_APP_MODULE = "fedsec.client.app"
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_ENGINE_STOPPED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+ENGINES = ("ray", "inprocess")
 
 cli = typer.Typer(
     name="fedsec",
@@ -50,8 +71,10 @@ cli = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Soft wrap: a long line or a Markdown table is never hard-wrapped at the width
+# rich assumes (80 columns when the output is a file or a pipe).
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -148,8 +171,11 @@ def _preflight(cfg: ExperimentConfig, run: RunDirectory | None) -> None:
     except ValueError as err:
         raise _fail(f"data.dataset: {err}") from None
     if run is not None and run.last_round is not None:
-        try:
-            run.load_last_checkpoint()
+        from fedsec.checkpoint import check_model_state
+
+        try:  # the tensors must fit the model now, not after the engine has started
+            last, model_state, _ = run.load_last_checkpoint()
+            check_model_state(cfg, model_state, f"checkpoint of round {last}")
         except CheckpointError as err:
             raise _fail(str(err)) from None
 
@@ -195,6 +221,169 @@ def simulate(
     return run.rounds
 
 
+def inprocess_grid(cfg: ExperimentConfig) -> Any:
+    """The in-process engine's grid of ``data.num_clients`` nodes (no Ray)."""
+    inprocess = importlib.import_module("fedsec.strategies.inprocess")
+    client_module = importlib.import_module(CLIENT_APP_MODULE)
+    return inprocess.InProcessGrid(client_module.app, cfg.data.num_clients).as_grid()
+
+
+def simulate_inprocess(
+    cfg: ExperimentConfig, run: RunDirectory, on_round: Any = None
+) -> list[RoundMetrics]:
+    """Run ``cfg`` on the in-process engine, recording into ``run``.
+
+    The rounds run in their own thread, as Flower's ServerApp thread does, so
+    the main thread stays free to handle Ctrl-C.
+    """
+    server_module = importlib.import_module(SERVER_APP_MODULE)
+    grid = inprocess_grid(cfg)
+    raised: list[BaseException] = []
+
+    def rounds() -> None:
+        try:
+            server_module.run_experiment(grid, cfg, run, on_round)
+        except BaseException as err:  # handed to the main thread
+            raised.append(err)
+
+    # Not a daemon, like Flower's ServerApp thread: only the SIGINT handler ends it early.
+    thread = threading.Thread(target=rounds, name="fedsec-rounds", daemon=False)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: a signal handler runs between them
+    if raised:
+        raise raised[0]
+    if not run.finished:
+        raise RuntimeError("the run ended before all rounds completed")
+    return run.rounds
+
+
+def _on_interrupt(run_dir: RunDirectory) -> Callable[[int, Any], None]:
+    """The SIGINT handler of ``fedsec run``: stop now, leave the folder consistent.
+
+    The rounds run in another thread (Flower's ServerApp thread, or the
+    in-process engine's), which may be waiting for replies that will never
+    come. Closing the run waits for a round being recorded and refuses any
+    later one; then the process ends at once with 130 (the OS releases the
+    run folder's lock; Ray's processes share the driver's fate).
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not re-enter
+        run_dir.close()
+        try:
+            console.show_cursor(True)  # the live display hides it
+            sys.stdout.flush()
+        except Exception:  # a reentrant flush: the line below still goes out
+            pass
+        last = run_dir.last_round
+        done = "no round recorded" if last is None else f"round {last} is the last one recorded"
+        message = f"\ninterrupted: {done}; continue with `fedsec run --resume {run_dir.path}`\n"
+        os.write(sys.stderr.fileno(), message.encode())
+        _stop_ray(timeout=5.0)
+        os._exit(EXIT_INTERRUPTED)
+
+    return handler
+
+
+def _stop_ray(timeout: float) -> None:
+    """Shut down the local Ray instance this process started, waiting at most ``timeout``.
+
+    Its raylet and GCS die with the driver anyway (fate sharing), but the
+    agents they started would linger for up to a minute; a graceful shutdown
+    stops them too. Bounded, from a helper thread: the main thread may be
+    inside Ray itself.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    helper = threading.Thread(target=ray.shutdown, name="fedsec-ray-shutdown", daemon=True)
+    helper.start()
+    helper.join(timeout)
+
+
+@contextmanager
+def _interruptible(run_dir: RunDirectory) -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, _on_interrupt(run_dir))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _leave(run_dir: RunDirectory, message: str, code: int) -> NoReturn:
+    """End a failed run with one line, even if its round thread is still waiting.
+
+    The engine can fail under a ServerApp thread that still waits for replies
+    (up to ``server.round_timeout``); the run is closed so that thread records
+    nothing more, and the process does not wait for it.
+    """
+    run_dir.close()
+    error = _fail(message, code)
+    waiting = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
+    if waiting:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise error
+
+
+def _round_line(row: RoundMetrics, total_rounds: int) -> str:
+    """One plain progress line per round, for output that is not a terminal."""
+    accepted, sampled = row.get("num-accepted"), row.get("num-sampled")
+    parts = [
+        f"test acc {100 * row['test_accuracy']:.2f}%",
+        f"test loss {row['test_loss']:.4f}",
+    ]
+    if accepted is not None:
+        parts.append(f"clients {accepted}/{sampled}")
+    if row.get("status") not in ("ok", "initial"):
+        parts.append(str(row.get("status")))
+    parts.append(f"{row.get('elapsed_s', 0.0):.1f} s")
+    return f"round {row['round']}/{total_rounds}: " + ", ".join(parts)
+
+
+@contextmanager
+def _round_progress(rows: list[RoundMetrics], total_rounds: int) -> Iterator[Any]:
+    """A live table on a terminal; one plain line per round otherwise (logs, CI)."""
+    if not console.is_terminal:
+
+        def print_line(metrics: RoundMetrics) -> None:
+            rows.append(metrics)
+            console.print(_round_line(metrics, total_rounds), highlight=False, markup=False)
+
+        yield print_line
+        return
+    with Live(
+        _round_table(rows, total_rounds, limit=12),
+        console=console,
+        refresh_per_second=4,
+        transient=True,
+    ) as live:
+
+        def on_round(metrics: RoundMetrics) -> None:
+            rows.append(metrics)
+            live.update(_round_table(rows, total_rounds, limit=12))
+
+        try:
+            yield on_round
+        finally:
+            live.stop()
+
+
+def _print_table(table: Table) -> None:
+    if console.is_terminal:
+        console.print(table)
+        return
+    # Not a terminal: rich would squeeze the table into 80 columns (print's width
+    # can only narrow it); a console as wide as the rows need prints one line per row.
+    Console(file=console.file, width=10_000, soft_wrap=True).print(table)
+
+
 @cli.command()
 def run(
     config: Annotated[
@@ -214,8 +403,17 @@ def run(
         Path | None, typer.Option("--results-dir", help="Parent of the run directory.")
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="'ray' (Flower's simulation engine) or 'inprocess' (no Ray: one process, "
+            "clients one after another; for small runs and tests)."
+        ),
+    ] = "ray",
 ) -> None:
     """Run one experiment and write results/<run-name>/."""
+    if engine not in ENGINES:
+        raise _fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     run_dir: RunDirectory | None = None
     if resume is not None:
         if config is not None or name is not None or results_dir is not None:
@@ -249,7 +447,10 @@ def run(
     quiet_logs(verbose)
     _preflight(cfg, run_dir)
     if run_dir is None:
-        run_dir = RunDirectory.create(cfg, results_dir)
+        try:
+            run_dir = RunDirectory.create(cfg, results_dir)
+        except RunDirectoryError as err:
+            raise _fail(str(err)) from None
 
     console.print(
         f"[bold]fedsec[/] {run_dir.name}: {cfg.data.num_clients} clients "
@@ -259,28 +460,37 @@ def run(
     )
     rows: list[RoundMetrics] = list(run_dir.rounds)
     started = time.perf_counter()
-    with Live(
-        _round_table(rows, cfg.experiment.rounds, limit=12),
-        console=console,
-        refresh_per_second=4,
-        transient=True,
-    ) as live:
-
-        def on_round(metrics: RoundMetrics) -> None:
-            rows.append(metrics)
-            live.update(_round_table(rows, cfg.experiment.rounds, limit=12))
-
+    with _interruptible(run_dir):
+        if engine == "ray":
+            console.print(
+                f"starting Flower's simulation engine (Ray) with {cfg.data.num_clients} "
+                "clients; the first round follows once it is up (often 20-150 s)",
+                highlight=False,
+            )
+        else:
+            console.print("starting the in-process engine", highlight=False)
         try:
-            simulate(cfg, run_dir, on_round, verbose=verbose)
-        except Exception as err:  # the run directory keeps every completed round
-            live.stop()
-            raise _fail(
-                f"run failed: {err}; completed rounds are saved, continue with "
+            with _round_progress(rows, cfg.experiment.rounds) as on_round:
+                if engine == "ray":
+                    simulate(cfg, run_dir, on_round, verbose=verbose)
+                else:
+                    simulate_inprocess(cfg, run_dir, on_round)
+        except EngineStoppedError as err:
+            _leave(
+                run_dir,
+                f"run stopped: {err}; completed rounds are saved, continue with "
                 f"`fedsec run --resume {run_dir.path}`",
-                code=1,
-            ) from None
+                EXIT_ENGINE_STOPPED,
+            )
+        except Exception as err:  # the run directory keeps every completed round
+            _leave(
+                run_dir,
+                f"run failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                f"completed rounds are saved, continue with `fedsec run --resume {run_dir.path}`",
+                EXIT_FAILED,
+            )
 
-    console.print(_round_table(run_dir.rounds, cfg.experiment.rounds))
+    _print_table(_round_table(run_dir.rounds, cfg.experiment.rounds))
     final = run_dir.rounds[-1]
     console.print(
         f"\nFinal test accuracy: [bold]{100 * final['test_accuracy']:.2f}%[/] after round "
@@ -295,6 +505,11 @@ def validate(
 ) -> None:
     """Check a config file without running it."""
     cfg = _load(config)
+    _preflight(cfg, None)  # the data set must be there, as `run` requires
+    try:
+        check_results_dir(cfg.experiment.results_dir)
+    except RunDirectoryError as err:
+        raise _fail(str(err)) from None
     console.print(
         f"ok: {config} ({cfg.data.num_clients} clients, {cfg.data.dataset}, "
         f"{cfg.model.name}, {cfg.experiment.rounds} rounds)",
@@ -364,17 +579,18 @@ def bench(
     from fedsec.bench.store import ResultsStore, StoreError
 
     bench_module = importlib.import_module(BENCH_MODULE)  # Flower glue lives in strategies
+    # Every option is checked before the results folder is made: bad input writes nothing.
+    if engine not in bench_module.ENGINES:
+        raise _fail(f"--engine must be one of {', '.join(bench_module.ENGINES)}, got {engine!r}")
+    cores = os.cpu_count() or 1
+    if not 1 <= jobs <= cores:
+        raise _fail(f"--jobs must be in [1, {cores}] (this machine's cores), got {jobs}")
     try:
         grid = load_grid(grid_file)
         folder = results or Path("results") / "bench" / grid.name
         store = ResultsStore.create_or_open(folder, grid)
     except (GridError, StoreError) as err:
         raise _fail(str(err)) from None
-    if engine not in bench_module.ENGINES:
-        raise _fail(f"--engine must be one of {', '.join(bench_module.ENGINES)}, got {engine!r}")
-    cores = os.cpu_count() or 1
-    if not 1 <= jobs <= cores:
-        raise _fail(f"--jobs must be in [1, {cores}] (this machine's cores), got {jobs}")
     quiet_logs(False)
     console.print(
         f"[bold]fedsec bench[/] {grid.name}: {len(grid.cells)} cells, {jobs} job(s), "
@@ -383,14 +599,29 @@ def bench(
     )
     progress = BenchProgress(grid.cells, jobs)
     started = time.perf_counter()
-    with Live(progress.render(), console=console, refresh_per_second=2, transient=True) as live:
+    if console.is_terminal:
+        with Live(progress.render(), console=console, refresh_per_second=2, transient=True) as live:
+
+            def on_event(event: tuple[str, int, str, Any]) -> None:
+                progress.update(event)
+                live.update(progress.render())
+
+            failed = bench_module.run_grid(store, jobs=jobs, engine=engine, on_event=on_event)
+    else:  # logs, CI: one plain line per finished (or failed) cell
 
         def on_event(event: tuple[str, int, str, Any]) -> None:
             progress.update(event)
-            live.update(progress.render())
+            kind, _, cell_id, value = event
+            if kind in ("done", "error"):
+                status = f"{float(value):.1f} s" if kind == "done" else f"failed: {value}"
+                console.print(
+                    f"cell {progress.done}/{progress.total} {cell_id}: {status}",
+                    highlight=False,
+                    markup=False,
+                )
 
         failed = bench_module.run_grid(store, jobs=jobs, engine=engine, on_event=on_event)
-    console.print(progress.render(final=True))
+    _print_table(progress.render(final=True))
     console.print(
         f"{progress.done} of {len(grid.cells)} cells finished ({progress.skipped} from an earlier "
         f"run) in {time.perf_counter() - started:.1f} s; `fedsec report {folder}` writes the "

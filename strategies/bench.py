@@ -47,6 +47,11 @@ BenchEvent = tuple[str, int, str, Any]
 
 logger = logging.getLogger("fedsec")
 
+#: Seconds a worker has to exit after reporting it is done (shutting down Ray
+#: can take long on a busy machine); then it is stopped. Not a failure either way:
+#: a grid's failures are its cells that did not finish.
+EXIT_GRACE_S = 10.0
+
 
 @dataclass(frozen=True)
 class _Job:
@@ -111,8 +116,18 @@ def _groups(cells: tuple[Cell, ...]) -> Iterator[tuple[int, list[Cell]]]:
 
 
 def _run_workers(
-    job: _Job, pending: list[str], workers: int, on_event: Callable[[BenchEvent], None]
+    job: _Job,
+    pending: list[str],
+    workers: int,
+    on_event: Callable[[BenchEvent], None],
+    target: Callable[..., None] | None = None,
 ) -> dict[str, str]:
+    """Run ``pending`` cells on ``workers`` processes; return the cells that did not finish.
+
+    ``target`` replaces :func:`_worker` (tests). A worker that reported its
+    exit but is slow to end is stopped and is no failure; one that died first
+    leaves its cells unfinished, and those are reported with its exit code.
+    """
     context = multiprocessing.get_context("spawn")  # fresh interpreters: Ray and torch dislike fork
     todo: Any = context.Queue()
     events: Any = context.Queue()
@@ -121,12 +136,14 @@ def _run_workers(
     for _ in range(workers):
         todo.put(None)  # one stop sign per worker
     processes = [
-        context.Process(target=_worker, args=(job, index, todo, events), daemon=True)
+        context.Process(target=target or _worker, args=(job, index, todo, events), daemon=True)
         for index in range(workers)
     ]
     for process in processes:
         process.start()
     failed: dict[str, str] = {}
+    done: set[str] = set()
+    exited: set[int] = set()
     finished_workers = 0
     try:
         while finished_workers < workers:
@@ -138,18 +155,31 @@ def _run_workers(
                 continue
             if event[0] == "exit":
                 finished_workers += 1
+                exited.add(int(event[1]))
                 continue
             if event[0] == "error":
                 failed[event[2]] = str(event[3])
+            elif event[0] == "done":
+                done.add(event[2])
             on_event(event)
     finally:
         for process in processes:
-            process.join(timeout=10)
+            process.join(timeout=EXIT_GRACE_S)
             if process.is_alive():
                 process.terminate()
-    for process in processes:
-        if process.exitcode not in (0, None):
-            failed.setdefault(f"worker-{processes.index(process)}", f"exit {process.exitcode}")
+                process.join(timeout=EXIT_GRACE_S)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+    # Judged by the cells, not by how the workers ended.
+    crashed = [
+        f"worker {index} ended with exit {process.exitcode} before reporting"
+        for index, process in enumerate(processes)
+        if index not in exited
+    ]
+    for cell_id in pending:
+        if cell_id not in done and cell_id not in failed:
+            failed[cell_id] = "not finished" + (f" ({'; '.join(crashed)})" if crashed else "")
     return failed
 
 
@@ -179,8 +209,11 @@ def _worker(job: _Job, index: int, todo: Any, events: Any) -> None:
 
             try:
                 run = store.run_directory(cell)
-                if not run.finished:
-                    run_experiment(grid, cell.config, run, on_round=on_round)
+                try:
+                    if not run.finished:
+                        run_experiment(grid, cell.config, run, on_round=on_round)
+                finally:
+                    run.close()  # unlock the cell's folder
             except Exception as err:  # the cell stays unfinished; the grid goes on
                 logger.debug("cell %s failed:\n%s", cell.id, traceback.format_exc())
                 events.put(("error", index, cell.id, f"{type(err).__name__}: {err}"))

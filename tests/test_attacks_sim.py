@@ -66,7 +66,10 @@ def clean_fedavg(tmp_path_factory: pytest.TempPathFactory) -> float:
 
 def test_ipm_breaks_fedavg(tmp_path: Path, clean_fedavg: float) -> None:
     attack = {"name": "ipm", "num_malicious": 4, "params": {"epsilon": 100.0}}
-    attacked = final(simulate(tmp_path, **_with(NORMAL, attack=attack)))
+    # The model diverges to non-finite values, after which every reply is excluded:
+    # let those rounds fail instead of stopping the run (server.max_failed_rounds).
+    server = {"max_failed_rounds": 20}
+    attacked = final(simulate(tmp_path, **_with(NORMAL, attack=attack, server=server)))
     assert attacked <= clean_fedavg - 0.30  # measured: 0.100 vs 0.933
 
 

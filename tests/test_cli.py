@@ -78,6 +78,7 @@ def test_resume_refuses_tampered_checkpoint(tmp_path: Path) -> None:
         {"round": 0, "status": "initial", "test_accuracy": 0.1, "test_loss": 2.0},
         {"w": torch.zeros(2)},
     )
+    run.close()  # this process stops writing it: the `fedsec run` below may
     (run.path / run.checkpoints[-1]["file"]).write_bytes(b"tampered")
     _assert_bad_input(_fedsec("run", "--resume", run.path, cwd=tmp_path), "SHA-256 mismatch")
 

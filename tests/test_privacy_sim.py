@@ -50,14 +50,16 @@ def test_dp_sgd_at_epsilon_3_reaches_80_percent(tmp_path: Path) -> None:
 def test_budget_exhaustion_refuses_and_the_server_continues(tmp_path: Path) -> None:
     # Noise solved for epsilon 3 over 5 rounds, but a budget of 1.5: clients refuse
     # once the next round would exceed it; the rounds go on without them.
-    run, rounds = _run(tmp_path, _with(privacy={"epsilon_budget": 1.5}))
+    # server.max_failed_rounds above the rounds: refused rounds must not stop the run.
+    raw = _with(privacy={"epsilon_budget": 1.5}, server={"max_failed_rounds": 10})
+    run, rounds = _run(tmp_path, raw)
     statuses = [r["status"] for r in rounds[1:]]
     assert "ok" in statuses and statuses[-1] == "failed"
     assert len(rounds) == 6  # every round ran
     decisions = [json.loads(x) for x in (run.path / "decisions.jsonl").read_text().splitlines()]
     reasons = [reason for d in decisions for reason in d["excluded"].values()]
     assert reasons and all(
-        r.startswith("client error: privacy budget exhausted: next round would spend epsilon ")
+        r.startswith("client error: 'privacy budget exhausted: next round would spend epsilon ")
         and "> budget 1.50 (delta 1e-05, rdp)" in r
         for r in reasons
     )

@@ -124,6 +124,8 @@ def load_grid(path: str | Path) -> Grid:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise GridError(f"{path}: not valid TOML ({err})") from None
+    except RecursionError:  # tomllib recurses per nesting level
+        raise GridError(f"{path}: not valid TOML (arrays or tables nested too deeply)") from None
     return parse_grid(raw, source=text)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsec.checkpoint import atomic_write_bytes
-from fedsec.runs import MANIFEST, RunDirectory, RunDirectoryError
+from fedsec.runs import MANIFEST, RunDirectory, RunDirectoryError, check_results_dir
 
 from .grid import Cell, Grid
 
@@ -94,7 +94,10 @@ class ResultsStore:
             If ``path`` holds the results of a different grid (another name or
             other cells) or is not a results folder.
         """
-        path = Path(path)
+        try:
+            path = check_results_dir(path)
+        except RunDirectoryError as err:
+            raise StoreError(str(err).replace("results_dir", "results folder", 1)) from None
         cells = [cell.describe() for cell in grid.cells]
         if (path / INDEX).exists():
             store = cls.open(path)
@@ -109,10 +112,15 @@ class ResultsStore:
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path} exists and is not a results folder; choose an empty one")
         _check_source(grid)
-        (path / CELLS).mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path / GRID_FILE, grid.source.encode())
-        index = {"format": INDEX_FORMAT, "name": grid.name, "cells": cells}
-        atomic_write_bytes(path / INDEX, json.dumps(index, indent=2).encode())
+        try:
+            (path / CELLS).mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path / GRID_FILE, grid.source.encode())
+            index = {"format": INDEX_FORMAT, "name": grid.name, "cells": cells}
+            atomic_write_bytes(path / INDEX, json.dumps(index, indent=2).encode())
+        except OSError as err:
+            raise StoreError(
+                f"{path}: cannot create the results folder ({err.strerror or err})"
+            ) from None
         return cls(path, grid.name, cells)
 
     @classmethod
@@ -146,12 +154,12 @@ class ResultsStore:
     def run_directory(self, cell: Cell) -> RunDirectory:
         """The cell's run directory: its earlier (partial) run, or a new one."""
         path = self.cell_path(cell.id)
-        if (path / MANIFEST).exists():
-            try:
+        try:
+            if (path / MANIFEST).exists():
                 return RunDirectory.open(path)
-            except RunDirectoryError as err:
-                raise StoreError(f"cell {cell.id}: {err}") from None
-        return RunDirectory.create(cell.config, self.path / CELLS)
+            return RunDirectory.create(cell.config, self.path / CELLS)
+        except RunDirectoryError as err:
+            raise StoreError(f"cell {cell.id}: {err}") from None
 
     def result(self, cell_id: str) -> CellResult:
         """What has been recorded for a cell (nothing yet: no rounds)."""
