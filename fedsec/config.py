@@ -8,6 +8,14 @@ and cross-field constraints such as "more clients than training samples". Every
 problem raises :class:`ConfigError`, whose message is one line that names the
 field, e.g. ``data.alpha: must be > 0 (got 0.0)``.
 
+Numbers are bounded before any range check: every float must be finite (TOML's
+``inf`` and ``nan`` are refused in every field and in ``params`` tables), every
+integer within :data:`MAX_INT` in magnitude, and a few fields tighter where the
+code needs it (``experiment.seed`` <= :data:`MAX_SEED` so derived per-round
+seeds fit torch, ``experiment.rounds`` <= :data:`MAX_ROUNDS`, batch sizes within
+the training set, timeouts within 30 days). A config file that sets nothing
+(empty, or only comments) is refused: the quickstart runs without one.
+
 Sections ``[aggregation]``, ``[attack]``, ``[privacy]`` and ``[secagg]``
 configure the defenses, the threat model, differential privacy and secure
 aggregation.
@@ -39,6 +47,24 @@ PRIVACY_MODES = ("none", "dp-sgd", "local", "central", "distributed")
 ACCOUNTANTS = ("rdp", "prv")
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+#: Largest magnitude of any integer in a config: every count fits a C int, which is
+#: what torch and numpy index with; fields with tighter limits check them too.
+MAX_INT = 2**31
+#: Largest ``experiment.seed``. Clients derive per-round seeds as
+#: ``(seed * 1_000_003 + round * 10_007 + partition) * 1_000_003 + round * 7_919 + salt``
+#: (:mod:`fedsec.client.app`, :func:`fedsec.attacks.threat.round_generator`), which
+#: torch's ``manual_seed`` takes only below 2**63: with seed < 2**23 and rounds and
+#: partitions within their limits the largest derived seed is about 8.4e18.
+MAX_SEED = 2**23 - 1
+#: Largest ``experiment.rounds`` (the round number also enters the derived seeds).
+MAX_ROUNDS = 1_000_000
+#: Longest round or stage timeout: 30 days. Longer ones overflow the platform's
+#: time_t in the waits that use them (``OverflowError`` from ``threading``).
+MAX_TIMEOUT_S = 30 * 86_400.0
+#: Largest Dirichlet ``data.alpha``: beyond it the split is indistinguishable from IID,
+#: and near the float range numpy's sampler returns all-zero proportions.
+MAX_ALPHA = 1e6
 
 
 class ConfigError(ValueError):
@@ -303,11 +329,28 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise ConfigError(str(path), "file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(str(path), f"cannot read file ({err})") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(str(path), f"invalid TOML: {err}") from None
+    raw = parse_toml(text, str(path))
+    if not raw:
+        # Almost always a wrong or truncated file; the defaults are one omitted argument away.
+        raise ConfigError(
+            str(path), "empty config: it sets nothing (omit the config to run the quickstart)"
+        )
     return parse_config(raw)
+
+
+def parse_toml(text: str, where: str) -> dict[str, Any]:
+    """Parse TOML text, every failure a one-line :class:`ConfigError` about ``where``.
+
+    ``tomllib`` recurses once per nesting level of arrays and inline tables,
+    so a file nested a few thousand levels deep raises ``RecursionError``;
+    that is reported as invalid TOML like any other syntax problem.
+    """
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(where, f"invalid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(where, "invalid TOML: arrays or tables nested too deeply") from None
 
 
 def parse_config(raw: Mapping[str, Any]) -> ExperimentConfig:
@@ -360,6 +403,8 @@ def _coerce(where: str, value: Any, expected: Any) -> Any:
                 raise ConfigError(
                     f"{where}.{key}", f"must be a number, string or boolean (got {item!r})"
                 )
+            if isinstance(item, int | float) and not isinstance(item, bool):
+                _check_number(f"{where}.{key}", item)
         return dict(value)
     if origin is tuple:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
@@ -372,11 +417,15 @@ def _coerce(where: str, value: Any, expected: Any) -> Any:
     if expected is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(where, f"must be an integer (got {value!r})")
-        return value
+        return _check_number(where, value)
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(where, f"must be a number (got {value!r})")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(where, f"must be a finite number (got {value})") from None
+        return _check_number(where, number)
     if expected is str:
         if not isinstance(value, str):
             raise ConfigError(where, f"must be a string (got {value!r})")
@@ -385,6 +434,21 @@ def _coerce(where: str, value: Any, expected: Any) -> Any:
 
 
 _Num = TypeVar("_Num", int, float)
+
+
+def _check_number(where: str, value: _Num) -> _Num:
+    """Refuse what no numeric field means: inf, NaN and integers beyond :data:`MAX_INT`.
+
+    TOML has ``inf`` and ``nan`` literals and integers up to 2**63; none of
+    them is a sensible rate, timeout or count, and each would fail much later
+    (or silently: a NaN compares false with every bound checked after this).
+    """
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(where, f"must be a finite number (got {value})")
+    elif abs(value) > MAX_INT:
+        raise ConfigError(where, f"must be at most 2**31 in magnitude (got {value})")
+    return value
 
 
 def _require(where: str, value: _Num, ok: Callable[[_Num], bool], rule: str) -> None:
@@ -418,7 +482,9 @@ def _check_values(cfg: ExperimentConfig) -> None:
             f"must be letters, digits, '.', '_' or '-' (got {exp.name!r})",
         )
     _require("experiment.seed", exp.seed, lambda v: v >= 0, ">= 0")
+    _require("experiment.seed", exp.seed, lambda v: v <= MAX_SEED, f"<= {MAX_SEED}")
     _require("experiment.rounds", exp.rounds, lambda v: v >= 1, ">= 1")
+    _require("experiment.rounds", exp.rounds, lambda v: v <= MAX_ROUNDS, f"<= {MAX_ROUNDS}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", exp.device):
         raise ConfigError(
             "experiment.device",
@@ -431,6 +497,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _resolve("data.dataset", DATASETS.get, data.dataset)
     _resolve("data.partition", PARTITIONERS.get, data.partition)
     _require("data.alpha", data.alpha, lambda v: v > 0, "> 0")
+    _require("data.alpha", data.alpha, lambda v: v <= MAX_ALPHA, f"<= {MAX_ALPHA:g} (use iid)")
     _require("data.shards_per_client", data.shards_per_client, lambda v: v >= 1, ">= 1")
     _require("data.num_clients", data.num_clients, lambda v: v >= 1, ">= 1")
     info = DATASETS.get(data.dataset)
@@ -450,13 +517,27 @@ def _check_values(cfg: ExperimentConfig) -> None:
     )
     _require("client.local_epochs", client.local_epochs, lambda v: v >= 1, ">= 1")
     _require("client.local_steps", client.local_steps, lambda v: v >= 0, ">= 0 (0 = whole epochs)")
+    # A batch larger than the whole training set is a typo, not a setting.
+    biggest = info.num_train
     _require("client.batch_size", client.batch_size, lambda v: v >= 1, ">= 1")
+    _require(
+        "client.batch_size",
+        client.batch_size,
+        lambda v: v <= biggest,
+        f"<= {biggest}, the training examples of '{data.dataset}'",
+    )
     _resolve("client.optimizer", OPTIMIZERS.get, client.optimizer)
     _require("client.lr", client.lr, lambda v: v > 0, "> 0")
     _require("client.momentum", client.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
     _require("client.weight_decay", client.weight_decay, lambda v: v >= 0, ">= 0")
     _check_choice("client.precision", client.precision, PRECISIONS, "precision")
     _require("client.max_batch", client.max_batch, lambda v: v >= 0, ">= 0 (0 = automatic)")
+    _require(
+        "client.max_batch",
+        client.max_batch,
+        lambda v: v <= biggest,
+        f"<= {biggest}, the training examples of '{data.dataset}'",
+    )
     if client.precision == "fp16" and cfg.privacy.mode == "dp-sgd":
         raise ConfigError(
             "client.precision",
@@ -474,6 +555,12 @@ def _check_values(cfg: ExperimentConfig) -> None:
     _require("server.lr", server.lr, lambda v: v > 0, "> 0")
     _require("server.momentum", server.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
     _require("server.round_timeout", server.round_timeout, lambda v: v > 0, "> 0")
+    _require(
+        "server.round_timeout",
+        server.round_timeout,
+        lambda v: v <= MAX_TIMEOUT_S,
+        f"<= {MAX_TIMEOUT_S:.0f} (30 days)",
+    )
     _require("server.max_examples", server.max_examples, lambda v: 0 <= v <= 2**31, "in [0, 2**31]")
     _require("server.max_failed_rounds", server.max_failed_rounds, lambda v: v >= 1, ">= 1")
 
@@ -687,6 +774,12 @@ def _check_secagg(cfg: ExperimentConfig) -> None:
     _require("secagg.dropout_rate", sa.dropout_rate, lambda v: 0 <= v < 1, "in [0, 1)")
     _require("secagg.corrupt_fraction", sa.corrupt_fraction, lambda v: 0 <= v < 1, "in [0, 1)")
     _require("secagg.stage_timeout", sa.stage_timeout, lambda v: v >= 0, ">= 0 (0 = round)")
+    _require(
+        "secagg.stage_timeout",
+        sa.stage_timeout,
+        lambda v: v <= MAX_TIMEOUT_S,
+        f"<= {MAX_TIMEOUT_S:.0f} (30 days)",
+    )
     if sa.modulus_bits not in (32, 64):
         raise ConfigError("secagg.modulus_bits", f"must be 32 or 64 (got {sa.modulus_bits})")
     _require("secagg.norm_bound", sa.norm_bound, lambda v: v >= 0, ">= 0 (0 = no bound)")
@@ -755,7 +848,9 @@ def _check_secagg(cfg: ExperimentConfig) -> None:
         for size in range(s, 2 * s) if s else (largest,):  # every sum size a round can make
             secagg_sum_params(sa, size, 1, bucket_size=s)
     except ValueError as err:
-        raise ConfigError("secagg", f"{err} ({n} clients sampled per round)") from None
+        # A threshold at or below k / 2 (or the signed floor) is the configured threshold's fault.
+        field = "secagg.threshold" if sa.threshold and "threshold >" in str(err) else "secagg"
+        raise ConfigError(field, f"{err} ({n} clients sampled per round)") from None
 
 
 def secagg_sum_params(

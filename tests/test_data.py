@@ -306,6 +306,29 @@ def test_cifar10_malicious_pickle_refused(tmp_path: Path, kind: str) -> None:
     assert not marker.exists()
 
 
+def test_malicious_pickle_is_a_value_error_and_one_line_exit_2(tmp_path: Path) -> None:
+    """Refused, and reported like any bad data file: not an escaping UnpicklingError."""
+    from typer.testing import CliRunner
+
+    from fedsec.cli import cli
+
+    write_cifar10_pickle_fixture(tmp_path, n_per_batch=2)
+    marker = tmp_path / "pwned"
+    with (tmp_path / "cifar-10-batches-py" / "data_batch_2").open("wb") as fh:
+        pickle.dump({b"data": _RunsShell(marker), b"labels": [0]}, fh, protocol=2)
+    with pytest.raises(ValueError, match="refusing to unpickle global"):
+        load_dataset("cifar10", tmp_path)
+    config = tmp_path / "cifar.toml"
+    config.write_text(f"[data]\ndataset = 'cifar10'\ndata_dir = '{tmp_path}'\n")
+    for command in (["validate", str(config)], ["run", str(config)]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert "refusing to unpickle global" in lines[0] and "data_batch_2" in lines[0]
+    assert not marker.exists()
+
+
 def test_cifar10_pickle_wrong_content(tmp_path: Path) -> None:
     write_cifar10_pickle_fixture(tmp_path, n_per_batch=2)
     with (tmp_path / "cifar-10-batches-py" / "test_batch").open("wb") as fh:

@@ -34,6 +34,7 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "SplitData",
+    "UnsafePickleError",
     "load_dataset",
     "pixel_bounds",
 ]
@@ -110,6 +111,15 @@ class SplitData:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A CIFAR-10 python batch that asks for more than numpy arrays; refused unread.
+
+    An ``UnpicklingError`` (what callers of an unpickler test for) and a
+    ``ValueError`` (what every other bad data file raises), so the commands
+    report it as one line like any corrupt file.
+    """
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -273,9 +283,9 @@ def load_dataset(name: str, data_dir: str | Path = "data", *, seed: int = 0) -> 
     DatasetNotFoundError
         If the files are missing; the message names the files and directory.
     ValueError
-        If a file is corrupt.
-    pickle.UnpicklingError
-        If a CIFAR-10 python batch references anything but numpy array globals.
+        If a file is corrupt; :class:`UnsafePickleError`, a ``ValueError`` and
+        a ``pickle.UnpicklingError``, if a CIFAR-10 python batch references
+        anything but numpy array globals.
     """
     DATASETS.get(name)  # unknown names fail here with the valid choices
     # Normalise the key so equivalent calls share one cache entry: digits has no
@@ -437,7 +447,7 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     # Protocol-2 pickles written by Python 3 store bytes as
     # _codecs.encode(str, "latin1"); allow exactly that and no other codec.
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise pickle.UnpicklingError(
+        raise UnsafePickleError(
             f"refusing _codecs.encode with encoding {encoding!r} in a CIFAR-10 batch"
         )
     return text.encode("latin1")
@@ -472,14 +482,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     _allowed: dict[tuple[str, str], Any] | None = None
 
     def find_class(self, module: str, name: str) -> Any:
-        """Return an allowed numpy global or raise ``pickle.UnpicklingError``."""
+        """Return an allowed numpy global or raise :class:`UnsafePickleError`."""
         cls = type(self)
         if cls._allowed is None:
             cls._allowed = _allowed_pickle_globals()
         try:
             return cls._allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise UnsafePickleError(
                 f"refusing to unpickle global '{module}.{name}': CIFAR-10 batches "
                 "may only contain numpy arrays"
             ) from None
@@ -489,9 +499,9 @@ def _read_cifar_pickle(path: Path) -> tuple[_U8Array, _I64Array]:
     try:
         with path.open("rb") as fh:
             batch = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except UnsafePickleError as exc:
         # Keep the type (callers test for it) but say which file.
-        raise pickle.UnpicklingError(f"{path}: {exc}") from None
+        raise UnsafePickleError(f"{path}: {exc}") from None
     except Exception as exc:  # whatever a malformed pickle trips over
         raise ValueError(f"corrupt CIFAR-10 batch {path}: {exc}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

@@ -42,6 +42,12 @@ __all__ = ["DeploymentKeys", "write_deployment_keys"]
 CURVE = ec.SECP384R1()
 #: Subfolder of the clients' reply-signing keys (the server's ``signatures.key_dir``).
 SIGNING_DIR = "signing"
+#: Most SuperNodes one call makes keys for; a typo such as ``--nodes 1000000`` would
+#: otherwise spend minutes generating keys and fill the folder with 4 files per node.
+MAX_NODES = 10_000
+#: Longest certificate validity (20 years); beyond a few thousand years the date
+#: overflows Python's datetime and X.509's notAfter.
+MAX_DAYS = 7_300
 
 
 class DeploymentKeys:
@@ -87,7 +93,8 @@ def write_deployment_keys(
     folder : path
         Created if missing; must not hold any of the files yet.
     nodes : int
-        SuperNode key pairs, and client reply-signing key pairs, to make (>= 0).
+        SuperNode key pairs, and client reply-signing key pairs, to make, in
+        ``[1, MAX_NODES]``: a deployment without a node has nothing to run on.
     hosts : sequence of str
         DNS names and IP addresses the SuperLink is reached at (its
         certificate's subject alternative names). ``localhost`` and
@@ -95,17 +102,17 @@ def write_deployment_keys(
         connects to it on 127.0.0.1 over TLS, and without them every run
         hangs at its start.
     days : int
-        Validity of the certificates.
+        Validity of the certificates, in ``[1, MAX_DAYS]``.
 
     Raises
     ------
     ValueError
         On bad arguments, or if a file to write exists already.
     """
-    if nodes < 0:
-        raise ValueError(f"nodes must be >= 0, got {nodes}")
-    if days < 1:
-        raise ValueError(f"days must be >= 1, got {days}")
+    if not 1 <= nodes <= MAX_NODES:
+        raise ValueError(f"nodes must be in [1, {MAX_NODES}], got {nodes}")
+    if not 1 <= days <= MAX_DAYS:
+        raise ValueError(f"days must be in [1, {MAX_DAYS}], got {days}")
     if not hosts:
         raise ValueError("hosts must name at least one host name or IP address")
     hosts = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
@@ -115,8 +122,7 @@ def write_deployment_keys(
     if taken:
         raise ValueError(f"{folder} already holds {', '.join(taken)}; use an empty folder")
     folder.mkdir(parents=True, exist_ok=True)
-    if nodes:
-        keys.signing_dir.mkdir(exist_ok=True)
+    keys.signing_dir.mkdir(exist_ok=True)
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(CURVE)
