@@ -27,6 +27,7 @@ from fedsec.aggregation import Rule
 from fedsec.attacks.threat import is_colluding, simulated_adversary
 from fedsec.checkpoint import CheckpointError
 from fedsec.client.app import local_train
+from fedsec.client.privacy import simulation_ledger_config
 from fedsec.config import (
     WIRE_CONFIG_KEY,
     ExperimentConfig,
@@ -43,13 +44,13 @@ from fedsec.config import (
 from fedsec.data import SplitData, load_dataset
 from fedsec.models import make_model
 from fedsec.params import flatten_state
-from fedsec.runs import RoundMetrics, RunDirectory
+from fedsec.runs import EngineStoppedError, RoundMetrics, RunDirectory
 from fedsec.training import evaluate, resolve_device
 
 from .adversary import AdversaryGrid
 from .secagg import SecAggWorkflow
 from .signatures import with_signatures
-from .strategy import FedSecStrategy
+from .strategy import MAX_EXAMPLES_CEILING, FedSecStrategy
 from .transport import send_and_receive
 
 logger = logging.getLogger("fedsec")
@@ -92,8 +93,15 @@ def build_strategy(
     cfg: ExperimentConfig,
     rule: Rule | None = None,
     reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
+    *,
+    train_size: int | None = None,
 ) -> FedSecStrategy:
-    """The strategy an experiment config describes (``rule`` defaults to the configured one)."""
+    """The strategy an experiment config describes (``rule`` defaults to the configured one).
+
+    ``train_size`` (the data set's training split) is the largest example count
+    a reply may claim unless ``server.max_examples`` sets one; either way at
+    most :data:`MAX_EXAMPLES_CEILING`.
+    """
     return FedSecStrategy(
         rule=rule if rule is not None else build_aggregator(cfg),
         rule_name=cfg.aggregation.rule,
@@ -107,7 +115,21 @@ def build_strategy(
         reference_fn=reference_fn,
         secure=cfg.secagg.enabled,
         bucketed=secure_bucket_size(cfg) > 0,
+        max_examples=max_examples(cfg, train_size),
     )
+
+
+def max_examples(cfg: ExperimentConfig, train_size: int | None) -> int:
+    """``server.max_examples``, or the training split's size when it is 0; at most 2**31.
+
+    No client holds more examples than the whole training split, so an honest
+    count never exceeds it; without a data set to ask, only the ceiling applies.
+    """
+    if cfg.server.max_examples > 0:
+        return min(cfg.server.max_examples, MAX_EXAMPLES_CEILING)
+    if train_size is not None and train_size > 0:
+        return min(train_size, MAX_EXAMPLES_CEILING)
+    return MAX_EXAMPLES_CEILING
 
 
 def make_server_evaluator(
@@ -167,8 +189,17 @@ def run_experiment(
     checkpoints, the loop restarts after the last one, whose SHA-256 must match
     the manifest.
 
+    A failed round (no usable reply, or aggregation raised) keeps the global
+    model and is recorded; after ``server.max_failed_rounds`` of them in a row
+    the loop stops with :class:`EngineStoppedError` (the engine or every client
+    has most likely died), leaving a run that ``--resume`` continues. Once
+    ``run`` is closed (:meth:`RunDirectory.close`, e.g. on Ctrl-C) the loop
+    records nothing more and returns at the next round.
+
     Raises
     ------
+    EngineStoppedError
+        After ``server.max_failed_rounds`` consecutive failed rounds.
     CheckpointError
         If resuming from a checkpoint that is missing, altered or incompatible.
     ConfigError
@@ -185,7 +216,7 @@ def run_experiment(
     ).to(device)
     rule = build_aggregator(cfg)
     reference_fn = make_reference_fn(cfg, data, device) if "reference" in rule.requires else None
-    strategy = build_strategy(cfg, rule, reference_fn)
+    strategy = build_strategy(cfg, rule, reference_fn, train_size=len(data.train_y))
     strategy.summary()
     server_evaluate = make_server_evaluator(cfg, data, device)
     on_round = on_round or (lambda _: None)
@@ -222,10 +253,15 @@ def run_experiment(
     secure = make_secagg_workflow(cfg) if cfg.secagg.enabled else None
     arrays = ArrayRecord(model.state_dict())
     config_json = json.dumps(cfg.to_dict())
+    # A simulation's client ledgers live in the run folder, so --resume continues them.
+    ledger_config = simulation_ledger_config(cfg, run.path, fresh=start_round == 1)
     t_start = time.perf_counter()
+    failed_in_a_row: list[int] = []
     for server_round in range(start_round, cfg.experiment.rounds + 1):
+        if run.closed:  # interrupted: a leftover loop must not start another round
+            return run.rounds
         t_round = time.perf_counter()
-        train_config = ConfigRecord({WIRE_CONFIG_KEY: config_json})
+        train_config = ConfigRecord({WIRE_CONFIG_KEY: config_json, **ledger_config})
         metrics: RoundMetrics = {"round": server_round, "status": "ok"}
         new_arrays: ArrayRecord | None
         train_metrics: MetricRecord | None
@@ -247,12 +283,21 @@ def run_experiment(
                 if train_metrics is not None:
                     train_metrics.update(_detection(grid, strategy, server_round))
         except Exception as err:  # a failed round leaves the global model as it was
-            logger.exception("round %d: aggregation failed; global model unchanged", server_round)
+            # One line; the traceback only with --verbose (a dead engine fails every round).
+            logger.warning(
+                "round %d failed (%s: %s); global model unchanged",
+                server_round,
+                type(err).__name__,
+                str(err).splitlines()[0][:300] if str(err) else "",
+            )
+            logger.debug("round %d traceback", server_round, exc_info=True)
             new_arrays, train_metrics = None, None
             metrics["error"] = f"{type(err).__name__}: {err}"
         if new_arrays is None:
             metrics["status"] = "failed"
+            failed_in_a_row.append(server_round)
         else:
+            failed_in_a_row.clear()
             arrays = new_arrays
             model.load_state_dict(arrays.to_torch_state_dict())
         metrics.update(dict(train_metrics or {}))
@@ -273,6 +318,8 @@ def run_experiment(
         metrics.update(_privacy_metrics(cfg, server_round))
         metrics["round_time_s"] = time.perf_counter() - t_round
         metrics["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+        if run.closed:  # interrupted while this round ran: it is not recorded
+            return run.rounds
         run.record_round(
             metrics, model.state_dict(), strategy.state_dict(), _decisions(strategy, server_round)
         )
@@ -283,8 +330,30 @@ def run_experiment(
             metrics["test_loss"],
         )
         on_round(metrics)
+        if len(failed_in_a_row) >= cfg.server.max_failed_rounds:
+            raise EngineStoppedError(_stopped_reason(failed_in_a_row, metrics, strategy))
+    if run.closed:
+        return run.rounds
     run.finish()
     return run.rounds
+
+
+def _stopped_reason(rounds: list[int], metrics: RoundMetrics, strategy: FedSecStrategy) -> str:
+    """One line: which rounds failed and what the last one saw."""
+    if "error" in metrics:
+        cause = str(metrics["error"]).splitlines()[0][:300]
+    else:
+        sampled, replies = metrics.get("num-sampled"), metrics.get("num-replies")
+        cause = f"{replies} of {sampled} sampled clients replied"
+        report = strategy.last_report
+        if replies and report is not None and report.excluded:
+            reason = next(iter(report.excluded.values())).splitlines()[0][:200]
+            cause += f", none usable (e.g. {reason})"
+    span = f"rounds {rounds[0]}-{rounds[-1]}" if len(rounds) > 1 else f"round {rounds[0]}"
+    return (
+        f"no usable reply in {len(rounds)} consecutive rounds ({span}; last: {cause}); "
+        "the engine or the clients have likely stopped (server.max_failed_rounds)"
+    )
 
 
 def make_secagg_workflow(cfg: ExperimentConfig) -> SecAggWorkflow:
@@ -349,14 +418,39 @@ def _detection(grid: Grid, strategy: FedSecStrategy, server_round: int) -> dict[
 
 
 def _decisions(strategy: FedSecStrategy, server_round: int) -> dict[str, object]:
+    """The round's line of decisions.jsonl: who was sampled, excluded, weighted.
+
+    Keyed by Flower's node ids (random per simulation and per SuperNode
+    start), plus ``clients``: one entry per sampled or replying node with the
+    partition it claims in its reply (``partition-id``; None when it did not
+    reply or sent none), so a line can be read against partitions and the
+    simulation's malicious set. A partition is the client's claim, not verified.
+    """
     report = strategy.last_report
     if report is None or report.server_round != server_round:
         return {"round": server_round}
+    clients = []
+    for node in sorted(set(report.sampled) | set(report.excluded) | set(report.accepted)):
+        entry: dict[str, object] = {"node": node, "partition": report.partitions.get(node)}
+        if node in report.excluded:
+            entry["status"], entry["reason"] = "excluded", report.excluded[node]
+        elif node in report.accepted:
+            entry["status"] = "accepted"
+            if node in report.weights:
+                entry["weight"] = round(report.weights[node], 6)
+        else:
+            entry["status"] = "no reply"
+        if node in report.duplicates:
+            entry["duplicates_ignored"] = report.duplicates[node]
+        clients.append(entry)
+    clients.sort(key=lambda e: (e["partition"] is None, e["partition"] or 0, e["node"]))
     return {
         "round": server_round,
         "sampled": report.sampled,
         "excluded": {str(k): v for k, v in report.excluded.items()},
         "weights": {str(k): round(v, 6) for k, v in report.weights.items()},
+        "duplicates": {str(k): v for k, v in report.duplicates.items()},
+        "clients": clients,
     }
 
 
