@@ -47,8 +47,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -57,6 +60,7 @@ from fedsec.client.secagg_mod import IDENTIFY_STAGE, MASKED_KEY, SECAGG_KEY, SEC
 from fedsec.config import SecAggSection, secagg_sum_params, unmask_floor
 from fedsec.privacy.distributed import SkellamPlan, plan_skellam
 from fedsec.secagg.messages import (
+    MAX_IDENTITY_CHARS,
     AdvertiseKeysReply,
     ConsistencyCheckReply,
     MaskedInputReply,
@@ -66,7 +70,8 @@ from fedsec.secagg.messages import (
 )
 from fedsec.secagg.server import SecAggAbortedError, SecAggParams, SecAggResult, SecAggServer
 
-from .strategy import CONFIG_KEY, FedSecStrategy
+from .arrays import payload_view, short_repr
+from .strategy import CONFIG_KEY, FedSecStrategy, _first_per_node
 from .transport import send_and_receive
 
 __all__ = ["SecAggWorkflow"]
@@ -89,17 +94,32 @@ def _parse_record(cls: Any) -> Parser:
     return parse
 
 
-def _masked_parser(public: list[float]) -> Parser:
-    """Parse masked-input replies, collecting the clients' reported ``dp_epsilon_max``."""
+def _masked_parser(public: list[float], params: SecAggParams) -> Parser:
+    """Parse masked-input replies, collecting the clients' reported ``dp_epsilon_max``.
+
+    The masked vector must be exactly ``dim + 1`` values of the ring's dtype;
+    header, dtype, shape and byte length are checked before a byte of data is
+    read (:func:`~fedsec.strategies.arrays.payload_view`), so a header claiming
+    a TiB costs nothing, and the accepted vector is a view of the payload's
+    bytes (no copy: the server adds it into the running sum and lets it go).
+    """
+    length, dtype = params.dim + 1, np.dtype(params.encoder.dtype)
 
     def parse(msg: Message, key: str) -> MaskedInputReply:
         arrays = msg.content.array_records.get(MASKED_KEY)
-        if arrays is None or MASKED_KEY not in arrays:
-            raise ProtocolError(f"reply lacks the '{MASKED_KEY}' array")
-        reply = MaskedInputReply(arrays[MASKED_KEY].numpy())
+        if arrays is None or list(arrays.keys()) != [MASKED_KEY]:
+            names = None if arrays is None else list(arrays.keys())
+            raise ProtocolError(
+                f"reply must hold one '{MASKED_KEY}' array, got {short_repr(names)}"
+            )
+        masked = payload_view(arrays[MASKED_KEY], MASKED_KEY, (length,), dtype)
+        if isinstance(masked, str):
+            raise ProtocolError(masked)
+        reply = MaskedInputReply(cast(npt.NDArray[np.unsignedinteger[Any]], masked))
         metrics = msg.content.metric_records.get("metrics")
         epsilon = None if metrics is None else metrics.get(EPSILON_KEY)
-        if isinstance(epsilon, int | float) and math.isfinite(epsilon):
+        # Only ever raises the reported maximum (a client's own ledger), never hides one.
+        if isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon >= 0:
             public.append(float(epsilon))
         return reply
 
@@ -204,9 +224,11 @@ class SecAggWorkflow:
         self.seed = seed
         self.identities: dict[int, str] = {}  # node id -> long-term identity (signed mode)
         self.last_error = ""  # why the last round failed, if it did
+        self.duplicates: dict[int, int] = {}  # node -> extra replies ignored this round
         self._prepared: _Round | None = None  # next round, keys shared, masked-input due
         self._dp_worst: SkellamPlan | None = None
         self._plans: dict[tuple[int, int, int], SkellamPlan] = {}
+        self._trusted: dict[str, bytes] | None = None  # identity -> Ed25519 key (signed mode)
 
     def run_round(
         self,
@@ -228,6 +250,9 @@ class SecAggWorkflow:
         content = {m.metadata.dst_node_id: m.content for m in train_messages}
         times: dict[str, float] = {}
         metrics = MetricRecord({"num-sampled": len(sampled)})
+        self.duplicates = {}
+        if strategy.last_report is not None:  # decisions.jsonl lists them, as in plain rounds
+            strategy.last_report.duplicates = self.duplicates
         prepared, self._prepared = self._prepared, None
         epsilons: list[float] = []  # clients' own DP ledgers, the only metric they reveal
         ahead: _Round | None = None
@@ -257,7 +282,11 @@ class SecAggWorkflow:
                 times,
                 current,
                 lambda b: _Part(
-                    b.server, b.nodes, b.requests, _masked_parser(epsilons), content=content
+                    b.server,
+                    b.nodes,
+                    b.requests,
+                    _masked_parser(epsilons, b.server.params),
+                    content=content,
                 ),
                 ahead,
                 AdvertiseKeysReply,
@@ -289,7 +318,8 @@ class SecAggWorkflow:
             logger.warning("round %d: secure aggregation failed: %s", server_round, err)
             self.last_error = f"{type(err).__name__}: {err}"
             metrics["secagg_aborted"] = 1
-            _add_times(metrics, times)
+            self._dp_metrics(metrics, server_round)
+            _add_times(metrics, times, self.duplicates)
             return None, metrics
         nodes_dropped = dict(current.unidentified)
         for bucket in current.buckets:
@@ -298,21 +328,29 @@ class SecAggWorkflow:
             if bucket.failure:
                 for node in bucket.nodes:
                     nodes_dropped.setdefault(node, f"bucket discarded: {bucket.failure}")
-        kept = [s for s in sums if self._plausible(server_round, s)]
+        # Weight first: the norm check scales by the summed weight it would trust.
+        refused = {
+            id(s): why
+            for s in sums
+            if (why := self._weight_check(server_round, s) or self._norm_check(server_round, s))
+        }
+        kept = [s for s in sums if id(s) not in refused]
         metrics["secagg_buckets"] = len(current.buckets)
         metrics["secagg_buckets_unmasked"] = len(sums)
         metrics["secagg_buckets_discarded"] = len(current.buckets) - len(kept)
         metrics["secagg_min_bucket"] = min(len(s.result.contributors) for s in sums)
         if not kept:
-            self.last_error = "SecAggAbortedError: every bucket sum failed the norm check"
+            reasons = "; ".join(sorted(set(refused.values())))
+            self.last_error = f"SecAggAbortedError: every bucket sum was discarded ({reasons})"
             logger.warning("round %d: %s", server_round, self.last_error)
             metrics["secagg_aborted"] = 1
-            _add_times(metrics, times)
+            self._dp_metrics(metrics, server_round)  # the discarded sums were released
+            _add_times(metrics, times, self.duplicates)
             return None, metrics
         for s in sums:
-            if s not in kept:
+            if id(s) in refused:
                 for cid in s.result.contributors:
-                    nodes_dropped[s.bucket.nodes[cid - 1]] = "bucket sum failed the norm check"
+                    nodes_dropped[s.bucket.nodes[cid - 1]] = f"bucket sum {refused[id(s)]}"
         contributors = [s.bucket.nodes[cid - 1] for s in kept for cid in s.result.contributors]
         for node in contributors:  # e.g. gone at unmask, but its input is in the sum
             nodes_dropped.pop(node, None)
@@ -338,7 +376,8 @@ class SecAggWorkflow:
             logger.warning("round %d: aggregation failed: %s", server_round, err)
             self.last_error = f"{type(err).__name__}: {err}"
             metrics["secagg_aborted"] = 1
-            _add_times(metrics, times)
+            self._dp_metrics(metrics, server_round)  # the refused sums were released
+            _add_times(metrics, times, self.duplicates)
             return None, metrics
         self.last_error = ""
         metrics.update(round_metrics)
@@ -347,15 +386,24 @@ class SecAggWorkflow:
         metrics["secagg_threshold"] = params.threshold
         metrics["secagg_error_bound"] = max(s.result.error_bound for s in kept)
         metrics["secagg_pipelined"] = int(current is prepared)
-        if self.noise_multiplier > 0 and self._dp_worst is not None:
-            # Every round up to this one may have released a noisy sum with the client
-            # in it (also rounds that failed later, and rounds before a resume).
-            metrics["dp_distributed_epsilon"] = self._dp_worst.epsilon(server_round, self.delta)
-            metrics["dp_delta"] = self.delta
+        self._dp_metrics(metrics, server_round)
         if epsilons:
             metrics[EPSILON_KEY] = max(epsilons)
-        _add_times(metrics, times)
+        _add_times(metrics, times, self.duplicates)
         return new_arrays, metrics
+
+    def _dp_metrics(self, metrics: MetricRecord, server_round: int) -> None:
+        """Distributed DP: the client-level epsilon after ``server_round`` rounds.
+
+        Reported by every round, failed ones included: a sum unmasked and then
+        discarded (norm check, rule) was seen by the server all the same, and in
+        a round that aborted earlier a client may have sent its unmask shares.
+        Every round up to this one counts as a release with the client in it
+        (also rounds before a resume), at the worst plan in use.
+        """
+        if self.noise_multiplier > 0 and self._dp_worst is not None:
+            metrics["dp_distributed_epsilon"] = self._dp_worst.epsilon(server_round, self.delta)
+            metrics["dp_delta"] = self.delta
 
     # -- buckets ------------------------------------------------------------------------
 
@@ -407,6 +455,38 @@ class SecAggWorkflow:
 
         self._apply(round_, unmasked, finish)
         return sums
+
+    def _weight_check(self, server_round: int, s: _Sum) -> str | None:
+        """Why a sum's total weight is impossible for its honest contributors, or None.
+
+        Each client's weight rides masked in its vector (``w clip``, one more
+        coordinate), so the server sees only the sum and cannot bound a single
+        client's weight; what it can refuse is a total no set of honest
+        contributors gives. An honest weight is ``min(n, cap) / cap`` with at
+        least one example, in ``[1 / cap, 1]``, and exactly 1 with
+        ``weight_cap = 0``: the total of ``c`` contributors lies in
+        ``[c / cap, c]`` (exactly ``c``), up to the weight coordinate's
+        quantisation error. Anything else (a negative or out-of-range weight
+        code, or a wrapped sum) discards the sum, as the norm check does.
+        """
+        result, params = s.result, s.bucket.server.params
+        count = len(result.contributors)
+        cap = self.settings.weight_cap
+        slack = params.encoder.quantisation_bound(count) / params.clip + 1e-9 * count
+        low = count - slack if cap == 0 else count / cap - slack
+        total = result.total_weight
+        if math.isfinite(total) and low <= total <= count + slack:
+            return None
+        reason = (
+            f"failed the weight check: total weight {total:.6g} of {count} clients outside "
+            f"[{max(low, 0.0):.6g}, {count + slack:.6g}] (secagg.weight_cap = {cap})"
+        )
+        logger.warning("round %d: bucket of %d discarded: %s", server_round, count, reason)
+        return reason
+
+    def _norm_check(self, server_round: int, s: _Sum) -> str | None:
+        """Norm bounding: a bucket's sum cannot be longer than its weight times the bound."""
+        return None if self._plausible(server_round, s) else "failed the norm check"
 
     def _plausible(self, server_round: int, s: _Sum) -> bool:
         """Norm bounding: a bucket's sum cannot be longer than its weight times the bound."""
@@ -532,9 +612,28 @@ class SecAggWorkflow:
                 self._params(len(members), strategy.dim),
                 server_round=server_round,
                 identities=tuple(identities[n] for n in members) if identities else (),
+                trusted_keys=self._trusted_keys(),
             )
             buckets.append(_Bucket(server, members, server.advertise_keys()))
         return _Round(server_round, list(sampled), buckets, unidentified)
+
+    def _trusted_keys(self) -> dict[str, bytes]:
+        """Signed mode: the ``<identity>.pub`` keys in ``secagg.key_dir``, if the server has them.
+
+        Public keys only; with them the server refuses a client's bad
+        signature itself instead of relaying it to every neighbour (each would
+        refuse the round). Read once; none (no folder) leaves checking to the clients.
+        """
+        if self._trusted is None:
+            self._trusted = {}
+            if self.settings.signed and self.settings.key_dir:
+                try:
+                    folder = Path(self.settings.key_dir).expanduser()
+                    for path in sorted(folder.glob("*.pub")):
+                        self._trusted[path.stem] = path.read_bytes()
+                except OSError as err:
+                    logger.info("secagg: no trusted keys read from %s (%s)", folder, err)
+        return self._trusted
 
     def _params(self, n: int, dim: int) -> SecAggParams:
         """One sum's parameters: ``n`` members, bucketed or not, with or without noise."""
@@ -586,8 +685,13 @@ class SecAggWorkflow:
         self, grid: Grid, sampled: list[int], config: ConfigRecord
     ) -> tuple[list[int], dict[int, str], dict[int, str]]:
         """Signed mode: the nodes with a unique stated identity, and why others sit out."""
-        known = self._identify(grid, sampled, config)
-        left_out = {n: "identify: no identity stated" for n in sampled if n not in known}
+        refused: dict[int, str] = {}
+        known = self._identify(grid, sampled, config, refused)
+        left_out = {
+            n: "identify: " + refused.get(n, "no identity stated")
+            for n in sampled
+            if n not in known
+        }
         claims = Counter(known.values())
         for node, name in list(known.items()):
             if claims[name] > 1:  # cannot tell which one holds the key
@@ -596,8 +700,21 @@ class SecAggWorkflow:
         nodes = [n for n in sampled if n in known]
         return nodes, {n: known[n] for n in nodes}, left_out
 
-    def _identify(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> dict[int, str]:
-        """Long-term identities of ``nodes``, asking those not seen before (signed mode)."""
+    def _identify(
+        self,
+        grid: Grid,
+        nodes: list[int],
+        config: ConfigRecord,
+        refused: dict[int, str] | None = None,
+    ) -> dict[int, str]:
+        """Long-term identities of ``nodes``, asking those not seen before (signed mode).
+
+        A stated identity goes to every client of the round, which refuses
+        names longer than :data:`~fedsec.secagg.messages.MAX_IDENTITY_CHARS`;
+        such a name (or an error, or no name) leaves only its node out, with
+        the reason in ``refused``. One answer per node counts (the first).
+        """
+        refused = {} if refused is None else refused
         unknown = [node for node in nodes if node not in self.identities]
         if unknown:
             messages = [
@@ -614,14 +731,38 @@ class SecAggWorkflow:
                 )
                 for node in unknown
             ]
-            for reply in send_and_receive(grid, messages, timeout=self.timeout):
-                record = None if reply.has_error() else reply.content.config_records.get(SECAGG_KEY)
+            replies = send_and_receive(grid, messages, timeout=self.timeout)
+            for node, reply in self._first_replies(config, replies, set(unknown)).items():
+                if reply.has_error():
+                    refused[node] = f"client error: {short_repr(reply.error.reason, 200)}"
+                    continue
+                record = reply.content.config_records.get(SECAGG_KEY)
                 identity = None if record is None else record.get("identity")
-                if isinstance(identity, str) and identity:
-                    self.identities[reply.metadata.src_node_id] = identity
+                if not isinstance(identity, str) or not 1 <= len(identity) <= MAX_IDENTITY_CHARS:
+                    refused[node] = (
+                        f"identity must be 1 to {MAX_IDENTITY_CHARS} characters, "
+                        f"got {short_repr(identity)}"
+                    )
+                    continue
+                self.identities[node] = identity
         return {node: self.identities[node] for node in nodes if node in self.identities}
 
     # -- transport ----------------------------------------------------------------------
+
+    def _first_replies(
+        self, config: ConfigRecord, replies: list[Message], asked: set[int]
+    ) -> dict[int, Message]:
+        """The first reply of each node that was asked; later copies are counted and ignored.
+
+        One node, one answer per exchange, whatever the grid delivers (as in
+        plain rounds, :func:`~fedsec.strategies.strategy._first_per_node`);
+        replies from nodes this exchange did not address are ignored.
+        """
+        duplicates: dict[int, int] = {}
+        first = _first_per_node(_server_round(config), replies, duplicates)
+        for node, extra in duplicates.items():
+            self.duplicates[node] = self.duplicates.get(node, 0) + extra
+        return {m.metadata.src_node_id: m for m in first if m.metadata.src_node_id in asked}
 
     def _exchange(
         self, grid: Grid, config: ConfigRecord, times: dict[str, float], parts: list[_Part]
@@ -650,25 +791,30 @@ class SecAggWorkflow:
             )
             for node, body in bodies.items()
         ]
-        by_node = {
-            m.metadata.src_node_id: m
-            for m in send_and_receive(grid, messages, timeout=self.timeout)
-        }
+        by_node = self._first_replies(
+            config, send_and_receive(grid, messages, timeout=self.timeout), set(bodies)
+        )
         for part in parts:
             for cid in part.requests:
                 msg = by_node.get(part.nodes[cid - 1])
                 if msg is None:
                     continue
                 if msg.has_error():
-                    part.server.drop(cid, f"client error: {msg.error.reason}")
+                    part.server.drop(cid, f"client error: {short_repr(msg.error.reason, 200)}")
                     continue
                 try:
                     part.replies[cid] = part.parse(msg, part.key)
-                except (ProtocolError, ValueError, KeyError, TypeError) as err:
-                    part.server.drop(cid, f"malformed reply: {err}")
+                except Exception as err:  # whatever a reply holds, only its sender drops out
+                    kind = "" if isinstance(err, ProtocolError) else f"{type(err).__name__}: "
+                    part.server.drop(cid, f"malformed reply: {kind}{short_repr(err, 200)}")
         name = "+".join(dict.fromkeys(_stage_name(p) for p in parts))
         times[name] = times.get(name, 0.0) + time.perf_counter() - started
         return [part.replies for part in parts]
+
+
+def _server_round(config: ConfigRecord) -> int:
+    value = config.get("server-round", 0)
+    return value if isinstance(value, int) else 0
 
 
 def _group(config: ConfigRecord) -> str:
@@ -693,6 +839,9 @@ def _stage_name(part: _Part) -> str:
     return f"next-{stage}" if part.key == SECAGG_NEXT_KEY else str(stage)
 
 
-def _add_times(metrics: MetricRecord, times: dict[str, float]) -> None:
+def _add_times(
+    metrics: MetricRecord, times: dict[str, float], duplicates: Mapping[int, int]
+) -> None:
     for stage, seconds in times.items():
         metrics[f"secagg_{stage}_s"] = seconds
+    metrics["num-duplicates"] = sum(duplicates.values())

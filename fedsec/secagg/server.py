@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from fedsec.secagg import shamir
 from fedsec.secagg.encoding import FixedPointEncoder, max_bits_for
@@ -52,6 +52,7 @@ from fedsec.secagg.graph import (
 from fedsec.secagg.keys import derive_key
 from fedsec.secagg.masking import remove_pairwise_mask, remove_self_mask
 from fedsec.secagg.messages import (
+    CIPHERTEXT_BYTES,
     AdvertiseKeysReply,
     AdvertiseKeysRequest,
     ConsistencyCheckReply,
@@ -65,13 +66,11 @@ from fedsec.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
+from fedsec.secagg.signing import verify_keys, verify_survivors
 
 __all__ = ["SecAggAbortedError", "SecAggParams", "SecAggResult", "SecAggServer"]
 
 logger = logging.getLogger("fedsec")
-
-#: AES-GCM ciphertext of one share pair: 12-byte nonce, 2 x 52 bytes, 16-byte tag.
-CIPHERTEXT_BYTES = 12 + 104 + 16
 
 
 class SecAggAbortedError(RuntimeError):
@@ -118,10 +117,11 @@ class SecAggParams:
             raise ValueError(f"need 1 <= threshold <= degree < n, got t={t}, k={k}, n={n}")
         if k % 2 and n % 2:
             raise ValueError(f"odd degree k={k} needs an even number of clients, got n={n}")
-        if self.signed and 2 * t <= k:
+        if 2 * t <= k:
             raise ValueError(
-                f"signed mode needs threshold > k / 2 (got t={t}, k={k}): with fewer, a "
-                "server could collect both kinds of share by splitting the survivor set"
+                f"a secure sum needs threshold > k / 2 (got t={t}, k={k}): with fewer, a server "
+                "could collect both kinds of share by splitting the survivor set, and "
+                "every client refuses such a round"
             )
         if self.dim < 1:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
@@ -184,7 +184,9 @@ class SecAggParams:
             one more when both ``k`` and ``n`` are odd).
         threshold : int, default 0
             Shamir threshold ``t``; 0 derives it (``k // 2 + 1`` for a given
-            ``k``). Capped at ``k``.
+            ``k``). Capped at ``k``. Refused at or below ``k / 2`` in every
+            mode (clients refuse such a round), and in signed mode below
+            ``(k + c) / 2`` (:func:`~fedsec.secagg.graph.malicious_threshold`).
         bits : int, default 0
             Fixed-point depth; 0 takes the most that ``n`` summands fit in the
             ring (:func:`~fedsec.secagg.encoding.max_bits_for`).
@@ -207,20 +209,21 @@ class SecAggParams:
             if signed:  # expected corrupt neighbours, rounded up
                 least = max(least, malicious_threshold(k, math.ceil(corrupt_fraction * k)))
             t = min(threshold or least, k)
-            if signed and t < least:
+            if t < least:
                 raise ValueError(
-                    f"signed mode needs threshold >= {least} for degree {k} at "
-                    f"{corrupt_fraction:g} corrupt (else a server could split the survivor set), "
-                    f"got {t}"
+                    f"{'signed mode needs ' if signed else ''}threshold >= {least} for degree "
+                    f"{k}{f' at {corrupt_fraction:g} corrupt' if signed else ''} (else a server "
+                    f"could split the survivor set), got {t}"
                 )
         else:
             k, t = secagg_parameters(
                 n, dropout_rate=dropout_rate, corrupt_fraction=corrupt_fraction, malicious=signed
             )
-            if threshold and signed and threshold < t:
+            least = t if signed else malicious_threshold(k, 0)
+            if threshold and threshold < least:
                 raise ValueError(
-                    f"signed mode needs threshold >= {t} for degree {k} (else a server could "
-                    f"split the survivor set), got {threshold}"
+                    f"{'signed mode needs ' if signed else ''}threshold >= {least} for degree "
+                    f"{k} (else a server could split the survivor set), got {threshold}"
                 )
             t = min(threshold, k) if threshold else t
         bits = bits or _max_bits_with_headroom(n, modulus_bits, headroom)
@@ -319,6 +322,13 @@ class SecAggServer:
         Session id (16-64 bytes); default 32 fresh random bytes.
     identities : sequence of str, optional
         Signed mode: the long-term identity of each client ``1..n``.
+    trusted_keys : mapping of str to bytes, optional
+        Signed mode: raw Ed25519 public keys by identity (the ``.pub`` files).
+        With them the server checks every signature a client sends before
+        relaying it; each honest client refuses a request holding one bad
+        signature, so without this check one client could make all its
+        neighbours refuse the round. A client whose identity has no key here
+        is dropped (its neighbours could not verify it either).
     """
 
     def __init__(
@@ -328,6 +338,7 @@ class SecAggServer:
         server_round: int = 0,
         session: bytes | None = None,
         identities: Sequence[str] = (),
+        trusted_keys: Mapping[str, bytes] | None = None,
     ) -> None:
         n = params.num_clients
         if params.signed and len(identities) != n:
@@ -337,6 +348,8 @@ class SecAggServer:
         self.session = session if session is not None else secrets.token_bytes(32)
         self.graph_seed = secrets.token_bytes(32)
         self.identities = tuple(identities)
+        self.trusted_keys = dict(trusted_keys or {})
+        self._parameters = b""  # digest of the round's parameters, which keys are signed with
         graph = harary_graph(n, params.degree, self.graph_seed)
         self.neighbours = {u + 1: frozenset(v + 1 for v in vs) for u, vs in graph.items()}
         self.dropped: dict[int, str] = {}
@@ -399,7 +412,7 @@ class SecAggServer:
         p = self.params
         self._asked = set(range(1, p.num_clients + 1))
         self._outstanding = "advertise-keys"
-        return {
+        requests = {
             cid: AdvertiseKeysRequest(
                 **self._header(),
                 client_id=cid,
@@ -420,11 +433,13 @@ class SecAggServer:
             )
             for cid in sorted(self._asked)
         }
+        self._parameters = requests[1].parameters_digest()  # the same for every client
+        return requests
 
     def share_keys(self, replies: Mapping[int, AdvertiseKeysReply]) -> dict[int, ShareKeysRequest]:
         """Relay to each client the keys of its neighbours that advertised (U1)."""
         self._advance("share-keys", "masked-input")
-        self._keys = self._answered(replies, AdvertiseKeysReply)
+        self._keys = self._usable_keys(self._answered(replies, AdvertiseKeysReply))
         self._require(self._keys, "advertised keys")
         requests: dict[int, ShareKeysRequest] = {}
         for cid in self._keys:
@@ -446,6 +461,69 @@ class SecAggServer:
         self._require(requests, "have enough neighbours to share keys")
         self._outstanding = "share-keys"
         return requests
+
+    def _usable_keys(self, keys: dict[int, AdvertiseKeysReply]) -> dict[int, AdvertiseKeysReply]:
+        """Advertised keys every neighbour can use; their owners are dropped otherwise.
+
+        An honest client refuses a whole share-keys request if one peer's key is
+        a low-order point (the X25519 exchange gives zero) or repeats another
+        key (:meth:`~fedsec.secagg.client.SecAggClient.share_keys`), so relaying
+        one such key would make all ``k`` neighbours of its owner drop out: one
+        client could stop the round. Checked here instead, before relaying:
+        ``c_pk != s_pk``, no key shared by two clients (every claimant is
+        dropped: the server cannot tell who copied), and each key gives a
+        non-zero shared secret with a fresh scalar (zero for every clamped
+        scalar exactly when the point has small order; RFC 7748, section 6.1).
+        """
+        owners: dict[bytes, list[int]] = {}
+        for cid, reply in keys.items():
+            for key in {reply.c_public, reply.s_public}:
+                owners.setdefault(key, []).append(cid)
+        probe = X25519PrivateKey.generate()
+        usable: dict[int, AdvertiseKeysReply] = {}
+        for cid, reply in keys.items():
+            if reply.c_public == reply.s_public:
+                self.drop(cid, "advertised the same key twice")
+            elif any(len(owners[k]) > 1 for k in (reply.c_public, reply.s_public)):
+                self.drop(cid, "advertised a key another client advertised too")
+            elif not all(_exchange_ok(probe, k) for k in (reply.c_public, reply.s_public)):
+                self.drop(cid, "advertised a low-order (unusable) X25519 key")
+            elif (why := self._bad_key_signature(cid, reply)) is not None:
+                self.drop(cid, why)
+            else:
+                usable[cid] = reply
+        return usable
+
+    def _trusted(self, cid: int) -> tuple[str, bytes] | None:
+        """``cid``'s identity and public key, when the server checks signatures."""
+        if not (self.params.signed and self.trusted_keys):
+            return None
+        identity = self.identities[cid - 1]
+        return identity, self.trusted_keys.get(identity, b"")
+
+    def _bad_key_signature(self, cid: int, reply: AdvertiseKeysReply) -> str | None:
+        """Why ``cid``'s signature on its keys would fail at its neighbours, or None."""
+        trusted = self._trusted(cid)
+        if trusted is None:
+            return None
+        identity, public = trusted
+        if not public:
+            return f"no trusted signing key for identity {identity!r}"
+        try:
+            verify_keys(
+                public,
+                reply.signature,
+                session=self.session,
+                server_round=self.round,
+                client_id=cid,
+                identity=identity,
+                c_public=reply.c_public,
+                s_public=reply.s_public,
+                parameters=self._parameters,
+            )
+        except ProtocolError as err:
+            return str(err)
+        return None
 
     def masked_input(self, replies: Mapping[int, ShareKeysReply]) -> dict[int, MaskedInputRequest]:
         """Route each encrypted share pair to its holder (senders form U2)."""
@@ -522,6 +600,11 @@ class SecAggServer:
         if self.params.signed:
             self._advance("consistency-check", "unmask")
             checked = self._answered(replies, ConsistencyCheckReply)
+            for cid in list(checked):
+                why = self._bad_survivor_signature(cid, checked[cid].signature)
+                if why is not None:  # relayed, it would make every neighbour refuse to unmask
+                    self.drop(cid, why)
+                    del checked[cid]
             self._require(checked, "signed the survivor set")
             signatures = {cid: r.signature for cid, r in checked.items()}
             asked = sorted(checked)
@@ -535,6 +618,25 @@ class SecAggServer:
             cid: UnmaskRequest(**self._header(), survivors=self._survivors, signatures=signatures)
             for cid in asked
         }
+
+    def _bad_survivor_signature(self, cid: int, signature: bytes) -> str | None:
+        """Why ``cid``'s signature on the survivor set would fail at its neighbours, or None."""
+        trusted = self._trusted(cid)
+        if trusted is None:
+            return None
+        identity, public = trusted
+        try:
+            verify_survivors(
+                public,
+                signature,
+                session=self.session,
+                server_round=self.round,
+                survivors=self._survivors,
+                signer=f"survivor set of client {cid} ({identity})",
+            )
+        except ProtocolError as err:
+            return str(err)
+        return None
 
     def finish(self, replies: Mapping[int, UnmaskReply]) -> SecAggResult:
         """Reconstruct seeds and dropped keys, strip every mask, decode the weighted mean."""
@@ -640,6 +742,15 @@ class SecAggServer:
                 f"{len(secret)} bytes, not 32"
             )
         return secret
+
+
+def _exchange_ok(private: X25519PrivateKey, public: bytes) -> bool:
+    """Whether an X25519 exchange with ``public`` gives a usable (non-zero) secret."""
+    try:
+        private.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:  # all-zero output: a small-order point
+        return False
+    return True
 
 
 def _error_bound(aggregate: torch.Tensor, step_bound: float, clip: float, weight: float) -> float:
