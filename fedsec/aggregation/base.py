@@ -68,6 +68,11 @@ class Rule:
 
     name: ClassVar[str] = "rule"
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: A stateless rule whose aggregate is non-finite whenever an update with a
+    #: positive weight is (a weighted sum): its input scan is then skipped and
+    #: done only to name the rows once the output shows a problem, which saves
+    #: one full pass over [n, d] on the hot path.
+    propagates_non_finite: ClassVar[bool] = False
 
     def check(self, n: int) -> None:
         """Raise ``ValueError`` (with the numbers) if n clients are too few."""
@@ -94,7 +99,12 @@ class Rule:
             (:meth:`check`), missing context; after the rule: a non-finite
             aggregate or weights (the rule's state may then already have moved).
         """
-        w = check_updates(updates, weights, name=self.name)
+        w = check_updates(updates, weights, name=self.name, finite=False)
+        # Zero weights may skip rows inside BLAS, so only all-positive weights let
+        # the output stand for the input.
+        deferred = self.propagates_non_finite and bool((w > 0).all())
+        if not deferred:
+            check_finite(updates, "updates", self.name)
         self.check(updates.shape[0])
         missing = self.requires - context.keys()
         if missing:
@@ -108,6 +118,8 @@ class Rule:
         # 1e154 square to inf): refuse rather than hand NaN to the model.
         for what, value in (("aggregate", result.aggregate), ("weights", result.weights)):
             if not all_finite(value):
+                if deferred:
+                    check_finite(updates, "updates", self.name)
                 bad = int((~torch.isfinite(value)).sum())
                 raise ValueError(
                     f"{self.name} produced {bad} non-finite {what} value(s) from finite "
@@ -172,7 +184,11 @@ def check_finite(values: torch.Tensor, what: str, name: str | None = None) -> No
 
 
 def check_updates(
-    updates: torch.Tensor, weights: torch.Tensor | None, name: str | None = None
+    updates: torch.Tensor,
+    weights: torch.Tensor | None,
+    name: str | None = None,
+    *,
+    finite: bool = True,
 ) -> torch.Tensor:
     """Validate a rule's inputs and return normalised weights [n].
 
@@ -185,6 +201,9 @@ def check_updates(
         ``None`` for equal weights.
     name : str or None
         Rule name that prefixes error messages.
+    finite : bool
+        Whether to scan ``updates`` for non-finite entries here (``Rule``
+        defers the scan for rules with ``propagates_non_finite``).
 
     Returns
     -------
@@ -208,7 +227,8 @@ def check_updates(
         )
     if not updates.is_floating_point():
         raise ValueError(f"{prefix}updates must be floating point, got {updates.dtype}")
-    check_finite(updates, "updates", name)
+    if finite:
+        check_finite(updates, "updates", name)
     n = updates.shape[0]
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=updates.dtype, device=updates.device)
@@ -311,6 +331,7 @@ class Mean(Rule):
     """
 
     name = "mean"
+    propagates_non_finite = True
 
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, **context: Any
