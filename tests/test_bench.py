@@ -228,3 +228,14 @@ def test_quick_grid_runs_resumes_after_interruption_and_reports(tmp_path: Path) 
     # Every final accuracy in the store appears in the report, as a percentage.
     for result in store.results():
         assert f"{100 * result.final['test_accuracy']:.1f}" in markdown
+
+
+def test_a_cell_runs_all_its_rounds_unless_the_grid_says_otherwise() -> None:
+    # A diverged defense fails every later round: a result, not a dead engine
+    # (issue 16: run_experiment stops after server.max_failed_rounds).
+    cells = parse_grid(_grid()).cells
+    assert {c.config.server.max_failed_rounds for c in cells} == {2}
+    raw = _grid()
+    raw["defense"][1]["server"] = {"max_failed_rounds": 1}
+    limits = {c.defense: c.config.server.max_failed_rounds for c in parse_grid(raw).cells}
+    assert limits == {"fedavg": 2, "median": 1}

@@ -207,6 +207,12 @@ def _cell(
     if aggregation.get("f", "auto") == "auto":
         aggregation["f"] = _expected_malicious(raw, fraction, where)
     raw["aggregation"] = aggregation
+    # A defense that lets the model diverge fails every later round (each reply is
+    # excluded as non-finite): that is the cell's result, not a dead engine, so a
+    # cell runs all its rounds unless the grid sets server.max_failed_rounds.
+    rounds = raw["experiment"].get("rounds", ExperimentConfig().experiment.rounds)
+    if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1:
+        raw.setdefault("server", {}).setdefault("max_failed_rounds", rounds)
     raw["experiment"]["name"] = "cell"  # replaced by the id below
     try:
         config = parse_config(raw)
