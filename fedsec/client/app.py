@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +44,14 @@ from fedsec.attacks.threat import (
     simulated_adversary,
 )
 from fedsec.client.privacy import (
+    DELTA_CAP_KEY,
+    EPSILON_CAP_KEY,
     LEDGER_MODES,
     PRIVACY_BUDGET_EXHAUSTED,
     PRIVACY_LEDGER_UNUSABLE,
     LedgerUnavailableError,
     NodeLedger,
+    node_requires_client_dp,
     open_node_ledger,
     plan_round,
 )
@@ -300,6 +304,14 @@ def train_handler(msg: Message, context: Context) -> Message:
     if not isinstance(server_round, int):
         raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
     if cfg.privacy.mode not in LEDGER_MODES:
+        if node_requires_client_dp(context):
+            # A server must not turn a node's DP off: its caps would then cap nothing.
+            reason = (
+                f"this node caps its privacy spend ({EPSILON_CAP_KEY}/{DELTA_CAP_KEY}) and "
+                f"trains only with client-side DP ({', '.join(LEDGER_MODES)}), not privacy "
+                f"mode '{cfg.privacy.mode}'"
+            )
+            return Message(Error(code=PRIVACY_LEDGER_UNUSABLE, reason=reason), reply_to=msg)
         return _train(msg, cfg, partition_id, model, x, y, hardware, server_round, None)
     try:
         with open_node_ledger(context, cfg, round_config, partition_id) as node_ledger:
@@ -326,6 +338,10 @@ def _train(
     attack = build_configured_attack(cfg) if malicious else None
     if isinstance(attack, DataPoisoningAttack):
         x, y = attack.poison(x, y, round_generator(seed, server_round, salt=1))
+    # The DP noise's randomness: outside a simulation never derived from the run's
+    # config, which the server sends (seed, round, partition): a server knowing the
+    # noise could subtract it. In a simulation it stays reproducible.
+    noise_seed = seed if simulated_adversary() else secrets.randbits(63)
     ledger, plan = None, None
     if node_ledger is not None:
         ledger = node_ledger.ledger
@@ -350,7 +366,7 @@ def _train(
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm,
             device=device,
-            seed=seed,
+            seed=noise_seed,
             secure_mode=cfg.privacy.secure_mode,
             max_steps=cfg.client.local_steps or None,
             precision=hardware.precision,
@@ -387,7 +403,13 @@ def _train(
             flatten_state(state) - flatten_state(global_state),
             clip=cfg.privacy.update_clip,
             noise_multiplier=plan.noise_multiplier,
-            generator=None if cfg.privacy.secure_mode else round_generator(seed, server_round, 4),
+            generator=None
+            if cfg.privacy.secure_mode
+            else (
+                round_generator(seed, server_round, 4)
+                if simulated_adversary()
+                else torch.Generator().manual_seed(noise_seed)
+            ),
             secure=cfg.privacy.secure_mode,
         )
         state = unflatten_state(flatten_state(global_state) + update, global_state)

@@ -38,11 +38,15 @@ run on the node's data spends from the same ledger, as differential privacy
 composes over every release of the same records. A ledger's terms can only
 tighten: the budget and delta used are the smaller of the file's and the
 config's (and the smaller is stored), and the accountant stays the one the
-history was started with. To start over (new data, a deliberate new budget)
-the node's operator removes the file. What cannot be detected: a whole state
-folder (or ``FLWR_HOME``) removed between two runs of a node looks like a
-node that never trained. Within a process, a file that lost rounds the node
-recorded in memory (deleted, restored from an old backup) is refused.
+history was started with. A node's own caps (node config ``epsilon-budget``,
+``delta-budget``, the latter 1e-5 by default once epsilon is capped) bound
+what any server sends, and a capped node refuses rounds of a privacy mode
+without a client ledger (``none``, ``distributed``). To start over (new
+data, a deliberate new budget) the node's operator removes the file. What
+cannot be detected: a whole state folder (or ``FLWR_HOME``) removed between
+two runs of a node looks like a node that never trained. Within a process, a
+file that lost rounds the node recorded in memory (deleted, restored from an
+old backup) is refused.
 """
 
 from __future__ import annotations
@@ -76,6 +80,12 @@ STATE_DIR_KEY = "state-dir"
 #: Node config key of the node's own epsilon cap: the budget is never above it,
 #: whatever the run's config (which the server sends) says.
 EPSILON_CAP_KEY = "epsilon-budget"
+#: Node config key of the node's own delta cap; with an epsilon cap and no delta cap
+#: the node's delta is :data:`DEFAULT_NODE_DELTA`, so that a server-sent delta
+#: (say 0.5, which makes every epsilon small) cannot stretch the epsilon cap.
+DELTA_CAP_KEY = "delta-budget"
+#: Delta of a node that caps epsilon but names no delta (the config's default).
+DEFAULT_NODE_DELTA = 1e-5
 #: Round config key naming a simulation's ledger folder (honoured in simulations only).
 LEDGER_DIR_KEY = "privacy-ledger-dir"
 #: Sub-folder of the state folder, and of a simulation's run folder, holding ledgers.
@@ -323,11 +333,47 @@ def node_epsilon_cap(context: Context) -> float | None:
     return cap
 
 
-def _capped(ledger: PrivacyLedger, cap: float | None) -> PrivacyLedger:
-    """``ledger`` with its budget lowered to the node's cap (a server cannot raise it)."""
-    if cap is not None and cap < ledger.epsilon_budget:
-        ledger.epsilon_budget = cap
-    return ledger
+def node_delta_cap(context: Context) -> float | None:
+    """The node's own delta cap (node config ``delta-budget``).
+
+    :data:`DEFAULT_NODE_DELTA` when the node caps epsilon without naming a
+    delta (an epsilon cap means nothing at a delta the server picks), None
+    when it caps neither.
+
+    Raises
+    ------
+    LedgerUnavailableError
+        If the value is not a number in (0, 1).
+    """
+    raw = context.node_config.get(DELTA_CAP_KEY)
+    if raw is None:
+        return DEFAULT_NODE_DELTA if EPSILON_CAP_KEY in context.node_config else None
+    try:
+        cap = float(raw)
+    except (TypeError, ValueError):
+        cap = math.nan
+    if not 0 < cap < 1 or isinstance(raw, bool):
+        raise LedgerUnavailableError(
+            f"node config {DELTA_CAP_KEY} must be a number in (0, 1), got {str(raw)[:40]!r}"
+        )
+    return cap
+
+
+def node_requires_client_dp(context: Context) -> bool:
+    """Whether the node caps its privacy spend, and so trains only under a ledger mode."""
+    return EPSILON_CAP_KEY in context.node_config or DELTA_CAP_KEY in context.node_config
+
+
+def _capped(
+    ledger: PrivacyLedger, cap: float | None, delta_cap: float | None = None
+) -> PrivacyLedger:
+    """``ledger`` with budget and delta lowered to the node's caps (a server cannot raise them)."""
+    budget = ledger.epsilon_budget if cap is None else min(cap, ledger.epsilon_budget)
+    delta = ledger.delta if delta_cap is None else min(delta_cap, ledger.delta)
+    if (budget, delta) == (ledger.epsilon_budget, ledger.delta):
+        return ledger
+    # A new ledger, not a mutated one: spent() caches its value for the old delta.
+    return PrivacyLedger(budget, delta, ledger.accountant, list(ledger.history))
 
 
 @contextlib.contextmanager
@@ -350,9 +396,10 @@ def open_node_ledger(
         memory (deleted or rolled back while the node ran).
     """
     cap = node_epsilon_cap(context)
+    delta_cap = node_delta_cap(context)
     path = ledger_location(context, round_config, partition_id)
     if path is None:
-        yield NodeLedger(_capped(load_ledger(context, cfg), cap), context, None)
+        yield NodeLedger(_capped(load_ledger(context, cfg), cap, delta_cap), context, None)
         return
     file = LedgerFile(path, partition_id)
     with contextlib.ExitStack() as stack:
@@ -376,4 +423,4 @@ def open_node_ledger(
                 "back?); refusing to train"
             )
         ledger = configured_ledger(cfg) if stored is None else reconcile(stored, cfg)
-        yield NodeLedger(_capped(ledger, cap), context, file)
+        yield NodeLedger(_capped(ledger, cap, delta_cap), context, file)

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import importlib
 import ipaddress
+import os
 import signal
 import socket
 import sys
@@ -116,11 +117,34 @@ def _bind(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
+def _unspecified(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:0.0.0.0 binds every IPv4 address
+    return ip.is_unspecified or (mapped is not None and mapped.is_unspecified)
+
+
 def _is_wildcard(host: str) -> bool:
+    """Whether binding ``host`` would listen on every interface.
+
+    Judged on what the resolver makes of it (as :func:`_bind` does), not on the
+    spelling: ``0``, ``0.0``, ``0x0``, ``*``, ``::ffff:0.0.0.0`` and host names
+    resolving to ``0.0.0.0`` are all the wildcard address.
+    """
+    host = host.strip()
+    if host in ("", "*"):
+        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+        if _unspecified(host.strip("[]")):
+            return True
     except ValueError:
-        return host == ""
+        pass
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError):
+        return False  # cannot be bound either: _bind stops with one line
+    return any(_unspecified(str(info[4][0])) for info in infos)
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -173,8 +197,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--host {config.host} would put the Control and Runtime APIs on every "
             "interface; give a loopback or admin-only address"
         )
+    if os.environ.get("FLWR_INTERNAL_GRPC_CONTROL_API") == "1":
+        # Flower then also starts its legacy gRPC Control API on
+        # --control-api-address (default 0.0.0.0:9093), outside both listeners.
+        _fail(
+            "FLWR_INTERNAL_GRPC_CONTROL_API=1 would start Flower's gRPC Control API on "
+            f"{config.control_address}, outside the split; unset it"
+        )
     # Binding both now: a clash or a taken port stops here, before any SuperExec starts.
     admin_sock = _bind(config.host, config.port, "Control/Runtime APIs (--host/--port)")
+    if _unspecified(str(admin_sock.getsockname()[0])):  # a name that resolved differently
+        admin_sock.close()
+        _fail(f"--host {config.host} is bound to every interface; give a loopback address")
     fleet_sock = _bind(ours.fleet_host, ours.fleet_port, "Fleet API (--fleet-host/--fleet-port)")
 
     paths = fleet_paths()

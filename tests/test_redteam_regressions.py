@@ -1,0 +1,287 @@
+"""Breaks an outside attack found in the issue-16 defenses, kept as regressions.
+
+Each test names the attack; each failed on the defenses as first landed.
+
+* The split SuperLink (:mod:`fedsec.deploy.lan_superlink`) refused ``--host
+  0.0.0.0`` by spelling only: ``0``, ``0.0``, ``0x0``, ``*``, ``000.000.000.000``
+  and ``::ffff:0.0.0.0`` all bind every interface and put the Control API on the
+  LAN. With ``FLWR_INTERNAL_GRPC_CONTROL_API=1`` Flower also starts its gRPC
+  Control API on ``--control-api-address`` (default ``0.0.0.0:9093``).
+* The node's privacy ledger (:mod:`fedsec.client.privacy`): a server could turn
+  a capped node's DP off (``privacy.mode = "none"``), stretch its epsilon cap
+  with a large delta (0.5: 27 rounds instead of 3 under a cap of 4.37), and
+  knew the DP noise, which was seeded from the config it sends (seed, round,
+  partition), so it could subtract it.
+
+The LAN listener is also probed through uvicorn against Flower's real app
+(path tricks that held; a change in uvicorn or Starlette must keep them held).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedsec.attacks.threat import SIMULATED_ADVERSARY_ENV
+from fedsec.client.app import app as client_app
+from fedsec.client.privacy import (
+    DELTA_CAP_KEY,
+    EPSILON_CAP_KEY,
+    PRIVACY_BUDGET_EXHAUSTED,
+    PRIVACY_LEDGER_UNUSABLE,
+    STATE_DIR_KEY,
+)
+from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
+from fedsec.deploy import lan_superlink
+from fedsec.models import make_model
+
+# ---- split SuperLink ----------------------------------------------------------------
+
+
+class _WouldBindError(Exception):
+    """Raised instead of binding: the launcher went past its address checks."""
+
+
+@pytest.fixture
+def no_bind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never bind or start a SuperLink here, whatever the launcher decides."""
+
+    def refuse(host: str, port: int, what: str) -> socket.socket:
+        raise _WouldBindError(f"{what} on {host}:{port}")
+
+    monkeypatch.setattr(lan_superlink, "_bind", refuse)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() hands Flower its own argv
+
+
+@pytest.mark.parametrize(
+    "host", ["0", "0.0", "0x0", "*", "000.000.000.000", "::ffff:0.0.0.0", "[::ffff:0.0.0.0]"]
+)
+def test_wildcard_admin_address_in_any_spelling_is_refused(
+    host: str, no_bind: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        lan_superlink.main(["--fleet-host", "127.0.0.1", "--insecure", "--host", host])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --host") and "every interface" in err
+
+
+def test_loopback_admin_address_still_passes_the_check(no_bind: None) -> None:
+    with pytest.raises(_WouldBindError, match="Control/Runtime"):
+        lan_superlink.main(["--fleet-host", "127.0.0.1", "--insecure", "--host", "localhost"])
+
+
+def test_flowers_legacy_grpc_control_api_is_refused(
+    no_bind: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    with pytest.raises(SystemExit) as exc:
+        lan_superlink.main(["--fleet-host", "127.0.0.1", "--insecure", "--host", "127.0.0.1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "FLWR_INTERNAL_GRPC_CONTROL_API" in err and "0.0.0.0:9093" in err
+
+
+@pytest.fixture(scope="module")
+def lan_listener() -> Iterator[tuple[int, list[str]]]:
+    """Flower's real SuperLink app behind the LAN filter, served by uvicorn (h11) on loopback.
+
+    Yields the port and the list of paths that reached Flower's app.
+    """
+    import uvicorn
+    from flwr.superlink.main import create_app
+
+    app = create_app()
+    reached: list[str] = []
+
+    async def spy(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(str(scope.get("path")))
+        await app(scope, receive, send)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            lan_superlink.FleetOnly(spy, lan_superlink.fleet_paths()),
+            lifespan="off",
+            log_level="critical",
+            http="h11",
+        )
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    yield sock.getsockname()[1], reached
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+def _request(port: int, target: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(
+            f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        out = b""
+        while chunk := conn.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/control/register-node",
+        "/v1/fleet/../control/start-run",
+        "/v1/fleet/%2e%2e/control/start-run",
+        "/v1/fleet%2F..%2Fcontrol%2Fstart-run",
+        "/v1/control%2Fstart-run",
+        "//v1/control/start-run",
+        "/v1/fleet/pull-messages/../../control/start-run",
+        "/v1/fleet/pull-messages;/../../control/start-run",
+        "/V1/CONTROL/start-run",
+        "/v1/control/start-run?next=/v1/fleet/pull-messages",
+        "http://x/v1/control/start-run",
+        "/v1/runtime/acquire-task",
+        "/%761/runtime/push-messages",
+    ],
+)
+def test_lan_listener_keeps_control_and_runtime_out_through_uvicorn(
+    target: str, lan_listener: tuple[int, list[str]]
+) -> None:
+    port, reached = lan_listener
+    reached.clear()
+    out = _request(port, target)
+    assert out.startswith(b"HTTP/1.1 404") and b"only the Fleet API" in out
+    assert reached == []
+
+
+def test_lan_listener_still_serves_the_fleet_api(lan_listener: tuple[int, list[str]]) -> None:
+    port, reached = lan_listener
+    reached.clear()
+    out = _request(port, "/v1/fleet/pull-messages")
+    assert reached == ["/v1/fleet/pull-messages"]
+    assert b"only the Fleet API" not in out
+
+
+# ---- privacy ledger against a curious server -------------------------------------------
+
+BUDGET = 4.37  # fits 3 local-DP rounds at noise multiplier 2, delta 1e-5 (RDP)
+
+
+def _cfg(**privacy: Any) -> ExperimentConfig:
+    return parse_config(
+        {
+            "experiment": {"name": "redteam", "rounds": 40, "seed": 0},
+            "data": {"partition": "iid", "num_clients": 3},
+            "client": {"local_epochs": 1},
+            "privacy": {
+                "mode": "local",
+                "noise_multiplier": 2.0,
+                "update_clip": 1.0,
+                "epsilon_budget": BUDGET,
+                "delta": 1e-5,
+                **privacy,
+            },
+        }
+    )
+
+
+def _message(cfg: ExperimentConfig, server_round: int) -> Message:
+    model = make_model(cfg.model.name, (1, 8, 8), 10, seed=0)
+    config = ConfigRecord(
+        {WIRE_CONFIG_KEY: json.dumps(cfg.to_dict()), "server-round": server_round}
+    )
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
+    return Message(content, message_type=MessageType.TRAIN, dst_node_id=7)
+
+
+def _context(**node: Any) -> Context:
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, **node},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def _update(reply: Message) -> np.ndarray:
+    assert not reply.has_error(), reply.error.reason
+    return np.concatenate([a.numpy().ravel() for a in reply.content["arrays"].values()])
+
+
+@pytest.fixture
+def deployed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "0")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    return tmp_path
+
+
+def _state(root: Path, name: str) -> str:
+    folder = root / name
+    folder.mkdir()
+    return str(folder)
+
+
+def test_a_server_cannot_turn_a_capped_nodes_dp_off(deployed: Path) -> None:
+    cfg = _cfg(mode="none")
+    for cap in ({EPSILON_CAP_KEY: BUDGET}, {DELTA_CAP_KEY: 1e-6}):
+        node = {STATE_DIR_KEY: str(deployed), **cap}
+        reply = client_app(_message(cfg, 1), _context(**node))
+        assert reply.has_error() and reply.error.code == PRIVACY_LEDGER_UNUSABLE
+        assert "not privacy mode 'none'" in str(reply.error.reason)
+    # A node that caps nothing trains as the server asks (its operator's choice).
+    assert not client_app(_message(cfg, 1), _context()).has_error()
+
+
+def test_a_server_sent_delta_cannot_stretch_a_nodes_epsilon_cap(deployed: Path) -> None:
+    """delta 0.5 made every epsilon small: 27 rounds ran under a cap that fits 3."""
+    cfg = _cfg(delta=0.5, epsilon_budget=1000.0)
+    node = {STATE_DIR_KEY: _state(deployed, "st"), EPSILON_CAP_KEY: BUDGET}
+    codes = []
+    for server_round in range(1, 6):
+        reply = client_app(_message(cfg, server_round), _context(**node))
+        codes.append(reply.error.code if reply.has_error() else 0)
+    assert codes == [0, 0, 0, PRIVACY_BUDGET_EXHAUSTED, PRIVACY_BUDGET_EXHAUSTED]
+    # The node's own delta cap is used when it names one, and a bad one refuses.
+    node[DELTA_CAP_KEY] = "2"
+    reply = client_app(_message(cfg, 6), _context(**node))
+    assert reply.has_error() and reply.error.code == PRIVACY_LEDGER_UNUSABLE
+    assert "delta-budget must be a number in (0, 1)" in str(reply.error.reason)
+
+
+@pytest.mark.parametrize("mode", ["local", "dp-sgd"])
+def test_a_server_cannot_reproduce_a_deployed_nodes_dp_noise(deployed: Path, mode: str) -> None:
+    """Same message, same data, two nodes: the noise must differ (the server knows the seed)."""
+    cfg = _cfg(mode=mode)
+    first = _update(
+        client_app(_message(cfg, 1), _context(**{STATE_DIR_KEY: _state(deployed, "a")}))
+    )
+    again = _update(
+        client_app(_message(cfg, 1), _context(**{STATE_DIR_KEY: _state(deployed, "b")}))
+    )
+    assert not np.array_equal(first, again)
+
+
+def test_simulated_dp_noise_stays_reproducible(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "1")
+    cfg = _cfg()
+    first = _update(client_app(_message(cfg, 1), _context()))
+    again = _update(client_app(_message(cfg, 1), _context()))
+    assert np.array_equal(first, again)
