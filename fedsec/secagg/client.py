@@ -14,6 +14,9 @@ Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020:
 3. :meth:`~SecAggClient.receive_shares` then :meth:`~SecAggClient.mask`: store
    the shares addressed to this client, encode the (weighted) update in fixed
    point and add the self mask and one pairwise mask per neighbour that shared.
+   A share pair that fails to decrypt or is malformed is ignored, never fatal:
+   the pairwise mask with its sender still comes from key agreement, and this
+   client simply holds (and at unmask returns) no share of that sender.
 4. :meth:`~SecAggClient.consistency_check` (signed mode): sign the survivor set.
 5. :meth:`~SecAggClient.unmask`: release, for each neighbour, the share of its
    self-mask seed if it survived, or of its mask key if it dropped; never both,
@@ -29,6 +32,7 @@ client keeps it in ``context.state``).
 from __future__ import annotations
 
 import enum
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -82,6 +86,8 @@ __all__ = [
 #: that matters; a node with little CPU lowers it.
 DEFAULT_MAX_NODES = MAX_CLIENTS
 DEFAULT_MAX_DEGREE = MAX_DEGREE
+
+logger = logging.getLogger("fedsec")
 
 
 class ClientStage(enum.Enum):
@@ -195,6 +201,10 @@ class SecAggClient:
         self._peers: dict[int, PeerKeys] = {}
         self._mask_seeds: dict[int, bytes] = {}  # peer -> pairwise mask seed s_uv
         self._shares: dict[int, bytes] = {}  # sender -> its decrypted share pair
+        # Neighbours that shared (the server forwarded their ciphertexts): the
+        # pairwise masks, whether or not their share pair could be used.
+        self._masked_with: tuple[int, ...] = ()
+        self._unheld: tuple[int, ...] = ()  # of those, senders whose share pair was unusable
         self._survivors: tuple[int, ...] = ()
         self._neighbours: frozenset[int] | None = None
 
@@ -370,12 +380,24 @@ class SecAggClient:
     def receive_shares(self, request: MaskedInputRequest) -> None:
         """Decrypt and keep the share pairs the neighbours addressed to this client.
 
+        A ciphertext that fails authentication (garbage, tampered, replayed from
+        another round or session, or addressed between other clients) or whose
+        plaintext is not a share pair at this client's point is *ignored*: this
+        client keeps no share of its sender, and at :meth:`unmask` returns none
+        (:attr:`unheld` names them). Refusing the whole request instead would
+        let one client that sends garbage shares (which the server cannot see
+        through the encryption) make all its neighbours drop out and stop the
+        round. The sender is still masked with (:meth:`mask`): pairwise masks
+        come from key agreement on the advertised keys (Bonawitz et al. 2017,
+        Fig. 4; Bell et al. 2020, Sect. 3), shares only serve reconstruction,
+        so the mask graph stays what the server relayed and only the sender's
+        own unmasking needs ``t`` other holders.
+
         Raises
         ------
         ProtocolError
-            A sender is not a neighbour that advertised keys, fewer than ``t``
-            neighbours shared, or a ciphertext fails authentication (tampered,
-            replayed from another round, or addressed to someone else).
+            A sender is not a neighbour that advertised keys, or fewer than
+            ``t`` neighbours shared (structural faults of the server's request).
         """
         setup = self._expect(request, ClientStage.SHARES_SENT)
         me, t = setup.client_id, setup.threshold
@@ -388,6 +410,7 @@ class SecAggClient:
             )
         c_private = X25519PrivateKey.from_private_bytes(self._c_private)
         shares: dict[int, bytes] = {}
+        unheld: dict[int, str] = {}
         for sender, ciphertext in request.ciphertexts.items():
             key = derive_key(
                 c_private,
@@ -406,7 +429,8 @@ class SecAggClient:
                     round=setup.round,
                 )
             except ValueError as err:
-                raise ProtocolError(f"share from client {sender}: {err}") from None
+                unheld[sender] = str(err)
+                continue
             try:
                 points = [
                     shamir.Share.from_bytes(h).x for h in (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
@@ -414,10 +438,32 @@ class SecAggClient:
             except ValueError:
                 points = []
             if len(plain) != 2 * SHARE_BYTES or points != [me, me]:
-                raise ProtocolError(f"share pair from client {sender} is malformed")
+                unheld[sender] = "share pair is malformed"
+                continue
             shares[sender] = plain
+        if unheld:  # one line per request, whatever the number of bad senders
+            first = min(unheld)
+            logger.warning(
+                "secagg round %d: ignoring the shares of clients %s (client %d: %s); "
+                "still masking with them",
+                setup.round,
+                _few(unheld),
+                first,
+                unheld[first],
+            )
         self._shares = shares
+        self._masked_with = tuple(sorted(request.ciphertexts))
+        self._unheld = tuple(sorted(unheld))
         self.stage = ClientStage.SHARES_RECEIVED
+
+    @property
+    def unheld(self) -> frozenset[int]:
+        """Neighbours masked with this round whose share pair this client could not use.
+
+        :meth:`unmask` returns no share of them; only their own reconstruction
+        depends on the other ``t`` holders.
+        """
+        return frozenset(self._unheld)
 
     def mask(
         self, update: torch.Tensor, weight: float = 1.0, *, malicious: bool = False
@@ -465,7 +511,9 @@ class SecAggClient:
         encoder.encode(
             torch.tensor([setup.clip], dtype=torch.float64), weight=weight, out=encoded[-1:]
         )
-        pairwise = [(peer, self._mask_seeds[peer]) for peer in sorted(self._shares)]
+        # Every neighbour that shared, including those whose shares were unusable:
+        # the sender masks with this client too, so the masks must match pairwise.
+        pairwise = [(peer, self._mask_seeds[peer]) for peer in self._masked_with]
         masked = apply_masks(encoded, self._seed, pairwise, setup.client_id, in_place=True)
         self.stage = ClientStage.MASKED_SENT
         return MaskedInputReply(masked)
@@ -505,7 +553,9 @@ class SecAggClient:
         """Release one share per neighbour: its seed share if it survived, else its key share.
 
         Answered once per round; in signed mode only for the survivor set this
-        client signed, backed by at least ``t`` valid signatures on it.
+        client signed, backed by at least ``t`` valid signatures on it. A
+        neighbour in :attr:`unheld` gets no share at all: the omission is the
+        report, and never one kind of share more.
         """
         setup = self._expect(
             request,
@@ -567,6 +617,8 @@ class SecAggClient:
                 self._mask_seeds[p.client_id] for p in peers if p.client_id in self._mask_seeds
             ],
             "share_ids": list(self._shares),
+            "masked_with": list(self._masked_with),
+            "unheld": list(self._unheld),
             "shares": list(self._shares.values()),
             "survivors": list(self._survivors),
         }
@@ -613,5 +665,8 @@ class SecAggClient:
         if seeds:
             client._mask_seeds = dict(zip(sorted(client._peers), seeds, strict=True))
         client._shares = dict(zip(state["share_ids"], state["shares"], strict=True))
+        # A state saved before these keys existed held a share of every sender.
+        client._masked_with = tuple(state.get("masked_with", sorted(client._shares)))
+        client._unheld = tuple(state.get("unheld", ()))
         client._survivors = tuple(state["survivors"])
         return client
