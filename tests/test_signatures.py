@@ -29,6 +29,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedsec.attacks.threat import SIMULATED_ADVERSARY_ENV
 from fedsec.client.app import app as client_app
 from fedsec.client.signing_mod import (
     SIGNATURE_KEY,
@@ -230,7 +231,8 @@ def _answer(msg: Message, loss: float = 0.5) -> Message:
     return Message(content, reply_to=msg)
 
 
-def test_key_resolution_order(tmp_path: Path) -> None:
+def test_key_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "1")  # a simulation: the fallback applies
     write_key_dir(tmp_path / "a", ["alice", "client-0"])
     write_key_dir(tmp_path / "b", ["bob", "client-0"])
     write_key_dir(tmp_path / "c", ["client-0"])
@@ -252,6 +254,11 @@ def test_key_resolution_order(tmp_path: Path) -> None:
     fallback = resolve_signer(_context(), server)
     assert fallback is not None
     assert public_bytes(fallback[1]) == load_registry(tmp_path / "c")["client-0"]
+    # Outside a simulation a node never borrows a key from the server's folder
+    # (which holds every node's key: any node could sign as any other).
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "0")
+    assert resolve_signer(_context(), server) is None
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "1")
     assert resolve_signer(_context(), _cfg()) is None
     assert resolve_signer(_context(), None) is None
     with pytest.raises(SignatureError, match="not found"):

@@ -15,8 +15,12 @@ The node's key, first match wins:
    (``client-0.pem`` signs as ``client-0``);
 2. node config ``secagg-key-dir``: ``<dir>/<identity>.pem`` with the identity
    ``secagg-identity``, or else ``client-<partition-id>``;
-3. in a simulation (server and clients share a machine), the server-sent
-   config's ``signatures.key_dir``: ``<key_dir>/client-<partition-id>.pem``.
+3. only in a simulation (server and clients share a machine; the process
+   runs under :func:`fedsec.attacks.threat.simulated_adversary`), the
+   server-sent config's ``signatures.key_dir``:
+   ``<key_dir>/client-<partition-id>.pem``. A deployed node never borrows a
+   key from a folder the server names: that folder holds every node's keys,
+   so any node could sign as any other.
 
 A key that is named (1) but unusable, or found (2, 3) but unreadable, makes
 the node answer with an error rather than reply unsigned. A node without a
@@ -35,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedsec.attacks.threat import simulated_adversary
 from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig
 from fedsec.deploy.signatures import ContentHasher, SignatureError, load_signing_key, sign_reply
 
@@ -137,7 +142,7 @@ def resolve_signer(
     if node.get("secagg-key-dir"):
         identity = str(node.get("secagg-identity", "")) or default
         folder = Path(str(node["secagg-key-dir"])).expanduser()
-    elif cfg is not None and cfg.signatures.key_dir:
+    elif cfg is not None and cfg.signatures.key_dir and simulated_adversary():
         identity, folder = default, Path(cfg.signatures.key_dir).expanduser()
     else:
         return None
