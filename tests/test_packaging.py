@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -60,6 +62,38 @@ def test_wheel_installs_only_fedsec_and_imports(tmp_path: Path) -> None:
         "[importlib.import_module(m.name) for m in pkgutil.walk_packages(fedsec.__path__, 'fedsec.')];"
         "assert importlib.util.find_spec('strategies') is None;"
         "print(fedsec.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(target))
+
+    # `flwr run .` ships a FAB that the SuperLink and SuperNodes unpack and put
+    # first on sys.path. It must carry no code: anything it carried would shadow
+    # the installed fedsec (a FAB of the checkout had `fedsec/` without
+    # `fedsec.strategies`, and every deployed run failed with exit code 607).
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT)))
+    assert {n for n in fab.namelist() if not n.startswith(".info/")} == {
+        "pyproject.toml",
+        "README.md",
+    }
+    app_dir = tmp_path / "fab"
+    fab.extractall(app_dir)
+    components = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "components"
+    ]
+    code = (
+        "import sys;"
+        f"sys.path[:0] = [{str(app_dir)!r}, {str(target)!r}]; sys.path.append({site_packages!r});"
+        "import importlib, fedsec;"
+        + "".join(
+            f"assert getattr(importlib.import_module({ref.split(':')[0]!r}), {ref.split(':')[1]!r});"
+            for ref in components.values()
+        )
+        + "print(fedsec.__file__)"
     )
     out = subprocess.run(
         [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True
