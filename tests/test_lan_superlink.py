@@ -103,3 +103,36 @@ def test_one_address_for_both_listeners_is_refused(
         )  # fmt: skip
     assert exc.value.code == 2
     assert "cannot bind the Fleet API" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--insecure"], "has no TLS"), ([], "--enable-supernode-auth is off")],
+)
+def test_an_open_fleet_on_a_lan_address_is_refused(
+    extra: list[str],
+    message: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A LAN (non-loopback) Fleet address without TLS or without node authentication
+    # would let any machine that reaches it join as a node. Refused before anything
+    # binds, so a documentation address (RFC 5737) is enough and nothing is sent.
+    from fedsec.deploy.certs import write_deployment_keys
+
+    lan = "192.0.2.10"
+    write_deployment_keys(tmp_path, nodes=1)
+    tls = [
+        "--ssl-ca-certfile", str(tmp_path / "ca.crt"),
+        "--ssl-certfile", str(tmp_path / "server.crt"),
+        "--ssl-keyfile", str(tmp_path / "server.key"),
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(SystemExit) as exc:
+        lan_superlink.main(["--fleet-host", lan, *(extra or tls), "--host", "127.0.0.1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --fleet-host") and message in err
+    assert lan_superlink._is_loopback("127.0.0.2") and lan_superlink._is_loopback("localhost")
+    assert not lan_superlink._is_loopback(lan)

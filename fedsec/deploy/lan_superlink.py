@@ -147,6 +147,16 @@ def _is_wildcard(host: str) -> bool:
     return any(_unspecified(str(info[4][0])) for info in infos)
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether every address ``host`` resolves to is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host.strip().strip("[]"), None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {str(info[4][0]).split("%", 1)[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m fedsec.deploy.lan_superlink",
@@ -156,6 +166,12 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--fleet-host", required=True, help="LAN address for SuperNodes")
     parser.add_argument("--fleet-port", type=int, default=DEFAULT_FLEET_PORT)
+    parser.add_argument(
+        "--allow-open-fleet",
+        action="store_true",
+        help="start on a non-loopback --fleet-host without TLS or without "
+        "--enable-supernode-auth (anyone who reaches it could then join as a node)",
+    )
     ours, rest = parser.parse_known_args(argv)
     if not 0 < ours.fleet_port < 65536:
         _fail(f"--fleet-port must be in 1..65535, got {ours.fleet_port}")
@@ -204,6 +220,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             "FLWR_INTERNAL_GRPC_CONTROL_API=1 would start Flower's gRPC Control API on "
             f"{config.control_address}, outside the split; unset it"
         )
+    if not ours.allow_open_fleet and not _is_loopback(ours.fleet_host):
+        # On a LAN, the Fleet API without TLS sends updates in clear, and without
+        # node authentication lets any machine that reaches it register as a node.
+        if config.ssl_certfile is None:
+            _fail(
+                f"--fleet-host {ours.fleet_host} is not loopback and the SuperLink has no "
+                "TLS; give --ssl-* files (or --allow-open-fleet)"
+            )
+        if not config.enable_supernode_auth:
+            _fail(
+                f"--fleet-host {ours.fleet_host} is not loopback and --enable-supernode-auth "
+                "is off: any machine could join as a node; enable it (or --allow-open-fleet)"
+            )
     # Binding both now: a clash or a taken port stops here, before any SuperExec starts.
     admin_sock = _bind(config.host, config.port, "Control/Runtime APIs (--host/--port)")
     if _unspecified(str(admin_sock.getsockname()[0])):  # a name that resolved differently
