@@ -71,7 +71,7 @@ from fedsec.secagg.messages import (
 from fedsec.secagg.server import SecAggAbortedError, SecAggParams, SecAggResult, SecAggServer
 
 from .arrays import payload_view, short_repr
-from .strategy import CONFIG_KEY, FedSecStrategy, _first_per_node
+from .strategy import CONFIG_KEY, FedSecStrategy, first_per_node
 from .transport import send_and_receive
 
 __all__ = ["SecAggWorkflow"]
@@ -755,11 +755,11 @@ class SecAggWorkflow:
         """The first reply of each node that was asked; later copies are counted and ignored.
 
         One node, one answer per exchange, whatever the grid delivers (as in
-        plain rounds, :func:`~fedsec.strategies.strategy._first_per_node`);
+        plain rounds, :func:`~fedsec.strategies.strategy.first_per_node`);
         replies from nodes this exchange did not address are ignored.
         """
         duplicates: dict[int, int] = {}
-        first = _first_per_node(_server_round(config), replies, duplicates)
+        first = first_per_node(_server_round(config), replies, duplicates)
         for node, extra in duplicates.items():
             self.duplicates[node] = self.duplicates.get(node, 0) + extra
         return {m.metadata.src_node_id: m for m in first if m.metadata.src_node_id in asked}

@@ -307,7 +307,7 @@ class FedSecStrategy(Strategy):
         if self._spec is None or self._global_flat is None or self.last_report is None:
             raise RuntimeError("aggregate_train called before configure_train")
         report = self.last_report
-        replies = _first_per_node(server_round, list(replies), report.duplicates)
+        replies = first_per_node(server_round, list(replies), report.duplicates)
         # One row per sampled node at most: a flood of replies cannot grow the matrix.
         rows = len({m.metadata.src_node_id for m in replies} & set(report.sampled))
         updates = torch.empty(rows, self._spec.dim, dtype=torch.float32)
@@ -530,7 +530,7 @@ class FedSecStrategy(Strategy):
         """
         valid: list[Message] = []
         weights: list[float] = []
-        for msg in _first_per_node(server_round, list(replies), {}):
+        for msg in first_per_node(server_round, list(replies), {}):
             metrics = None if msg.has_error() else msg.content.metric_records.get(METRICS_KEY)
             count = None if metrics is None else metrics.get(NUM_EXAMPLES_KEY)
             reason = "no metrics" if metrics is None else self._check_count(count)
@@ -550,7 +550,7 @@ class FedSecStrategy(Strategy):
         return weighted_client_metrics(valid, weights, server_round)[0]
 
 
-def _first_per_node(
+def first_per_node(
     server_round: int, replies: list[Message], duplicates: dict[int, int]
 ) -> list[Message]:
     """The first reply of each node, in node order; later copies are counted in ``duplicates``.
