@@ -19,6 +19,15 @@ outsider on the LAN holding only ``ca.crt`` can neither register a SuperNode
 key nor submit a run (issue 16, case 1): under plain ``flower-superlink``
 both succeed, since Flower 1.42 serves every API on one port.
 
+Both tests run from an installed wheel, as a user's machines would: a
+session fixture builds fedsec's wheel from a clean copy of the tree, installs
+it (non-editable, with torch) into a fresh virtual environment, and every
+process -- the SuperLink, the SuperNodes, the ``flwr`` CLI and the
+``flower-superexec``/``flwr-serverapp``/``flwr-clientapp`` processes Flower
+spawns from PATH -- comes from that environment, started outside the checkout
+with no PYTHONPATH, so the checkout cannot be imported. ``flwr run`` is still
+given the repository: its pyproject builds the FAB (configuration only).
+
 A second test runs ``simulations/deploy_ledger.toml`` (local DP, a budget of
 exactly 2 rounds, 4 rounds) on two registered SuperNodes, each with its own
 ``state-dir``: SuperNode 0 is killed with -9 after round 1 and started again
@@ -38,12 +47,13 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from wheel_build import build_wheel, clean_copy
 
 from fedsec.client.privacy import LEDGER_SUBDIR, STATE_DIR_KEY, ledger_file_name
 from fedsec.config import load_config
@@ -51,7 +61,7 @@ from fedsec.deploy.certs import write_deployment_keys
 from fedsec.privacy.accounting import Accountant, check_accountant, epsilon_for_history
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+DEV_BIN = Path(sys.executable).parent  # the dev venv's, which no deployed process may use
 CONFIG = ROOT / "simulations" / "deploy_tls.toml"
 NODES = 4
 LAN = "127.0.0.2"  # the SuperLink's LAN address (Fleet API only); the admin side is 127.0.0.1
@@ -88,26 +98,120 @@ def _connection(home: Path, name: str, address: str, ca_cert: Path) -> None:
 
 pytestmark = [
     pytest.mark.deployment,
-    pytest.mark.skipif(
-        not (BIN / "flower-superlink").exists(), reason="Flower's deployment CLIs not installed"
-    ),
     pytest.mark.skipif(not _can_bind(LAN), reason=f"cannot bind {LAN} (no 127/8 loopback)"),
 ]
+
+# ---- fedsec installed from its wheel into a fresh virtual environment --------------------
+
+TORCH = "torch==2.13.0"  # as scripts/setup.sh pins it on CPU machines (the CPU wheel)
+# Flower starts these from PATH; each must be the wheel environment's.
+SPAWNED = ("flower-superexec", "flwr-serverapp", "flwr-clientapp")
+
+
+@dataclass(frozen=True)
+class WheelEnv:
+    """A virtual environment holding fedsec's wheel (non-editable) and its dependencies."""
+
+    venv: Path
+    bin: Path
+    site_packages: Path
+    cwd: Path  # every process starts here: outside the checkout
+    env: dict[str, str]  # PATH starts with bin, no dev venv, no PYTHONPATH
+    wheel_s: float
+    venv_s: float
+    install_s: float
+
+
+def _outside_env(bin_dir: Path) -> dict[str, str]:
+    """os.environ with ``bin_dir`` first on PATH and nothing that reaches the checkout."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+    }
+    path = [
+        p
+        for p in os.environ.get("PATH", "").split(os.pathsep)
+        if p and not Path(p).resolve().is_relative_to(ROOT) and Path(p) != DEV_BIN
+    ]
+    env["PATH"] = os.pathsep.join([str(bin_dir), *path])
+    return env
+
+
+@pytest.fixture(scope="session")
+def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> WheelEnv:
+    """Build the wheel from a clean copy, make a venv, install the wheel and torch into it.
+
+    No ``--system-site-packages``: nothing of the dev environment (whose fedsec
+    is the editable checkout) is visible from it.
+    """
+    tmp = tmp_path_factory.mktemp("wheel-env")
+    started = time.monotonic()
+    wheel = build_wheel(clean_copy(tmp / "src"), tmp)
+    built = time.monotonic()
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    made = time.monotonic()
+    bin_dir = venv / "bin"
+    cwd = tmp / "cwd"
+    cwd.mkdir()
+    env = _outside_env(bin_dir)
+    pip = subprocess.run(
+        [str(bin_dir / "python"), "-m", "pip", "install", "-q", TORCH, str(wheel)],
+        cwd=cwd, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert pip.returncode == 0, f"pip install {TORCH} {wheel.name} failed:\n{pip.stderr[-3000:]}"
+    installed = time.monotonic()
+    site = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        cwd=cwd, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return WheelEnv(
+        venv, bin_dir, Path(site.stdout.strip()), cwd, env,
+        built - started, made - built, installed - made,
+    )  # fmt: skip
+
+
+def test_wheel_env_imports_fedsec_from_its_site_packages_only(wheel_env: WheelEnv) -> None:
+    """The environment's python finds fedsec in site-packages: no finder, no checkout."""
+    code = (
+        "import sys, fedsec, fedsec.strategies.server_app, fedsec.client.app;"
+        "assert not any('editable' in repr(f).lower() for f in sys.meta_path), sys.meta_path;"
+        "print(fedsec.strategies.__file__); print(fedsec.client.app.__file__)"
+    )
+    out = subprocess.run(
+        [str(wheel_env.bin / "python"), "-c", code],
+        cwd=wheel_env.cwd, env=wheel_env.env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    for line in out.stdout.split():
+        assert Path(line).is_relative_to(wheel_env.site_packages / "fedsec"), out.stdout
+    assert not any((wheel_env.site_packages).glob("__editable__*"))
+    for tool in ("flower-superlink", "flower-supernode", "flwr", *SPAWNED):
+        assert (wheel_env.bin / tool).exists(), tool
+    print(
+        f"wheel {wheel_env.wheel_s:.1f} s, venv {wheel_env.venv_s:.1f} s, "
+        f"pip install {TORCH} + wheel {wheel_env.install_s:.1f} s"
+    )
 
 
 class Processes:
     """Started processes (each in its own session), killed with their children at the end."""
 
-    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+    def __init__(self, logs: Path, env: dict[str, str], bin_dir: Path, cwd: Path) -> None:
         self.logs = logs
         self.env = env
+        self.bin = bin_dir
+        self.cwd = cwd
         self.started: dict[str, subprocess.Popen[bytes]] = {}
+        # What Flower spawned from PATH under the started processes: pid -> argv.
+        self.spawned: dict[int, list[str]] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
         process = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]],
-            cwd=ROOT,
+            [str(self.bin / args[0]), *args[1:]],
+            cwd=self.cwd,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -122,6 +226,22 @@ class Processes:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         process.wait()
+
+    def record_spawned(self) -> None:
+        """Note the argv of every Flower process now running under a started one."""
+        for process in self.started.values():
+            for pid in _descendants(process.pid):
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                    if any(Path(a).name in SPAWNED for a in argv[:2]):
+                        self.spawned[pid] = [a for a in argv if a]
+
+    def assert_spawned_from(self, bin_dir: Path) -> None:
+        """Every recorded Flower process ran ``bin_dir``'s interpreter and script."""
+        seen = {Path(argv[1]).name for argv in self.spawned.values() if len(argv) > 1}
+        assert {"flower-superexec", "flwr-serverapp", "flwr-clientapp"} <= seen, self.spawned
+        for argv in self.spawned.values():
+            assert Path(argv[0]).parent == bin_dir and Path(argv[1]).parent == bin_dir, argv
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -150,7 +270,7 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
+def deployment(tmp_path: Path, wheel_env: WheelEnv) -> Iterator[Deployment]:
     # The last key pair is never registered; LAN is in the server certificate's names.
     keys = write_deployment_keys(tmp_path / "keys", nodes=NODES + 1, hosts=(LAN,))
     admin = f"{ADMIN}:{_free_port(ADMIN)}"
@@ -158,9 +278,8 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     home = tmp_path / "flwr-home"
     _connection(home, "tls", admin, keys.ca_cert)  # the administrator's, on the SuperLink host
     env = {
-        **os.environ,
+        **wheel_env.env,  # the wheel's venv first on PATH, no PYTHONPATH, no dev venv
         "FLWR_HOME": str(home),
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PYTHONUNBUFFERED": "1",
     }
@@ -169,7 +288,9 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     _connection(outsider_home, "lan", fleet, keys.ca_cert)  # all a client machine holds
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = Processes(logs, env)
+    cwd = tmp_path / "cwd"  # every process starts outside the checkout
+    cwd.mkdir()
+    procs = Processes(logs, env, wheel_env.bin, cwd)
     try:
         # As the README starts it: the Fleet API alone on the LAN address, the rest on loopback.
         procs.start(
@@ -191,7 +312,9 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
             assert time.monotonic() < deadline, procs.log("superlink")[-2000:]
             time.sleep(0.25)
         for i in range(NODES):
-            registered = _flwr(env, "supernode", "register", str(keys.node_public_keys[i]), "tls")
+            registered = _flwr(
+                procs, env, "supernode", "register", str(keys.node_public_keys[i]), "tls"
+            )
             assert registered.returncode == 0, registered.stdout + registered.stderr
         outsider_env = {**env, "FLWR_HOME": str(outsider_home)}
         yield Deployment(procs, tmp_path, keys.folder, fleet, admin, outsider_env)
@@ -204,10 +327,12 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _flwr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def _flwr(procs: Processes, env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The deployment's ``flwr`` CLI (the wheel's venv), run outside the checkout with ``env``."""
     return subprocess.run(
-        [str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+        [str(procs.bin / "flwr"), *args],
+        cwd=procs.cwd, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
 
 
 def start_supernode(
@@ -267,9 +392,9 @@ def submit_run(d: Deployment, shipped: Path) -> tuple[subprocess.Popen[bytes], P
     config.write_text(shipped.read_text().replace(relative, f'key_dir = "{d.keys / "signing"}"'))
     results = d.tmp / "results"
     run = subprocess.Popen(
-        [str(BIN / "flwr"), "run", ".", "tls", "--stream", "--run-config",
+        [str(d.procs.bin / "flwr"), "run", str(ROOT), "tls", "--stream", "--run-config",
          f"config-file='{config}' results-dir='{results}'"],
-        cwd=ROOT, env=d.procs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=d.procs.cwd, env=d.procs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
     return run, results
@@ -283,11 +408,19 @@ def assert_outsider_locked_out(d: Deployment) -> None:
     slipped through would also show as that SuperNode being admitted.
     """
     rogue = d.keys / f"supernode-{NODES}.pub"
-    register = _flwr(d.outsider_env, "supernode", "register", str(rogue), "lan")
+    register = _flwr(d.procs, d.outsider_env, "supernode", "register", str(rogue), "lan")
     out = register.stdout + register.stderr
     assert register.returncode != 0, f"an outsider registered a SuperNode key:\n{out}"
     assert "only the Fleet API is served on this address" in out, out
-    run = _flwr(d.outsider_env, "run", ".", "lan", "--run-config", "config-file='nowhere.toml'")
+    run = _flwr(
+        d.procs,
+        d.outsider_env,
+        "run",
+        str(ROOT),
+        "lan",
+        "--run-config",
+        "config-file='nowhere.toml'",
+    )
     out = run.stdout + run.stderr
     assert run.returncode != 0, f"an outsider submitted a run:\n{out}"
     assert "only the Fleet API is served on this address" in out, out
@@ -327,6 +460,7 @@ def test_tls_deployment_with_node_auth_survives_a_killed_supernode(
             if any(r["round"] == 1 for r in rounds):
                 procs.kill("node-0")  # during round 2: its set-up already rode on round 1
                 killed = True
+        procs.record_spawned()
         time.sleep(0.2)
     if run.poll() is None:
         os.killpg(run.pid, signal.SIGKILL)
@@ -351,12 +485,15 @@ def test_tls_deployment_with_node_auth_survives_a_killed_supernode(
         assert process.returncode not in (0, None), procs.log(name)[-1500:]
     assert "Failed to activate SuperNode" in procs.log("unregistered")
     # The administrator's view: only the registered keys, and only the legitimate run.
-    nodes = _flwr(procs.env, "supernode", "ls", "tls", "--format", "json")
+    nodes = _flwr(procs, procs.env, "supernode", "ls", "tls", "--format", "json")
     assert nodes.returncode == 0, nodes.stderr
     assert len(json.loads(nodes.stdout)["nodes"]) == NODES, nodes.stdout
-    runs = _flwr(procs.env, "ls", "tls", "--format", "json")
+    runs = _flwr(procs, procs.env, "ls", "tls", "--format", "json")
     assert runs.returncode == 0, runs.stderr
-    assert len(json.loads(runs.stdout)["runs"]) == 1, runs.stdout
+    (listed,) = json.loads(runs.stdout)["runs"]
+    assert listed["status"] == "finished:completed", listed
+    # Flower's processes (SuperExec, ServerApp, ClientApps) were the wheel env's.
+    procs.assert_spawned_from(procs.bin)
     times = {n: round(r["round_time_s"], 1) for n, r in rounds.items() if n}
     print(
         f"round times {times}; round 2: {rounds[2]['num-accepted']} accepted, "
@@ -464,6 +601,7 @@ def test_supernode_killed_and_restarted_mid_run_keeps_its_privacy_spend(
                     d, 0, name="node-0-restarted", partitions=nodes, state_dir=states[0]
                 )
                 restarted_after = time.monotonic() - killed_at
+        d.procs.record_spawned()
         time.sleep(0.5)
     if run.poll() is None:
         os.killpg(run.pid, signal.SIGKILL)
@@ -471,6 +609,11 @@ def test_supernode_killed_and_restarted_mid_run_keeps_its_privacy_spend(
     assert run.returncode == 0, output[-3000:]
     assert restarted_after, output[-3000:]
     assert d.procs.started["node-0-restarted"].poll() is None, d.procs.log("node-0-restarted")
+    runs = _flwr(d.procs, d.procs.env, "ls", "tls", "--format", "json")
+    assert runs.returncode == 0, runs.stderr
+    (listed,) = json.loads(runs.stdout)["runs"]
+    assert listed["status"] == "finished:completed", listed
+    d.procs.assert_spawned_from(d.procs.bin)
 
     # Node 0's history only grew: the restart continued it, never started it again at 1.
     final = _ledger_history(ledgers[0])
