@@ -699,19 +699,48 @@ def certs(
         ),
     ] = None,
     days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
+    split: Annotated[
+        bool,
+        typer.Option(
+            "--split",
+            help="One folder per recipient (ca/, superlink/, supernode-<i>/), each "
+            "mountable alone; no private key in two places.",
+        ),
+    ] = False,
+    owner: Annotated[
+        str | None,
+        typer.Option(
+            metavar="UID:GID",
+            help="Give every file and folder written to this user and group (needs root).",
+        ),
+    ] = None,
 ) -> None:
     """Make a CA, the SuperLink's TLS certificate, SuperNode and reply-signing keys."""
-    from fedsec.deploy.certs import write_deployment_keys
+    from fedsec.deploy.certs import parse_owner, write_deployment_keys
 
     try:
+        ids = None if owner is None else parse_owner(owner)
         keys = write_deployment_keys(
-            out, nodes=nodes, hosts=host or ("localhost", "127.0.0.1"), days=days
+            out,
+            nodes=nodes,
+            hosts=host or ("localhost", "127.0.0.1"),
+            days=days,
+            split=split,
+            owner=ids,
         )
     except (ValueError, OSError) as err:
         raise _fail(str(err)) from None
     console.print(f"wrote {len(keys.all())} files to {out}:", highlight=False)
     for path in keys.all():
         console.print(f"  {path.relative_to(out)}", highlight=False)
+    if split:
+        # Which folder goes where: the point of the split layout.
+        console.print(
+            f"mount {keys.superlink_dir.relative_to(out)}/ on the SuperLink, "
+            "supernode-<i>/ on SuperNode i only; "
+            f"keep {keys.ca_dir.relative_to(out)}/ (the CA key) off every machine",
+            highlight=False,
+        )
 
 
 @cli.command()

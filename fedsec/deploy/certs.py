@@ -2,30 +2,51 @@
 
 :func:`write_deployment_keys` makes, with ``cryptography``:
 
-* ``ca.crt`` / ``ca.key``: a self-signed certificate authority (EC P-384);
-* ``server.crt`` / ``server.key``: the SuperLink's certificate, signed by the
-  CA, valid for the given host names and IP addresses (``--ssl-certfile``,
-  ``--ssl-keyfile``; the CA goes to ``--ssl-ca-certfile`` and to every
-  SuperNode's ``--root-certificates``);
-* ``supernode-<i>.key`` / ``supernode-<i>.pub``: each SuperNode's
-  authentication key pair (EC P-384, OpenSSH format, as Flower's
-  ``--auth-supernode-private-key`` and ``flwr supernode register`` read them);
-* ``signing/client-<i>.pem`` / ``signing/client-<i>.pub``: each client's
-  Ed25519 key for signed replies (PKCS#8 PEM, and the raw 32-byte public key
-  the server registers; see :mod:`fedsec.deploy.signatures`). The server's
-  ``signatures.key_dir`` is ``signing/`` (it reads only the ``.pub`` files);
-  node i gets ``client-<i>.pem`` as its node config ``signing-key``.
+* a self-signed certificate authority (EC P-384), ``ca.crt`` / ``ca.key``;
+* the SuperLink's certificate, signed by the CA, valid for the given host
+  names and IP addresses (``--ssl-certfile``, ``--ssl-keyfile``; the CA goes
+  to ``--ssl-ca-certfile`` and to every SuperNode's ``--root-certificates``);
+* each SuperNode's authentication key pair (EC P-384, OpenSSH format, as
+  Flower's ``--auth-supernode-private-key`` and ``flwr supernode register``
+  read them; Flower derives the public key from the private one, so a node
+  needs only its private key);
+* each client's Ed25519 key for signed replies (PKCS#8 PEM, and the raw
+  32-byte public key the server registers; see
+  :mod:`fedsec.deploy.signatures`). The server's ``signatures.key_dir`` holds
+  only the ``client-<i>.pub`` files it reads.
 
-Private keys are written with mode 0600 and never overwritten: an existing
-file stops the command with a one-line error, so a CA in use cannot be lost
-by running it twice.
+Two layouts, with the same :class:`DeploymentKeys` attributes:
+
+* flat (default): everything in one folder, ``supernode-<i>.key`` /
+  ``supernode-<i>.pub`` and ``signing/client-<i>.pem`` / ``.pub`` beside the
+  CA and server files; the simplest layout on one machine;
+* split (``split=True``): one folder per recipient, each mountable alone,
+  and no private key in two places::
+
+      ca/ca.crt, ca/ca.key                   the admin keeps it; no machine mounts it
+      superlink/ca.crt, server.crt, server.key
+      superlink/supernodes/supernode-<i>.pub `flwr supernode register` reads these
+      superlink/signing/client-<i>.pub       the ServerApp's signatures.key_dir
+      supernode-<i>/ca.crt                   --root-certificates
+      supernode-<i>/auth.key                 --auth-supernode-private-key
+      supernode-<i>/signing.pem              node config signing-key, with
+                                             signing-identity='client-<i>'
+
+Private keys are written with mode 0600 and folders the call makes with
+0700; nothing is ever overwritten: an existing file stops the call with a
+one-line error before anything is written, so a CA in use cannot be lost by
+running it twice. ``owner=(uid, gid)`` gives every file and folder the call
+makes to that user (how a root container writes keys for images that run as
+uid 1000). A call that fails midway removes what it made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,40 +57,133 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedsec.secagg.signing import generate_signing_key
 
-__all__ = ["DeploymentKeys", "write_deployment_keys"]
+__all__ = ["DeploymentKeys", "parse_owner", "write_deployment_keys"]
 
 #: Curve of every key (Flower accepts NIST curves for SuperNode keys).
 CURVE = ec.SECP384R1()
-#: Subfolder of the clients' reply-signing keys (the server's ``signatures.key_dir``).
+#: Subfolder of the clients' reply-signing public keys (the server's ``signatures.key_dir``).
 SIGNING_DIR = "signing"
+#: Split layout: the CA's folder, the SuperLink's, and its folder of SuperNode public keys.
+CA_DIR = "ca"
+SUPERLINK_DIR = "superlink"
+SUPERNODES_DIR = "supernodes"
+#: Split layout: file names inside ``supernode-<i>/``.
+NODE_AUTH_KEY = "auth.key"
+NODE_SIGNING_KEY = "signing.pem"
 #: Most SuperNodes one call makes keys for; a typo such as ``--nodes 1000000`` would
 #: otherwise spend minutes generating keys and fill the folder with 4 files per node.
 MAX_NODES = 10_000
 #: Longest certificate validity (20 years); beyond a few thousand years the date
 #: overflows Python's datetime and X.509's notAfter.
 MAX_DAYS = 7_300
+#: Largest uid/gid (2**32 - 2; 2**32 - 1 is the "no change" value of chown).
+MAX_ID = 2**32 - 2
+#: Mode of every folder the call makes: the SuperLink's and each node's hold private keys.
+FOLDER_MODE = 0o700
 
 
 class DeploymentKeys:
-    """Paths of the files :func:`write_deployment_keys` wrote."""
+    """Paths of the files :func:`write_deployment_keys` writes, in either layout.
 
-    def __init__(self, folder: Path, nodes: int) -> None:
+    Parameters
+    ----------
+    folder : Path
+        The folder given to :func:`write_deployment_keys`.
+    nodes : int
+        Number of SuperNodes.
+    split : bool
+        One folder per recipient (see the module docstring) instead of one folder.
+
+    Attributes
+    ----------
+    ca_cert, ca_key : Path
+        The CA (``ca/`` in the split layout, which no machine mounts).
+    server_cert, server_key : Path
+        The SuperLink's TLS certificate and key.
+    superlink_ca_cert : Path
+        The CA certificate the SuperLink reads (``--ssl-ca-certfile``); a copy
+        of ``ca_cert`` in the split layout, ``ca_cert`` itself when flat.
+    node_keys, node_public_keys : list of Path
+        SuperNode ``i``'s authentication private key (on node ``i``) and public
+        key (on the SuperLink, for ``flwr supernode register``).
+    node_ca_certs : list of Path
+        The CA certificate node ``i`` reads (``--root-certificates``).
+    signing_dir : Path
+        The ServerApp's ``signatures.key_dir``: ``client-<i>.pub`` files (and,
+        flat, the ``client-<i>.pem`` private keys beside them).
+    signing_keys, signing_public_keys : list of Path
+        Client ``i``'s reply-signing private key (node config ``signing-key``)
+        and public key (in ``signing_dir``).
+    signing_identities : list of str
+        ``client-<i>``: the identity node ``i`` signs as (node config
+        ``signing-identity``) and its public key's stem.
+    """
+
+    def __init__(self, folder: Path, nodes: int, *, split: bool = False) -> None:
         self.folder = folder
-        self.ca_cert = folder / "ca.crt"
-        self.ca_key = folder / "ca.key"
-        self.server_cert = folder / "server.crt"
-        self.server_key = folder / "server.key"
-        self.node_keys = [folder / f"supernode-{i}.key" for i in range(nodes)]
-        self.node_public_keys = [folder / f"supernode-{i}.pub" for i in range(nodes)]
-        self.signing_dir = folder / SIGNING_DIR
-        self.signing_keys = [self.signing_dir / f"client-{i}.pem" for i in range(nodes)]
-        self.signing_public_keys = [self.signing_dir / f"client-{i}.pub" for i in range(nodes)]
+        self.split = split
+        self.nodes = nodes
+        self.ca_dir = folder / CA_DIR if split else folder
+        self.superlink_dir = folder / SUPERLINK_DIR if split else folder
+        self.ca_cert = self.ca_dir / "ca.crt"
+        self.ca_key = self.ca_dir / "ca.key"
+        self.superlink_ca_cert = self.superlink_dir / "ca.crt" if split else self.ca_cert
+        self.server_cert = self.superlink_dir / "server.crt"
+        self.server_key = self.superlink_dir / "server.key"
+        self.node_public_key_dir = self.superlink_dir / SUPERNODES_DIR if split else folder
+        self.signing_dir = self.superlink_dir / SIGNING_DIR
+        self.signing_identities = [f"client-{i}" for i in range(nodes)]
+        self.node_public_keys = [
+            self.node_public_key_dir / f"supernode-{i}.pub" for i in range(nodes)
+        ]
+        self.signing_public_keys = [
+            self.signing_dir / f"{name}.pub" for name in self.signing_identities
+        ]
+        if split:
+            self.node_keys = [self.node_dir(i) / NODE_AUTH_KEY for i in range(nodes)]
+            self.node_ca_certs = [self.node_dir(i) / "ca.crt" for i in range(nodes)]
+            self.signing_keys = [self.node_dir(i) / NODE_SIGNING_KEY for i in range(nodes)]
+        else:
+            self.node_keys = [folder / f"supernode-{i}.key" for i in range(nodes)]
+            self.node_ca_certs = [self.ca_cert] * nodes
+            self.signing_keys = [
+                self.signing_dir / f"{name}.pem" for name in self.signing_identities
+            ]
+
+    def node_dir(self, i: int) -> Path:
+        """Node ``i``'s folder: ``supernode-<i>/`` when split, else the one folder."""
+        if not 0 <= i < self.nodes:
+            raise IndexError(f"node {i} out of range [0, {self.nodes})")
+        return self.folder / f"supernode-{i}" if self.split else self.folder
+
+    def node_config(self, i: int) -> str:
+        """Node ``i``'s ``--node-config``: its partition and its own signing key."""
+        return (
+            f"partition-id={i} num-partitions={self.nodes} "
+            f"signing-key='{self.signing_keys[i]}' "
+            f"signing-identity='{self.signing_identities[i]}'"
+        )
+
+    def folders(self) -> list[Path]:
+        """Every folder of the layout, parents first (the top folder included)."""
+        if not self.split:
+            return [self.folder, self.signing_dir]
+        return [
+            self.folder,
+            self.ca_dir,
+            self.superlink_dir,
+            self.node_public_key_dir,
+            self.signing_dir,
+            *(self.node_dir(i) for i in range(self.nodes)),
+        ]
 
     def all(self) -> list[Path]:
-        """Every file, in writing order."""
+        """Every file, in writing order (CA certificate copies included)."""
+        copies = [self.superlink_ca_cert, *self.node_ca_certs] if self.split else []
         return [
             self.ca_cert,
             self.ca_key,
+            *copies,
             self.server_cert,
             self.server_key,
             *self.node_keys,
@@ -79,12 +193,28 @@ class DeploymentKeys:
         ]
 
 
+def parse_owner(text: str) -> tuple[int, int]:
+    """``"UID:GID"`` as two numbers.
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is not two decimal numbers in ``[0, MAX_ID]`` joined by ``:``.
+    """
+    match = re.fullmatch(r"(\d{1,10}):(\d{1,10})", text.strip())
+    if match is None or max(int(match[1]), int(match[2])) > MAX_ID:
+        raise ValueError(f"owner must be UID:GID with numbers in [0, {MAX_ID}], got {text!r}")
+    return int(match[1]), int(match[2])
+
+
 def write_deployment_keys(
     folder: str | Path,
     *,
     nodes: int,
     hosts: Sequence[str] = ("localhost", "127.0.0.1"),
     days: int = 365,
+    split: bool = False,
+    owner: tuple[int, int] | None = None,
 ) -> DeploymentKeys:
     """Write a CA, the SuperLink's certificate, ``nodes`` SuperNode and signing key pairs.
 
@@ -103,11 +233,19 @@ def write_deployment_keys(
         hangs at its start.
     days : int
         Validity of the certificates, in ``[1, MAX_DAYS]``.
+    split : bool
+        One folder per recipient (module docstring) instead of one folder.
+    owner : (int, int), optional
+        ``(uid, gid)`` given every file and folder the call makes (needs the
+        right to chown, i.e. root, unless it is the caller's own).
 
     Raises
     ------
     ValueError
-        On bad arguments, or if a file to write exists already.
+        On bad arguments, if a file to write exists already, or if ``owner``
+        cannot be applied (nothing is left behind then).
+    OSError
+        If a file or folder cannot be made (what the call made is removed).
     """
     if not 1 <= nodes <= MAX_NODES:
         raise ValueError(f"nodes must be in [1, {MAX_NODES}], got {nodes}")
@@ -115,14 +253,52 @@ def write_deployment_keys(
         raise ValueError(f"days must be in [1, {MAX_DAYS}], got {days}")
     if not hosts:
         raise ValueError("hosts must name at least one host name or IP address")
+    if owner is not None and not all(0 <= n <= MAX_ID for n in owner):
+        raise ValueError(f"owner ids must be in [0, {MAX_ID}], got {owner}")
     hosts = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
+    alt_names = _alt_names(hosts)  # a bad host name stops the call before any write
     folder = Path(folder)
-    keys = DeploymentKeys(folder, nodes)
+    keys = DeploymentKeys(folder, nodes, split=split)
     taken = [str(p.relative_to(folder)) for p in keys.all() if p.exists()]
     if taken:
-        raise ValueError(f"{folder} already holds {', '.join(taken)}; use an empty folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    keys.signing_dir.mkdir(exist_ok=True)
+        # A few names are enough to recognise the folder; the line stays one line.
+        more = f" and {len(taken) - 4} more" if len(taken) > 4 else ""
+        raise ValueError(
+            f"{folder} already holds {', '.join(taken[:4])}{more}; use an empty folder"
+        )
+
+    made: list[Path] = []  # removed, last first, if the call fails
+    try:
+        _write_all(keys, alt_names, hosts[0], days, owner, made)
+    except BaseException:
+        for path in reversed(made):
+            # A folder someone else put files in meanwhile stays.
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+        raise
+    return keys
+
+
+def _write_all(
+    keys: DeploymentKeys,
+    alt_names: list[x509.GeneralName],
+    common_name: str,
+    days: int,
+    owner: tuple[int, int] | None,
+    made: list[Path],
+) -> None:
+    """The body of :func:`write_deployment_keys`; appends what it makes to ``made``."""
+    if not keys.folder.exists():
+        keys.folder.parent.mkdir(parents=True, exist_ok=True)
+    for path in keys.folders():
+        if not path.exists():
+            path.mkdir(mode=FOLDER_MODE)
+            made.append(path)
+            _chown(path, owner, fd=None)
+
+    def write(path: Path, data: bytes, *, private: bool = False) -> None:
+        _write(path, data, private=private, owner=owner)
+        made.append(path)
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(CURVE)
@@ -155,21 +331,26 @@ def write_deployment_keys(
     server_key = ec.generate_private_key(CURVE)
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(_alt_names(hosts)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    _write(keys.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(keys.ca_key, _pem_private(ca_key), private=True)
-    _write(keys.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
-    _write(keys.server_key, _pem_private(server_key), private=True)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    write(keys.ca_cert, ca_pem)
+    write(keys.ca_key, _pem_private(ca_key), private=True)
+    # The certificate is public: each recipient's folder gets its own copy.
+    for copy in dict.fromkeys([keys.superlink_ca_cert, *keys.node_ca_certs]):
+        if copy != keys.ca_cert:
+            write(copy, ca_pem)
+    write(keys.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    write(keys.server_key, _pem_private(server_key), private=True)
     for private_path, public_path in zip(keys.node_keys, keys.node_public_keys, strict=True):
         node_key = ec.generate_private_key(CURVE)
         private = node_key.private_bytes(
@@ -180,8 +361,8 @@ def write_deployment_keys(
         public = node_key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
-        _write(private_path, private, private=True)
-        _write(public_path, public + b"\n")
+        write(private_path, private, private=True)
+        write(public_path, public + b"\n")
     for private_path, public_path in zip(keys.signing_keys, keys.signing_public_keys, strict=True):
         signing_key, signing_public = generate_signing_key()
         signing_pem = signing_key.private_bytes(
@@ -189,9 +370,8 @@ def write_deployment_keys(
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write(private_path, signing_pem, private=True)
-        _write(public_path, signing_public)
-    return keys
+        write(private_path, signing_pem, private=True)
+        write(public_path, signing_public)
 
 
 def _alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -214,9 +394,36 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Create ``path`` (never overwrite); private keys readable by the owner only."""
+def _chown(path: Path, owner: tuple[int, int] | None, *, fd: int | None) -> None:
+    """Give ``path`` (open as ``fd``, if given) to ``owner``; a one-line error if refused."""
+    if owner is None:
+        return
+    try:
+        if fd is not None:
+            os.fchown(fd, *owner)
+        else:
+            os.chown(path, *owner)
+    except PermissionError:
+        raise ValueError(
+            f"cannot give {path} to {owner[0]}:{owner[1]}: not permitted "
+            "(only root may give files to another user)"
+        ) from None
+
+
+def _write(
+    path: Path, data: bytes, *, private: bool = False, owner: tuple[int, int] | None = None
+) -> None:
+    """Create ``path`` (never overwrite); private keys readable by the owner only.
+
+    The file changes owner while still empty, so a key never sits, written,
+    under the wrong owner.
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     fd = os.open(path, flags, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as handle:
+        try:
+            _chown(path, owner, fd=fd)
+        except ValueError:
+            path.unlink()
+            raise
         handle.write(data)
