@@ -1,24 +1,38 @@
 # fedsec SuperLink: Flower's SuperLink plus fedsec, whose ServerApp it runs.
 #   docker build -f docker/superlink.Dockerfile -t fedsec-superlink .
-FROM python:3.11-slim AS build
+# Without a Docker daemon or registry: docker/build.sh (buildah, a local base image).
+# Keep every line up to ENV identical to supernode-cpu.Dockerfile: the two share those layers.
+ARG BASE_IMAGE=docker.io/library/python:3.11-slim
+FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The dependencies alone, so their layer below is rebuilt only when they change.
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /requirements.txt
+# fedsec/strategies is a link to ../strategies (or absent): copying both keeps it whole.
 COPY fedsec ./fedsec
 COPY strategies ./strategies
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
-FROM python:3.11-slim
-# The CPU torch wheel first, so the wheel's torch range does not pull CUDA.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+FROM ${BASE_IMAGE}
+# The CPU torch build first, so the dependencies' torch range does not pull CUDA.
+# PyPI's Linux torch wheels are CUDA builds; docker/build.sh, which cannot reach
+# download.pytorch.org, sets the index to PyPI and PIP_FIND_LINKS to a local CPU wheel.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+COPY --from=build /requirements.txt /requirements.txt
+RUN pip install --no-cache-dir -r /requirements.txt && rm /requirements.txt
 COPY --from=build /dist /dist
-RUN pip install --no-cache-dir /dist/*.whl && rm -rf /dist \
+RUN pip install --no-cache-dir --no-deps /dist/*.whl && rm -rf /dist \
     && useradd --create-home --uid 1000 fedsec
+ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 USER 1000:1000
 WORKDIR /home/fedsec
-ENV FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # Only the Fleet API listens on the network (9092); the Control and Runtime APIs
 # stay on the container's loopback (fedsec.deploy.lan_superlink, README "Deployment
 # on a LAN"): registration and `flwr run` happen inside its network namespace.
+# Keys (/keys): ca.crt, server.crt, server.key; the nodes' public keys only.
 EXPOSE 9092
 ENTRYPOINT ["python", "-m", "fedsec.deploy.lan_superlink", "--disable-runtime-dependency-installation"]
 CMD ["--ssl-ca-certfile", "/keys/ca.crt", "--ssl-certfile", "/keys/server.crt", \

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up (once) and run the checks: ruff, ruff format, mypy, the default test
 # suite, then the deployment integration tests (separate processes, a few
-# minutes). Arguments go to the default pytest run and skip the deployment one,
-# e.g. scripts/test.sh -m slow runs only the tests marked `slow`.
+# minutes) and the container image test (docker/build.sh and a deployment in
+# podman: root only, skipped otherwise; minutes). Arguments go to the default
+# pytest run and skip the deployment and image ones, e.g. scripts/test.sh -m slow
+# runs only the tests marked `slow`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh dev
@@ -12,4 +14,5 @@ echo "== mypy";        mypy
 echo "== pytest";      pytest "$@"
 if [[ $# -eq 0 ]]; then
     echo "== pytest -m deployment"; pytest -m deployment
+    echo "== pytest -m images"; pytest -m images
 fi
