@@ -172,6 +172,19 @@ elif [[ $run_rc -ne 0 ]]; then
     fail "flwr run exited with code $run_rc"
 fi
 
+# `flwr run --stream` exits 0 even when the ServerApp fails (the run then ends
+# finished:failed), so the run's status on the SuperLink is what counts.
+run_id="$(sed -n 's/.*Successfully started run \([0-9][0-9]*\).*/\1/p' "$LOGS/flwr-run.log" | head -n 1)"
+[[ -n "$run_id" ]] || fail "flwr run printed no run id"
+status="$(flwr ls "$CONNECTION" --run-id "$run_id" --format json 2>"$LOGS/flwr-ls.err" | python -c '
+import json, sys
+try:
+    print(json.load(sys.stdin)["runs"][0]["status"])
+except (ValueError, KeyError, IndexError):
+    print("unknown (flwr ls gave no status)")
+')"
+[[ "$status" == "finished:completed" ]] || fail "run $run_id ended $status, not finished:completed"
+
 METRICS="$RESULTS/$RUN_NAME/metrics.json"
 [[ -f "$METRICS" ]] || fail "no $METRICS (the ServerApp did not finish the run)"
 

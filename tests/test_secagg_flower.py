@@ -407,3 +407,40 @@ def test_a_provisioned_node_refuses_a_server_downgrade(tmp_path: Path) -> None:
     )
     reply = client_app(msg, context)
     assert reply.has_error() and "only takes part in signed rounds" in reply.error.reason
+
+
+def test_a_deployed_node_never_borrows_the_server_named_secagg_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signed SecAgg: the server's ``secagg.key_dir`` is a fallback in simulations only.
+
+    That folder may hold every client's private key; a deployed node that read
+    its key from it could sign as any other node (the signing mod refuses the
+    same, commit 9c7ba67).
+    """
+    from fedsec.attacks.threat import SIMULATED_ADVERSARY_ENV
+    from fedsec.client.secagg_mod import load_identity
+    from fedsec.secagg.messages import ProtocolError
+
+    write_key_dir(tmp_path, ["client-0", "client-1"])
+    cfg = _config(signed=True, key_dir=str(tmp_path))
+    msg = Message(
+        RecordDict({"config": ConfigRecord({WIRE_CONFIG_KEY: json.dumps(cfg.to_dict())})}),
+        message_type=MessageType.TRAIN,
+        dst_node_id=1,
+    )
+    context = _node({"partition-id": 0})
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "0")
+    with pytest.raises(ProtocolError, match="secagg-key-dir"):
+        load_identity(context, msg)
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "1")
+    identity, _, trusted = load_identity(context, msg)
+    assert identity == "client-0" and set(trusted) == {"client-0", "client-1"}
+    # A node's own folder is used whatever the mode.
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "0")
+    own = tmp_path / "own"
+    write_key_dir(own, ["client-0"])
+    identity, _, trusted = load_identity(
+        _node({"partition-id": 0, "secagg-key-dir": str(own)}), msg
+    )
+    assert identity == "client-0" and set(trusted) == {"client-0"}

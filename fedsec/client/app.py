@@ -16,72 +16,60 @@ With client-side DP a node keeps its privacy ledger on disk, in its node
 config's ``state-dir`` (``--node-config "partition-id=0 state-dir='/path'"``;
 see :mod:`fedsec.client.privacy` for the default and for simulations), and
 writes each round's spend there before its update leaves.
+
+Import cost: Flower 1.42's SuperNode starts a fresh ``flwr-clientapp`` process
+for every message, which imports this module first. So it imports nothing
+heavy: the signing and SecAgg mods need only numpy and cryptography, and the
+training side (:mod:`fedsec.client.handlers`: torch, the models, the data,
+Opacus where an accountant is used) is imported by the handlers, when a
+message trains or evaluates. SecAgg's key and unmask stages never import it.
+The training side's public names (:class:`Hardware`, :func:`local_train`, ...)
+stay importable from here.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
-import logging
-import secrets
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsec.attacks.data_poisoning import DataPoisoningAttack
-from fedsec.attacks.model_poisoning import PerClientAttack
-from fedsec.attacks.threat import (
-    MALICIOUS_TAG,
-    TRUTH_TAG,
-    effective_boost,
-    is_colluding,
-    malicious_partitions,
-    num_malicious,
-    round_generator,
-    simulated_adversary,
-)
-from fedsec.client.privacy import (
-    DELTA_CAP_KEY,
-    EPSILON_CAP_KEY,
-    LEDGER_MODES,
-    PRIVACY_BUDGET_EXHAUSTED,
-    PRIVACY_LEDGER_UNUSABLE,
-    LedgerUnavailableError,
-    NodeLedger,
-    node_requires_client_dp,
-    open_node_ledger,
-    plan_round,
-)
 from fedsec.client.secagg_mod import secagg_mod
 from fedsec.client.signing_mod import signing_mod
-from fedsec.config import (
-    WIRE_CONFIG_KEY,
-    ExperimentConfig,
-    build_configured_attack,
-    parse_config,
-    sampled_clients,
-)
-from fedsec.data import SplitData, client_dataset, load_dataset
-from fedsec.models import make_model
-from fedsec.params import flatten_state, unflatten_state
-from fedsec.privacy.client_level import privatize_update
-from fedsec.privacy.dpsgd import dp_step_probe, dp_train
-from fedsec.training import (
-    PRECISIONS,
-    TrainResult,
-    autocast_dtype,
-    evaluate,
-    measure_batch_cap,
-    resolve_device,
-    train,
-    train_step_probe,
+from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
+
+if TYPE_CHECKING:
+    from fedsec.client.handlers import (
+        Hardware,
+        batch_cap,
+        client_partition,
+        local_train,
+        node_hardware,
+    )
+
+__all__ = [
+    "Hardware",
+    "app",
+    "batch_cap",
+    "client_partition",
+    "config_from_message",
+    "evaluate_handler",
+    "is_colluding_client",
+    "local_train",
+    "node_hardware",
+    "partition_id_of",
+    "train_handler",
+]
+
+#: Names defined by the training side, loaded on first access (PEP 562).
+_TRAINING_SIDE = frozenset(
+    {"Hardware", "batch_cap", "client_partition", "local_train", "node_hardware"}
 )
 
 app = ClientApp()
-logger = logging.getLogger(__name__)
 
 
 def config_from_message(msg: Message) -> ExperimentConfig:
@@ -117,135 +105,9 @@ def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
     return partition_id
 
 
-def client_partition(
-    cfg: ExperimentConfig, data: SplitData, partition_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partition ``partition_id`` of ``data`` as the config's partitioner splits it."""
-    return client_dataset(
-        data,
-        partition_id,
-        cfg.data.num_clients,
-        cfg.data.partition,
-        seed=cfg.experiment.seed,
-        alpha=cfg.data.alpha,
-        shards_per_partition=cfg.data.shards_per_client,
-    )
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """Where and how this node computes: device, autocast precision, batch cap."""
-
-    device: torch.device
-    precision: str = "fp32"
-    #: Examples per forward/backward pass; 0 = automatic (CUDA: fit free memory).
-    max_batch: int = 0
-
-
-def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
-    """The experiment's device settings, overridden by this node's node config.
-
-    A SuperNode knows its own hardware: ``--node-config "device='cuda:0'
-    precision='bf16' max-batch=64"`` overrides ``experiment.device``,
-    ``client.precision`` and ``client.max_batch`` for that node only.
-
-    Raises
-    ------
-    ValueError
-        On an unknown or unavailable device, an unknown precision, or a
-        negative ``max-batch``, naming the node config key.
-    """
-    node = context.node_config
-    device = resolve_device(str(node.get("device", cfg.experiment.device)))
-    precision = str(node.get("precision", cfg.client.precision))
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"node config precision '{precision}' is unknown; valid: {', '.join(PRECISIONS)}"
-        )
-    raw_cap = node.get("max-batch", cfg.client.max_batch)
-    if isinstance(raw_cap, bool) or not isinstance(raw_cap, int) or raw_cap < 0:
-        raise ValueError(f"node config max-batch must be an integer >= 0, got {raw_cap!r}")
-    autocast_dtype(precision, device)  # refuses fp16 off CUDA, bf16 where unsupported
-    return Hardware(device=device, precision=precision, max_batch=raw_cap)
-
-
-def batch_cap(
-    cfg: ExperimentConfig,
-    hardware: Hardware,
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-) -> int | None:
-    """Examples per pass for this round: the node's cap, or what fits the GPU's free memory.
-
-    Only a cap below the batch size changes anything (the batch then goes in
-    chunks); on CPU and MPS, with no cap configured, there is none.
-    """
-    if hardware.max_batch:
-        return hardware.max_batch
-    if hardware.device.type != "cuda":
-        return None
-    model.to(hardware.device)
-    probe_x, probe_y = x[:64].to(hardware.device), y[:64].to(hardware.device, dtype=torch.long)
-    if len(probe_y) < 16:  # too little data to measure, and too little to need a cap
-        return None
-    probe = dp_step_probe if cfg.privacy.mode == "dp-sgd" else train_step_probe
-    cap = measure_batch_cap(
-        probe(model, probe_x, probe_y, precision=hardware.precision),
-        hardware.device,
-        probe_sizes=(len(probe_y) // 2, len(probe_y)),
-        reserve=x.nelement() * 4 + y.nelement() * 8,  # the local data, moved there next
-    )
-    logger.info("memory-aware batch cap on %s: %s examples per pass", hardware.device, cap)
-    return cap
-
-
-def _local_setup(
-    msg: Message, context: Context
-) -> tuple[ExperimentConfig, int, torch.nn.Module, torch.Tensor, torch.Tensor, Hardware]:
-    cfg = config_from_message(msg)
-    partition_id = partition_id_of(context, cfg)
-    hardware = node_hardware(cfg, context)
-    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
-    x, y = client_partition(cfg, data, partition_id)
-    model = make_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
-    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    return cfg, partition_id, model, x, y, hardware
-
-
-def local_train(
-    cfg: ExperimentConfig,
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    device: torch.device,
-    seed: int,
-    adversarial: Any = None,
-    precision: str = "fp32",
-    max_batch: int | None = None,
-) -> TrainResult:
-    """Local training with the config's client settings (clients and the FLTrust server)."""
-    return train(
-        model,
-        x,
-        y,
-        epochs=cfg.client.local_epochs,
-        batch_size=cfg.client.batch_size,
-        optimizer=cfg.client.optimizer,
-        lr=cfg.client.lr,
-        momentum=cfg.client.momentum,
-        weight_decay=cfg.client.weight_decay,
-        device=device,
-        seed=seed,
-        adversarial=adversarial,
-        max_steps=cfg.client.local_steps or None,
-        precision=precision,
-        max_batch=max_batch,
-    )
-
-
 def _is_malicious(cfg: ExperimentConfig, partition_id: int, server_round: int) -> bool:
+    from fedsec.attacks.threat import malicious_partitions, num_malicious
+
     attack = cfg.attack
     if attack.name == "none" or server_round < attack.start_round:
         return False
@@ -259,6 +121,9 @@ def is_colluding_client(msg: Message, context: Context) -> bool:
     Never outside a simulation's adversary mode: the round's config comes from
     the server, which must not be able to make an honest node act as a colluder.
     """
+    from fedsec.attacks.threat import is_colluding, simulated_adversary
+    from fedsec.config import build_configured_attack
+
     if not simulated_adversary():
         return False
     cfg = config_from_message(msg)
@@ -270,25 +135,6 @@ def is_colluding_client(msg: Message, context: Context) -> bool:
     return is_colluding(build_configured_attack(cfg))
 
 
-def _adversarial_hook(cfg: ExperimentConfig, seed: int) -> Any:
-    """PGD adversarial training (Madry et al. 2018) when ``evasion.adversarial_training``."""
-    if not cfg.evasion.adversarial_training:
-        return None
-    from fedsec.attacks.evasion import pgd_adversary, pixel_eps_to_input
-    from fedsec.data import DATASETS, pixel_bounds
-
-    info = DATASETS.get(cfg.data.dataset)
-    eps = pixel_eps_to_input(cfg.evasion.eps, info)
-    alpha = cfg.evasion.alpha or 2.5 * cfg.evasion.eps / cfg.evasion.steps
-    return pgd_adversary(
-        eps=eps,
-        alpha=pixel_eps_to_input(alpha, info),
-        steps=cfg.evasion.steps,
-        bounds=pixel_bounds(info),
-        seed=seed,
-    )
-
-
 @app.train(mods=[signing_mod, secagg_mod])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition.
@@ -297,189 +143,25 @@ def train_handler(msg: Message, context: Context) -> Message:
     ledger lock and its spend is committed (written durably) before the reply
     is returned; a ledger that cannot be used makes the node answer with the
     error :data:`~fedsec.client.privacy.PRIVACY_LEDGER_UNUSABLE` instead.
+    SecAgg stages other than masked input are answered by :func:`secagg_mod`
+    and never reach this function (nor import the training side).
     """
-    cfg, partition_id, model, x, y, hardware = _local_setup(msg, context)
-    round_config = msg.content.config_records["config"]
-    server_round = round_config.get("server-round", 0)
-    if not isinstance(server_round, int):
-        raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
-    if cfg.privacy.mode not in LEDGER_MODES:
-        if node_requires_client_dp(context):
-            # A server must not turn a node's DP off: its caps would then cap nothing.
-            reason = (
-                f"this node caps its privacy spend ({EPSILON_CAP_KEY}/{DELTA_CAP_KEY}) and "
-                f"trains only with client-side DP ({', '.join(LEDGER_MODES)}), not privacy "
-                f"mode '{cfg.privacy.mode}'"
-            )
-            return Message(Error(code=PRIVACY_LEDGER_UNUSABLE, reason=reason), reply_to=msg)
-        return _train(msg, cfg, partition_id, model, x, y, hardware, server_round, None)
-    try:
-        with open_node_ledger(context, cfg, round_config, partition_id) as node_ledger:
-            return _train(msg, cfg, partition_id, model, x, y, hardware, server_round, node_ledger)
-    except LedgerUnavailableError as err:
-        return Message(Error(code=PRIVACY_LEDGER_UNUSABLE, reason=str(err)), reply_to=msg)
+    from fedsec.client.handlers import train
 
-
-def _train(
-    msg: Message,
-    cfg: ExperimentConfig,
-    partition_id: int,
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    hardware: Hardware,
-    server_round: int,
-    node_ledger: NodeLedger | None,
-) -> Message:
-    device = hardware.device
-    # Distinct, reproducible randomness per client and round.
-    seed = cfg.experiment.seed * 1_000_003 + server_round * 10_007 + partition_id
-    malicious = _is_malicious(cfg, partition_id, server_round)
-    attack = build_configured_attack(cfg) if malicious else None
-    if isinstance(attack, DataPoisoningAttack):
-        x, y = attack.poison(x, y, round_generator(seed, server_round, salt=1))
-    # The DP noise's randomness: outside a simulation never derived from the run's
-    # config, which the server sends (seed, round, partition): a server knowing the
-    # noise could subtract it. In a simulation it stays reproducible.
-    noise_seed = seed if simulated_adversary() else secrets.randbits(63)
-    ledger, plan = None, None
-    if node_ledger is not None:
-        ledger = node_ledger.ledger
-        plan = plan_round(cfg, len(y))
-        if ledger.would_exceed(plan.noise_multiplier, plan.sample_rate, plan.steps)[0]:
-            reason = ledger.refusal_reason(plan.noise_multiplier, plan.sample_rate, plan.steps)
-            return Message(Error(code=PRIVACY_BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    max_batch = batch_cap(cfg, hardware, model, x, y)
-    if cfg.privacy.mode == "dp-sgd":
-        assert ledger is not None and plan is not None
-        dp_result = dp_train(
-            model,
-            x,
-            y,
-            epochs=cfg.client.local_epochs,
-            batch_size=cfg.client.batch_size,
-            lr=cfg.client.lr,
-            momentum=cfg.client.momentum,
-            weight_decay=cfg.client.weight_decay,
-            optimizer=cfg.client.optimizer,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-            device=device,
-            seed=noise_seed,
-            secure_mode=cfg.privacy.secure_mode,
-            max_steps=cfg.client.local_steps or None,
-            precision=hardware.precision,
-            max_batch=max_batch,
-        )
-        result = dp_result.train
-        ledger.record(plan.noise_multiplier, dp_result.sample_rate, dp_result.steps)
-    else:
-        result = local_train(
-            cfg,
-            model,
-            x,
-            y,
-            device=device,
-            seed=seed,
-            adversarial=_adversarial_hook(cfg, seed),
-            precision=hardware.precision,
-            max_batch=max_batch,
-        )
-    metrics = MetricRecord(
-        {
-            "train_loss": result.loss,
-            "train_accuracy": result.accuracy,
-            "num-examples": result.num_examples,
-            # Names this client in the server's decisions.jsonl (node ids are random).
-            "partition-id": partition_id,
-        }
-    )
-    state = model.state_dict()
-    if cfg.privacy.mode == "local":
-        # Clip and noise the whole update on the device, before anything leaves it.
-        assert ledger is not None and plan is not None
-        update = privatize_update(
-            flatten_state(state) - flatten_state(global_state),
-            clip=cfg.privacy.update_clip,
-            noise_multiplier=plan.noise_multiplier,
-            generator=None
-            if cfg.privacy.secure_mode
-            else (
-                round_generator(seed, server_round, 4)
-                if simulated_adversary()
-                else torch.Generator().manual_seed(noise_seed)
-            ),
-            secure=cfg.privacy.secure_mode,
-        )
-        state = unflatten_state(flatten_state(global_state) + update, global_state)
-        ledger.record(plan.noise_multiplier, plan.sample_rate, plan.steps)
-    if node_ledger is not None:
-        # Durable before the update leaves: a crash from here on over-counts, never under.
-        node_ledger.commit()
-        metrics["dp_epsilon_max"] = node_ledger.ledger.spent()
-    if malicious:
-        state = _poison_update(cfg, attack, global_state, state, seed, server_round)
-        if simulated_adversary():  # tags for the simulation's adversary and referee only
-            metrics[TRUTH_TAG] = 1
-            if is_colluding(attack):
-                metrics[MALICIOUS_TAG] = 1
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
-
-
-def _poison_update(
-    cfg: ExperimentConfig,
-    attack: Any,
-    global_state: dict[str, torch.Tensor],
-    state: dict[str, torch.Tensor],
-    seed: int,
-    server_round: int,
-) -> dict[str, torch.Tensor]:
-    """Apply a non-colluding model attack and the boost to this client's own update.
-
-    Colluding attacks leave the update to the adversary component, which also
-    applies the boost after crafting.
-    """
-    if is_colluding(attack):
-        return state
-    update = flatten_state(state) - flatten_state(global_state)
-    if isinstance(attack, PerClientAttack):
-        generator = round_generator(seed, server_round, salt=2)
-        update = attack.perturb(update, generator, num_clients=sampled_clients(cfg))
-    sampled = sampled_clients(cfg)
-    expected_attackers = (
-        num_malicious(cfg.data.num_clients, cfg.attack.num_malicious, cfg.attack.fraction)
-        * sampled
-        / cfg.data.num_clients
-    )
-    boost = effective_boost(cfg.attack.boost, sampled, cfg.server.lr, expected_attackers)
-    if boost != 1:
-        update = boost * update
-    return unflatten_state(flatten_state(global_state) + update, global_state)
+    return train(msg, context)
 
 
 @app.evaluate(mods=[signing_mod])
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local partition."""
-    _, _, model, x, y, hardware = _local_setup(msg, context)
-    result = evaluate(
-        model,
-        x,
-        y,
-        batch_size=min(512, hardware.max_batch or 512),
-        device=hardware.device,
-        precision=hardware.precision,
-    )
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(
-                {
-                    "eval_loss": result.loss,
-                    "eval_accuracy": result.accuracy,
-                    "num-examples": result.num_examples,
-                }
-            )
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    from fedsec.client.handlers import evaluate
+
+    return evaluate(msg, context)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _TRAINING_SIDE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module("fedsec.client.handlers"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

@@ -49,9 +49,8 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import (
@@ -68,7 +67,6 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedsec.config import WIRE_CONFIG_KEY
-from fedsec.params import flatten_state
 from fedsec.secagg.client import (
     DEFAULT_MAX_DEGREE,
     DEFAULT_MAX_NODES,
@@ -86,6 +84,11 @@ from fedsec.secagg.messages import (
     UnmaskRequest,
     request_from_record,
 )
+
+if TYPE_CHECKING:
+    # torch only at masked input: a SuperNode runs each message in a fresh process,
+    # and the other stages (keys, unmask) must not pay for importing it.
+    import torch
 
 __all__ = [
     "ADVERSARY_KEY",
@@ -239,6 +242,8 @@ def _mask_crafted(
     msg: Message, context: Context, client: SecAggClient, crafted: ArrayRecord
 ) -> Message:
     """Mask the update the colluders crafted (a malicious client in a simulation only)."""
+    import torch
+
     from fedsec.client.app import is_colluding_client
 
     if not is_colluding_client(msg, context):
@@ -259,6 +264,8 @@ def _mask_crafted(
 
 def _flat_update(sent: ArrayRecord, back: ArrayRecord) -> torch.Tensor:
     """Returned minus received model, flattened in the order the server sent it."""
+    from fedsec.params import flatten_state
+
     before, after = sent.to_torch_state_dict(), back.to_torch_state_dict()
     if list(before) != list(after) or any(before[k].shape != after[k].shape for k in before):
         raise ProtocolError("trained model's arrays differ from the ones received")
@@ -372,7 +379,9 @@ def load_identity(
     identity = str(node.get("secagg-identity", "")) or f"client-{node.get('partition-id', '')}"
     key_dir = str(node.get("secagg-key-dir", "")) or _key_dir_from_server(msg)
     if not key_dir:
-        raise ProtocolError("signed secagg needs the node config 'secagg-key-dir'")
+        raise ProtocolError(
+            "signed secagg needs the node config 'secagg-key-dir' (this node's own keys)"
+        )
     folder = Path(key_dir).expanduser()
     pem = folder / f"{identity}.pem"
     try:
@@ -386,9 +395,20 @@ def load_identity(
 
 
 def _key_dir_from_server(msg: Message) -> str:
+    """The ``secagg.key_dir`` the server names: a fallback in simulations only.
+
+    In a simulation server and clients share a machine and one key folder. A
+    deployed node must hold its own key (node config ``secagg-key-dir``): a
+    folder the server names could hold every client's private key, and a node
+    that borrowed from it could sign as any other (as ``signing_mod`` refuses).
+    """
     config = msg.content.config_records.get("config")
     if config is None or WIRE_CONFIG_KEY not in config:
         return ""
+    # Imported here: both import torch, which a deployed node's key stages never need.
+    from fedsec.attacks.threat import simulated_adversary
     from fedsec.client.app import config_from_message
 
+    if not simulated_adversary():
+        return ""
     return config_from_message(msg).secagg.key_dir

@@ -28,10 +28,18 @@ key replies unsigned unless the server's config says ``signatures.required``:
 then it answers with an error naming the node config to set, before
 training. A node with a key signs whether or not signatures are required.
 Keys are loaded once per process.
+
+The mod reads only the ``signatures`` section of the config the server sent,
+not the whole config: validating that imports torch and the training stack,
+and a SuperNode runs every message (SecAgg's key and unmask stages included)
+in a fresh process. The handler still validates the whole config where it
+needs it (training, evaluation).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from pathlib import Path
 
@@ -39,8 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedsec.attacks.threat import simulated_adversary
-from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig
+from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, SignaturesSection
 from fedsec.deploy.signatures import ContentHasher, SignatureError, load_signing_key, sign_reply
 
 __all__ = [
@@ -131,6 +138,13 @@ def resolve_signer(
     SignatureError
         If ``signing-key`` names an unusable key, or a found key is unreadable.
     """
+    return _resolve(context, None if cfg is None else cfg.signatures)
+
+
+def _resolve(
+    context: Context, signatures: SignaturesSection | None
+) -> tuple[str, Ed25519PrivateKey] | None:
+    """:func:`resolve_signer` given only the server config's ``signatures`` section."""
     node = context.node_config
     named = str(node.get("signing-key", ""))
     if named:
@@ -142,8 +156,8 @@ def resolve_signer(
     if node.get("secagg-key-dir"):
         identity = str(node.get("secagg-identity", "")) or default
         folder = Path(str(node["secagg-key-dir"])).expanduser()
-    elif cfg is not None and cfg.signatures.key_dir and simulated_adversary():
-        identity, folder = default, Path(cfg.signatures.key_dir).expanduser()
+    elif signatures is not None and signatures.key_dir and _simulated():
+        identity, folder = default, Path(signatures.key_dir).expanduser()
     else:
         return None
     path = folder / f"{identity}.pem"
@@ -161,17 +175,40 @@ def _load(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _server_config(msg: Message) -> ExperimentConfig | None:
-    """The experiment config the message carries, or None (the handler reports why)."""
+def _simulated() -> bool:
+    # Imported here: fedsec.attacks.threat imports torch, which a deployed node's
+    # SecAgg key and unmask stages never need.
+    from fedsec.attacks.threat import simulated_adversary
+
+    return simulated_adversary()
+
+
+def _server_signatures(msg: Message) -> SignaturesSection | None:
+    """The ``signatures`` section of the config ``msg`` carries, or None (no usable one).
+
+    None when the message has no config, or the section is not a table of a
+    boolean ``required`` and a string ``key_dir``: the handler, which validates
+    the whole config, then answers with the reason.
+    """
     record = msg.content.config_records.get("config")
     if record is None or WIRE_CONFIG_KEY not in record:
         return None
-    from fedsec.client.app import config_from_message  # the app imports this module
+    return _signatures_of(str(record[WIRE_CONFIG_KEY]))
 
+
+@functools.lru_cache(maxsize=8)
+def _signatures_of(text: str) -> SignaturesSection | None:
     try:
-        return config_from_message(msg)
-    except ValueError:
+        raw = json.loads(text)
+    except (ValueError, RecursionError):
         return None
+    section = raw.get("signatures", {}) if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        return None
+    required, key_dir = section.get("required", False), section.get("key_dir", "")
+    if not isinstance(required, bool) or not isinstance(key_dir, str):
+        return None
+    return SignaturesSection(required=required, key_dir=key_dir)
 
 
 def _refuse(msg: Message, reason: str) -> Message:
@@ -185,13 +222,13 @@ def signing_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     Never raises for a missing or bad key: the node answers with an error
     (code :data:`SIGNING_REFUSED`), which the server counts as a failure.
     """
-    cfg = _server_config(msg)
+    signatures = _server_signatures(msg)
     try:
-        signer = resolve_signer(context, cfg)
+        signer = _resolve(context, signatures)
     except SignatureError as err:
         return _refuse(msg, f"signing key: {err}")
     if signer is None:
-        if cfg is not None and cfg.signatures.required:
+        if signatures is not None and signatures.required:
             return _refuse(
                 msg,
                 "signatures.required is set but this node has no signing key "

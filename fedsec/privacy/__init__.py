@@ -7,22 +7,47 @@
   that fits a Flower ``ConfigRecord`` in the client's ``context.state``.
 * :mod:`fedsec.privacy.client_level` — local DP (:func:`privatize_update`) and
   the central DP-FedAvg aggregation rule (:class:`CentralDPFedAvg`).
+
+The names below load on first use (PEP 562): importing a submodule such as
+:mod:`fedsec.privacy.distributed` must not pull in torch through
+:mod:`~fedsec.privacy.client_level`, since a SuperNode starts a fresh process
+per message and most messages need neither.
 """
 
-from fedsec.privacy.accounting import (
-    client_level_epsilon,
-    epsilon_for_history,
-    epsilon_spent,
-    solve_client_level_noise_multiplier,
-    solve_noise_multiplier,
-)
-from fedsec.privacy.client_level import (
-    CentralDPFedAvg,
-    clip_update,
-    privatize_update,
-    secure_standard_normal,
-)
-from fedsec.privacy.ledger import PrivacyLedger
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedsec.privacy.accounting import (
+        client_level_epsilon,
+        epsilon_for_history,
+        epsilon_spent,
+        solve_client_level_noise_multiplier,
+        solve_noise_multiplier,
+    )
+    from fedsec.privacy.client_level import (
+        CentralDPFedAvg,
+        clip_update,
+        privatize_update,
+        secure_standard_normal,
+    )
+    from fedsec.privacy.ledger import PrivacyLedger
+
+#: Public name -> the submodule defining it.
+_LAZY = {
+    "client_level_epsilon": "accounting",
+    "epsilon_for_history": "accounting",
+    "epsilon_spent": "accounting",
+    "solve_client_level_noise_multiplier": "accounting",
+    "solve_noise_multiplier": "accounting",
+    "CentralDPFedAvg": "client_level",
+    "clip_update": "client_level",
+    "privatize_update": "client_level",
+    "secure_standard_normal": "client_level",
+    "PrivacyLedger": "ledger",
+}
 
 __all__ = [
     "CentralDPFedAvg",
@@ -36,3 +61,16 @@ __all__ = [
     "solve_client_level_noise_multiplier",
     "solve_noise_multiplier",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -58,7 +58,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from opacus.accountants.analysis.rdp import get_privacy_spent
 
 from fedsec.privacy.accounting import MAX_NOISE_MULTIPLIER, RDP_ORDERS, check_delta
 
@@ -254,6 +253,10 @@ def skellam_epsilon(
         steps * skellam_rdp(order, variance=var, l2_sensitivity=d2, l1_sensitivity=d1)
         for order in RDP_ORDERS
     ]
+    # Here, not at the top: Opacus takes ~1.3 s to import, and the SecAgg client
+    # (one fresh process per message on a SuperNode) needs only the sampler.
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     with warnings.catch_warnings():
         # An optimum at the grid's edge still gives a valid (if loose) bound.
         warnings.filterwarnings("ignore", message="Optimal order is the")

@@ -35,15 +35,13 @@ import enum
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedsec.privacy.client_level import clip_update
 from fedsec.privacy.distributed import sample_skellam
 from fedsec.secagg import shamir
 from fedsec.secagg.encoding import FixedPointEncoder
@@ -69,6 +67,11 @@ from fedsec.secagg.messages import (
     UnmaskRequest,
 )
 from fedsec.secagg.signing import sign_keys, sign_survivors, verify_keys, verify_survivors
+
+if TYPE_CHECKING:
+    # torch only where an update is masked: the key and unmask stages, each a fresh
+    # process on a SuperNode, never import it.
+    import torch
 
 __all__ = [
     "DEFAULT_MAX_DEGREE",
@@ -487,6 +490,10 @@ class SecAggClient:
             encoding's coordinate range still applies, as it does to any
             input that must not wrap the sum).
         """
+        import torch
+
+        from fedsec.privacy.client_level import clip_update
+
         setup = self._setup()
         if self.stage is not ClientStage.SHARES_RECEIVED:
             raise ProtocolError(f"cannot mask at stage {self.stage.value}")

@@ -31,12 +31,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+if TYPE_CHECKING:
+    # torch is imported where tensors are handled: a SecAgg client's key and unmask
+    # stages (one fresh process per message on a SuperNode) touch none.
+    import torch
 
 __all__ = ["MAX_BITS", "FixedPointEncoder", "max_bits_for"]
 
@@ -218,6 +222,8 @@ class FixedPointEncoder:
             )
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
+        import torch
+
         values = x.detach().to("cpu")
         if values.dtype not in (torch.float32, torch.float64):
             values = values.to(torch.float64)
@@ -260,7 +266,7 @@ class FixedPointEncoder:
         self,
         total: npt.NDArray[np.unsignedinteger[Any]],
         count: int,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Map the sum of ``count`` encodings back to the sum of the clipped floats.
 
@@ -271,8 +277,9 @@ class FixedPointEncoder:
             outputs of :meth:`encode`.
         count : int
             Number of summed encodings, ``1 <= count <= num_clients``.
-        dtype : torch.dtype, default torch.float32
-            Result dtype; ``torch.float64`` keeps the sum exact to the grid.
+        dtype : torch.dtype, optional
+            Result dtype, ``torch.float32`` by default; ``torch.float64`` keeps
+            the sum exact to the grid.
 
         Returns
         -------
@@ -301,7 +308,9 @@ class FixedPointEncoder:
             out -= float(count * self.headroom)
         out *= 2.0 * self.clip / float(self.levels)
         out -= count * self.clip
-        return torch.from_numpy(out).to(dtype)
+        import torch
+
+        return torch.from_numpy(out).to(torch.float32 if dtype is None else dtype)
 
     def quantisation_bound(self, count: int) -> float:
         """Largest per-coordinate error of :meth:`decode_sum` vs the clipped sum.
@@ -340,6 +349,8 @@ class _Coins:
 
     def draw(self, size: int) -> npt.NDArray[np.float64]:
         if self.generator is not None:
+            import torch
+
             return torch.rand(size, generator=self.generator, dtype=torch.float64).numpy()
         words = self.words[:size]
         self.stream.update_into(self.zeros[: 4 * size], words.data.cast("B"))
