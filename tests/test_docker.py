@@ -105,7 +105,8 @@ def test_compose_file_validates_with_docker_compose(tmp_path: Path) -> None:
 # ---- the compose file, rendered ----------------------------------------------------
 
 KEYS = DOCKER / "keys"  # compose's ./keys
-SUPERLINK_SIDE = ("superlink", "register", "admin")  # the SuperLink's folder, its namespace
+SUPERLINK_SIDE = ("superlink",)  # the SuperLink's folder
+CONTROL_SIDE = ("register", "admin")  # the flwr CLI: CA certificate, node public keys only
 
 
 @dataclass(frozen=True)
@@ -173,9 +174,22 @@ def _key_problems(services: dict[str, Any]) -> list[str]:
         if p.is_relative_to(layout.superlink_dir)
     }
     for name, service in services.items():
+        # volumes_from, secrets and configs mount files too, unseen by the checks below.
+        for other in ("volumes_from", "secrets", "configs"):
+            if service.get(other):
+                problems.append(f"{name}: mounts through {other}")
+        control: dict[Path, str] = {}
         if name in SUPERLINK_SIDE:
             allowed: Path | None = layout.superlink_dir
             files = superlink_files
+        elif name in CONTROL_SIDE:
+            # Registering nodes and `flwr run` need no TLS key: never server.key.
+            allowed = None
+            control = {
+                layout.superlink_ca_cert: "/keys/ca.crt",
+                layout.node_public_key_dir: "/keys/supernodes",
+            }
+            files = {f for f in superlink_files if f == "ca.crt" or f.startswith("supernodes/")}
         elif name in nodes:
             allowed = layout.node_dir(int(name.split("-")[1]))
             files = {"ca.crt", "auth.key", "signing.pem"}
@@ -191,16 +205,22 @@ def _key_problems(services: dict[str, Any]) -> list[str]:
                     problems.append(f"{name}: mounts all of ./keys")
                 key_mounts.append(mount)
             elif mount.source.is_relative_to(KEYS):
-                if mount.source != allowed:
+                # The CLI services: only their listed files, each at its place.
+                fits = control.get(mount.source) == mount.target if control else None
+                if fits is False or (fits is None and mount.source != allowed):
                     problems.append(f"{name}: mounts {mount.source.relative_to(DOCKER)}")
                 if not mount.read_only:
                     problems.append(f"{name}: {mount.source.relative_to(DOCKER)} is writable")
                 key_mounts.append(mount)
         if name == "certs" and [m.source for m in key_mounts] != [KEYS]:
             problems.append("certs: does not mount ./keys whole")
-        if allowed is not None:
-            if [m.source for m in key_mounts] != [allowed] or key_mounts[0].target != "/keys":
-                problems.append(f"{name}: needs {allowed.relative_to(DOCKER)} at /keys")
+        if control and layout.superlink_ca_cert not in [m.source for m in key_mounts]:
+            problems.append(f"{name}: needs the CA certificate at /keys/ca.crt")
+        if allowed is not None and (
+            [m.source for m in key_mounts] != [allowed] or key_mounts[0].target != "/keys"
+        ):
+            problems.append(f"{name}: needs {allowed.relative_to(DOCKER)} at /keys")
+        if allowed is not None or control:
             # Every key path it names is a file of its own folder.
             for used in re.findall(r"/keys/([\w.$/-]+)", _words(service)):
                 used = re.sub(r"\$+\{?i\}?", "0", used)  # register's loop variable
@@ -220,7 +240,7 @@ def services(compose_text: str) -> dict[str, Any]:
 
 
 def test_compose_gives_no_container_a_key_it_does_not_need(services: dict[str, Any]) -> None:
-    assert set(SUPERLINK_SIDE) | {"certs", "supernode-0"} <= set(services)
+    assert {*SUPERLINK_SIDE, *CONTROL_SIDE, "certs", "supernode-0"} <= set(services)
     assert _key_problems(services) == []
     # ./keys/ca (the CA key) is mounted nowhere, even read-only.
     for name, service in services.items():

@@ -35,9 +35,12 @@ Two layouts, with the same :class:`DeploymentKeys` attributes:
 Private keys are written with mode 0600 and folders the call makes with
 0700; nothing is ever overwritten: an existing file stops the call with a
 one-line error before anything is written, so a CA in use cannot be lost by
-running it twice. ``owner=(uid, gid)`` gives every file and folder the call
-makes to that user (how a root container writes keys for images that run as
-uid 1000). A call that fails midway removes what it made.
+running it twice. A layout folder that exists already must be a real folder
+(not a symbolic link) of the caller or ``owner``, writable by no one else:
+keys are never written where another user could swap them. ``owner=(uid,
+gid)`` gives every file and folder the call makes to that user (how a root
+container writes keys for images that run as uid 1000). A call that fails
+midway removes what it made, a partly written file included.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import datetime
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -242,8 +246,9 @@ def write_deployment_keys(
     Raises
     ------
     ValueError
-        On bad arguments, if a file to write exists already, or if ``owner``
-        cannot be applied (nothing is left behind then).
+        On bad arguments, if a file to write exists already, if a layout
+        folder that exists is a link, another user's or writable by group or
+        others, or if ``owner`` cannot be applied (nothing is left behind then).
     OSError
         If a file or folder cannot be made (what the call made is removed).
     """
@@ -259,13 +264,16 @@ def write_deployment_keys(
     alt_names = _alt_names(hosts)  # a bad host name stops the call before any write
     folder = Path(folder)
     keys = DeploymentKeys(folder, nodes, split=split)
-    taken = [str(p.relative_to(folder)) for p in keys.all() if p.exists()]
+    # lexists: a planted link, even dangling, is taken too (O_EXCL would refuse it later).
+    taken = [str(p.relative_to(folder)) for p in keys.all() if os.path.lexists(p)]
     if taken:
         # A few names are enough to recognise the folder; the line stays one line.
         more = f" and {len(taken) - 4} more" if len(taken) > 4 else ""
         raise ValueError(
             f"{folder} already holds {', '.join(taken[:4])}{more}; use an empty folder"
         )
+    for path in keys.folders():
+        _check_folder(path, owner)
 
     made: list[Path] = []  # removed, last first, if the call fails
     try:
@@ -374,6 +382,36 @@ def _write_all(
         write(public_path, signing_public)
 
 
+def _check_folder(path: Path, owner: tuple[int, int] | None) -> None:
+    """Refuse a layout folder that exists but others could change.
+
+    Keys are written into folders that already exist (Docker makes ``./keys``).
+    A symbolic link would send them elsewhere; a folder another user owns, or
+    one writable by group or others, lets that user swap a public key or a
+    whole subfolder after the call (e.g. ``superlink/signing/client-0.pub`` for
+    their own key: they would then sign as ``client-0``).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"{path} is a symbolic link; keys go only into real folders")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} exists and is not a folder")
+    users = {os.geteuid(), *(() if owner is None else (owner[0],))}
+    if st.st_uid not in users:
+        raise ValueError(
+            f"{path} belongs to uid {st.st_uid}, not to the keys' owner "
+            "(use a folder of your own, or --owner for its user)"
+        )
+    if st.st_mode & 0o022:
+        raise ValueError(
+            f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run chmod go-w {path}"
+        )
+
+
 def _alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -402,7 +440,8 @@ def _chown(path: Path, owner: tuple[int, int] | None, *, fd: int | None) -> None
         if fd is not None:
             os.fchown(fd, *owner)
         else:
-            os.chown(path, *owner)
+            # Never through a link: a folder swapped for one must not hand its target over.
+            os.chown(path, *owner, follow_symlinks=False)
     except PermissionError:
         raise ValueError(
             f"cannot give {path} to {owner[0]}:{owner[1]}: not permitted "
@@ -418,12 +457,15 @@ def _write(
     The file changes owner while still empty, so a key never sits, written,
     under the wrong owner.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     fd = os.open(path, flags, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        try:
+    try:
+        with os.fdopen(fd, "wb") as handle:
             _chown(path, owner, fd=fd)
-        except ValueError:
+            handle.write(data)
+    except BaseException:
+        # Not yet in the caller's list of what it made: a short write (disk full,
+        # a file size limit) must not leave a partial key that blocks the next run.
+        with contextlib.suppress(OSError):
             path.unlink()
-            raise
-        handle.write(data)
+        raise
