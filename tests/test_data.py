@@ -472,3 +472,74 @@ def test_client_dataset() -> None:
     for bad in (-1, 8):
         with pytest.raises(ValueError, match=f"partition_id={bad} is out of range"):
             client_dataset(data, bad, 8, "iid", seed=0)
+
+
+# ---- digits without importing scikit-learn ---------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42, 2**23 - 1])
+def test_digits_split_equals_scikit_learns(seed: int) -> None:
+    """fedsec's numpy split is scikit-learn's stratified train_test_split, index for index.
+
+    Results from before the numpy loader (grid stores, published figures) stay
+    comparable only if every seed gives the very same split.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from fedsec.data.datasets import _load_digits
+
+    bunch = load_digits()
+    pixels = np.asarray(bunch.images, dtype=np.float32) / 16.0
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    index = np.arange(len(labels))
+    train, test = train_test_split(index, test_size=0.2, stratify=labels, random_state=seed)
+    train_x, train_y, test_x, test_y = _load_digits(Path("unused"), seed)
+    assert np.array_equal(train_y, labels[train]) and np.array_equal(test_y, labels[test])
+    expected = (pixels[train] - 0.3053) / 0.3760
+    assert np.array_equal(train_x[:, 0], expected.astype(np.float32))
+    assert np.array_equal(test_x[:, 0], ((pixels[test] - 0.3053) / 0.3760).astype(np.float32))
+
+
+def test_stratified_split_equals_scikit_learns_on_random_labels() -> None:
+    """Other class counts and fractions, including ties that the seed must break alike."""
+    from sklearn.model_selection import train_test_split
+
+    from fedsec.data.datasets import stratified_split
+
+    rng = np.random.default_rng(5)
+    compared = 0
+    for trial in range(40):
+        classes, n = int(rng.integers(2, 12)), int(rng.integers(40, 400))
+        labels = rng.integers(0, classes, size=n)
+        fraction = float(rng.uniform(0.1, 0.5))
+        try:
+            train, test = train_test_split(
+                np.arange(n), test_size=fraction, stratify=labels, random_state=trial
+            )
+        except ValueError:  # a class with one member: both refuse
+            with pytest.raises(ValueError, match="stratify"):
+                stratified_split(labels, test_fraction=fraction, seed=trial)
+            continue
+        ours = stratified_split(labels, test_fraction=fraction, seed=trial)
+        assert np.array_equal(ours[0], train) and np.array_equal(ours[1], test), trial
+        compared += 1
+    assert compared >= 30  # the seeds above make nearly every trial a valid split
+
+
+def test_loading_digits_imports_no_scikit_learn(tmp_path: Path) -> None:
+    """A SuperNode's training process reads digits with numpy alone (issue 17, round time)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fedsec.data.datasets import load_dataset\n"
+        "data = load_dataset('digits')\n"
+        "assert len(data.train_y) + len(data.test_y) == 1797\n"
+        "print(sorted(m for m in ('sklearn', 'scipy', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

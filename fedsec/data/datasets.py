@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import gzip
 import importlib
+import importlib.util
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -313,17 +314,92 @@ def _load_cached(name: str, data_dir: str, seed: int) -> SplitData:
 
 def _load_digits(data_dir: Path, seed: int) -> _Arrays:
     del data_dir  # bundled with scikit-learn
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    images = np.asarray(bunch.images, dtype=np.float32) / 16.0
+    flat, target = _read_digits()
+    images = flat.reshape(-1, 8, 8).astype(np.float32) / 16.0
     x = ((images - _DIGITS_MEAN) / _DIGITS_STD)[:, None, :, :].astype(np.float32)
-    y = np.asarray(bunch.target, dtype=np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=seed
-    )
-    return train_x, train_y, test_x, test_y
+    y = target.astype(np.int64)
+    train, test = stratified_split(y, test_fraction=0.2, seed=seed)
+    return x[train], y[train], x[test], y[test]
+
+
+def _read_digits() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Pixels [1797, 64] and labels of scikit-learn's bundled ``digits.csv.gz``.
+
+    Read with numpy from the installed scikit-learn's data folder, without
+    importing scikit-learn: a deployed SuperNode starts a fresh process for
+    every message, and importing scikit-learn (scipy with it) costs about a
+    CPU-second there. The file is the one ``sklearn.datasets.load_digits`` reads.
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package, imports nothing
+    if spec is None or spec.origin is None:
+        raise DatasetNotFoundError("digits: scikit-learn, which bundles it, is not installed")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        # An unusual install layout: let scikit-learn find its own file.
+        from sklearn.datasets import load_digits
+
+        flat, target = load_digits(return_X_y=True)
+        return np.asarray(flat, dtype=np.float64), np.asarray(target, dtype=np.int64)
+    with gzip.open(path, "rt") as file:
+        data = np.loadtxt(file, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(np.int64)
+
+
+def _approximate_mode(
+    counts: npt.NDArray[np.int64], draws: int, rng: np.random.RandomState
+) -> npt.NDArray[np.int64]:
+    """Per-class draws of a stratified sample: floors, then the largest remainders.
+
+    Ties among equal remainders are broken at random with ``rng``, exactly as
+    scikit-learn's ``_approximate_mode`` does (same calls, same order), so the
+    split below equals ``train_test_split(..., stratify=y, random_state=seed)``.
+    """
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            add = min(len(tied), need)
+            floored[rng.choice(tied, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return np.asarray(floored, dtype=np.int64)
+
+
+def stratified_split(
+    y: npt.NDArray[np.int64], *, test_fraction: float, seed: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Train and test indices of a stratified shuffle split of labels ``y``.
+
+    The same indices as scikit-learn's ``train_test_split(x, y,
+    test_size=test_fraction, stratify=y, random_state=seed)`` (its
+    ``StratifiedShuffleSplit``; ``tests/test_data.py`` checks the equality), in
+    numpy alone, so a SuperNode's training process need not import
+    scikit-learn. Every class must have at least 2 members.
+    """
+    n = len(y)
+    n_test = int(np.ceil(test_fraction * n))
+    n_train = n - n_test
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    if counts.min() < 2 or min(n_train, n_test) < len(classes):
+        raise ValueError(
+            f"cannot stratify {n} labels of {len(classes)} classes into {n_train} train "
+            f"and {n_test} test (every class needs 2 members, each side a member per class)"
+        )
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    train_counts = _approximate_mode(counts, n_train, rng)
+    test_counts = _approximate_mode(counts - train_counts, n_test, rng)
+    train: list[npt.NDArray[np.int64]] = []
+    test: list[npt.NDArray[np.int64]] = []
+    for i in range(len(classes)):
+        shuffled = members[i].take(rng.permutation(counts[i]), mode="clip")
+        train.append(shuffled[: train_counts[i]])
+        test.append(shuffled[train_counts[i] : train_counts[i] + test_counts[i]])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
 # ---- MNIST / Fashion-MNIST (IDX) ------------------------------------------------
