@@ -260,7 +260,16 @@ def reconcile(stored: PrivacyLedger, cfg: ExperimentConfig) -> PrivacyLedger:
     epsilon for the same history), and the accountant stays the stored one, so
     the whole history is composed by one accountant.
     """
-    configured = configured_ledger(cfg)
+    return tighten_ledger(stored, configured_ledger(cfg))
+
+
+def tighten_ledger(stored: PrivacyLedger, configured: PrivacyLedger) -> PrivacyLedger:
+    """``stored``'s history under the stricter of its terms and ``configured``'s.
+
+    :func:`reconcile` for terms given as an (empty) ledger rather than a
+    config: the budget and delta are the smaller of the two, the accountant
+    stays the stored one (warnings name what is not used).
+    """
     if configured.accountant != stored.accountant:
         logger.warning(
             "privacy ledger kept with accountant %s; the config's %s is not used for it",
