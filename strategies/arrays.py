@@ -12,13 +12,27 @@ reading a byte of data (a 1 TiB claim with an 8-byte payload raises
 ``MemoryError``). So :meth:`ArraySpec.flatten_into` never calls it: it parses
 only the bounded header, checks dtype, shape and the exact byte length against
 the spec, and only then views the bytes in place (``np.frombuffer``, no copy).
+
+Non-float arrays. Only floating-point arrays are model weights that an
+aggregation rule can average; the flat update vector holds those alone. A
+model's integer arrays are buffers (BatchNorm's ``num_batches_tracked`` is an
+int64 counter of 0-d shape), and a reply's are checked byte for byte like the
+floats (dtype, exact shape, payload length) but never enter the rule. Their
+new value (:meth:`ArraySpec.merge_integers`) is the element-wise lower median
+of the accepted replies' values, never below the server's current value: for
+a counter that is the server's count plus the median client's increment, as
+Flower's FedAvg gives it up to the mean, but a minority of clients cannot
+move it beyond the range of the honest clients' values, nor can anyone make
+it go back. Boolean arrays stay at the server's value. Any other dtype
+(complex, strings, objects) is refused when the spec is built.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,13 +82,21 @@ def read_npy_layout(data: bytes) -> NpyLayout:
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """Layout of a model's arrays inside one flat float32 vector."""
+    """Layout of a model's arrays: the float ones inside one flat float32 vector.
+
+    ``names``, ``shapes`` and ``dtypes`` list every array of the record in its
+    order; ``offsets`` gives each float array's start in the flat vector (for a
+    non-float array, where it would start: it takes no room). ``dim`` counts
+    the float values only. ``fixed`` holds the server's current value of each
+    non-float array (see the module notes for their policy).
+    """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[str, ...]
     offsets: tuple[int, ...]
     dim: int
+    fixed: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_record(cls, record: ArrayRecord) -> ArraySpec:
@@ -83,21 +105,30 @@ class ArraySpec:
         Raises
         ------
         ValueError
-            If an array is not floating point (updates are only defined for floats).
+            If an array is neither floating point, integer nor boolean (updates
+            are defined for floats; integer and boolean buffers have a policy).
         """
         names, shapes, dtypes, offsets = [], [], [], []
+        fixed: dict[str, np.ndarray] = {}
         offset = 0
         for name, array in record.items():
-            if not np.issubdtype(np.dtype(array.dtype), np.floating):
+            kind = np.dtype(array.dtype).kind
+            if kind not in "fiub":
                 raise ValueError(
-                    f"array '{name}' has dtype {array.dtype}; only float arrays are supported"
+                    f"array '{name}' has dtype {array.dtype}; only float, integer and "
+                    "boolean arrays are supported"
                 )
             names.append(name)
             shapes.append(tuple(array.shape))
             dtypes.append(array.dtype)
             offsets.append(offset)
-            offset += math.prod(array.shape)
-        return cls(tuple(names), tuple(shapes), tuple(dtypes), tuple(offsets), offset)
+            if kind == "f":
+                offset += math.prod(array.shape)
+            else:  # the trusted global model: its own header, read as numpy does
+                value = np.array(array.numpy(), dtype=np.dtype(array.dtype), order="C")
+                value.flags.writeable = False
+                fixed[name] = value
+        return cls(tuple(names), tuple(shapes), tuple(dtypes), tuple(offsets), offset, fixed)
 
     def check(self, record: ArrayRecord) -> str | None:
         """Return why ``record`` does not match this spec, or None if it does.
@@ -124,22 +155,33 @@ class ArraySpec:
                 return f"array '{name}' has stype {short_repr(array.stype)}, expected {SType.NUMPY}"
         return None
 
-    def flatten_into(self, record: ArrayRecord, out: torch.Tensor) -> str | None:
-        """Copy ``record``'s arrays into the 1-D tensor ``out``; return a reason on failure.
+    def flatten_into(
+        self,
+        record: ArrayRecord,
+        out: torch.Tensor,
+        others: dict[str, np.ndarray] | None = None,
+    ) -> str | None:
+        """Copy ``record``'s float arrays into the 1-D tensor ``out``; return a reason on failure.
 
         Each payload's ``.npy`` header must declare exactly the spec's dtype
         (either byte order) and shape, and the payload must hold exactly that
         many bytes; all of this is checked before any data is read, so a lying
         header cannot make the server allocate or decode more than the model's
-        size. Fails (returning why) on any mismatch, on NaN or infinite values,
-        or on any error while decoding; never raises for a malformed record.
+        size. Non-float arrays get the same checks; their values are copied
+        into ``others`` (name -> native-order array of the exact shape) when it
+        is given. Fails (returning why) on any mismatch, on NaN or infinite
+        values, or on any error while decoding; never raises for a malformed
+        record.
         """
         flat = out.numpy()
         for name, shape, dtype, offset in zip(
             self.names, self.shapes, self.dtypes, self.offsets, strict=True
         ):
             try:
-                reason = _copy_payload(record[name], name, shape, np.dtype(dtype), flat, offset)
+                if name in self.fixed:
+                    reason = _read_other(record[name], name, shape, np.dtype(dtype), others)
+                else:
+                    reason = _copy_payload(record[name], name, shape, np.dtype(dtype), flat, offset)
             except Exception as err:  # any decoding failure excludes the reply
                 kind = type(err).__name__
                 reason = f"array '{name}' cannot be decoded ({kind}: {short_repr(err)})"
@@ -149,17 +191,66 @@ class ArraySpec:
             return "update contains NaN or infinite values"
         return None
 
-    def to_record(self, flat: torch.Tensor) -> ArrayRecord:
-        """Split a flat vector back into a named ArrayRecord of the original dtypes."""
+    def merge_integers(self, replies: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """New values of the non-float arrays from the accepted replies' values.
+
+        Integer arrays: the element-wise lower median of ``replies`` (the
+        ``others`` that :meth:`flatten_into` filled), but never below the
+        server's current value. With ``k`` of ``n`` replies malicious, the
+        result lies within the honest replies' range whenever
+        ``k <= (n - 1) // 2``, and never leaves ``[server value, largest
+        honest value]`` while ``k <= n // 2`` (an ``n = 2`` round with one liar
+        keeps the server's count or takes the honest one). Boolean arrays keep
+        the server's value. No reply: the server's values.
+        """
+        merged: dict[str, np.ndarray] = {}
+        for name, current in self.fixed.items():
+            if current.dtype.kind == "b" or not replies:
+                merged[name] = current
+                continue
+            stacked = np.stack([reply[name] for reply in replies])
+            lower_median = np.sort(stacked, axis=0)[(len(replies) - 1) // 2]
+            merged[name] = np.asarray(np.maximum(lower_median, current), dtype=current.dtype)
+        return merged
+
+    def to_record(
+        self, flat: torch.Tensor, others: Mapping[str, np.ndarray] | None = None
+    ) -> ArrayRecord:
+        """Split a flat vector back into a named ArrayRecord of the original dtypes and shapes.
+
+        Non-float arrays come from ``others`` (e.g. :meth:`merge_integers`),
+        else from the server's current values. 0-d arrays stay 0-d.
+        """
         values = flat.detach().cpu().numpy()
         record = ArrayRecord()
         for name, shape, dtype, offset in zip(
             self.names, self.shapes, self.dtypes, self.offsets, strict=True
         ):
-            size = math.prod(shape)
-            chunk = values[offset : offset + size].reshape(shape).astype(dtype, copy=False)
-            record[name] = Array(np.ascontiguousarray(chunk))
+            if name in self.fixed:
+                chunk = (others or self.fixed).get(name, self.fixed[name])
+            else:
+                size = math.prod(shape)
+                # A contiguous slice reshaped stays contiguous, and keeps 0-d shapes
+                # (np.ascontiguousarray would make them (1,)).
+                chunk = values[offset : offset + size].reshape(shape).astype(dtype, copy=False)
+            record[name] = Array(np.asarray(chunk, dtype=np.dtype(dtype)).reshape(shape))
         return record
+
+
+def _read_other(
+    array: Array,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    others: dict[str, np.ndarray] | None,
+) -> str | None:
+    """Check a non-float payload like a float one; copy its values into ``others``."""
+    values = payload_view(array, name, shape, dtype)
+    if isinstance(values, str):
+        return values
+    if others is not None:
+        others[name] = np.array(values, dtype=dtype).reshape(shape)  # native byte order
+    return None
 
 
 def _copy_payload(

@@ -15,6 +15,20 @@ single client can neither take the whole weight of a mean (``2**62``) nor
 overflow the rule's float32 weights (``1e39``). Client metrics enter the
 round's record only under bounded names that cannot collide with the
 server's own (see :func:`client_metric_name`).
+
+As a Flower strategy. A Flower app adopts it as it would ``FedAvg``:
+``FedSecStrategy(rule=make("krum", f=1)).start(grid=grid, initial_arrays=...)``
+with its own ClientApp, which answers a ``train`` message with an ArrayRecord
+under ``arrayrecord_key`` and a MetricRecord ``metrics`` holding
+``weighted_by_key`` (the record keys are Flower's defaults, and configurable
+as in ``FedAvg``). The logs name the rule as the rule object does
+(:func:`rule_label`). Integer buffers such as BatchNorm's
+``num_batches_tracked`` never enter the rule: see
+:mod:`fedsec.strategies.arrays` for their policy (a clamped lower median).
+Secure aggregation is not something ``start()`` can run (its rounds are
+:class:`~fedsec.strategies.secagg.SecAggWorkflow`'s stages), so a strategy
+built with ``secure=True`` refuses ``start()`` rather than run plain rounds
+that read every trained model in the clear.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -37,9 +52,10 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedsec.aggregation import Rule
+from fedsec.aggregation.base import Mean
 from fedsec.params import prefixed, unprefixed
 
 from .arrays import ArraySpec, short_repr
@@ -105,9 +121,12 @@ class FedSecStrategy(Strategy):
     Parameters
     ----------
     rule : Rule
-        Callable over stacked updates [n, d] (see :mod:`fedsec.aggregation`).
-    rule_name : str
-        The rule's config name, for logs.
+        An aggregation rule over stacked updates [n, d] (see
+        :mod:`fedsec.aggregation`, e.g. ``make("krum", f=1)``). Logs and
+        :attr:`rule_name` name it from the object (:func:`rule_label`).
+    rule_name : str, optional
+        Kept for callers that pass the configured name: it must be the name of
+        the rule or of a rule it wraps, else ``ValueError``. Never used for logs.
     fraction_train : float
         Fraction of connected nodes sampled per training round (at least one).
     fraction_evaluate : float
@@ -126,9 +145,12 @@ class FedSecStrategy(Strategy):
         Computes the server's own update from the global model (for rules such
         as FLTrust that require a ``reference``); called once per round.
     secure : bool, default False
-        Rounds run under secure aggregation (:mod:`fedsec.strategies.secagg`):
-        the strategy only ever gets the weighted mean, so the rule must be the
-        plain ``mean``.
+        Rounds run under secure aggregation, driven by
+        :meth:`SecAggWorkflow.run_round <fedsec.strategies.secagg.SecAggWorkflow.run_round>`
+        (fedsec's ServerApp does): the strategy only ever gets the weighted
+        mean, so the rule must be :class:`~fedsec.aggregation.base.Mean`
+        unless ``bucketed``. :meth:`start`, which would run plain rounds and
+        read every trained model in the clear, refuses such a strategy.
     bucketed : bool, default False
         With ``secure``: rounds run bucketed secure aggregation and ``rule``
         combines the bucket means (it must not need ``client_ids``).
@@ -137,13 +159,21 @@ class FedSecStrategy(Strategy):
         non-positive counts exclude the reply. :func:`build_strategy
         <fedsec.strategies.server_app.build_strategy>` sets it to the data
         set's training split size.
+    arrayrecord_key : str, default "arrays"
+        Key of the model's ArrayRecord in requests, and the only ArrayRecord a
+        training reply may carry (as in Flower's ``FedAvg``).
+    configrecord_key : str, default "config"
+        Key of the ConfigRecord in requests.
+    weighted_by_key : str, default "num-examples"
+        Key, in a reply's MetricRecord ``metrics``, of its example count (the
+        weight of its update and metrics).
     """
 
     def __init__(
         self,
         *,
         rule: Rule,
-        rule_name: str = "mean",
+        rule_name: str | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 0.0,
         min_available_nodes: int = 1,
@@ -155,12 +185,37 @@ class FedSecStrategy(Strategy):
         secure: bool = False,
         bucketed: bool = False,
         max_examples: int = MAX_EXAMPLES_CEILING,
+        arrayrecord_key: str = ARRAYS_KEY,
+        configrecord_key: str = CONFIG_KEY,
+        weighted_by_key: str = NUM_EXAMPLES_KEY,
     ) -> None:
         if isinstance(max_examples, bool) or not 1 <= max_examples <= MAX_EXAMPLES_CEILING:
             raise ValueError(f"max_examples must be in [1, 2**31], got {max_examples!r}")
+        if not isinstance(rule, Rule):
+            raise TypeError(
+                f"rule must be an aggregation Rule (e.g. fedsec.aggregation.make('krum', f=1)), "
+                f"got {short_repr(rule)}"
+            )
+        label = rule_label(rule)
+        if rule_name is not None and rule_name not in _rule_names(rule):
+            raise ValueError(
+                f"rule_name {rule_name!r} does not name the rule {label} ({short_repr(rule)}); "
+                "the name is taken from the rule, drop rule_name"
+            )
+        for what, key in (
+            ("arrayrecord_key", arrayrecord_key),
+            ("configrecord_key", configrecord_key),
+            ("weighted_by_key", weighted_by_key),
+        ):
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{what} must be a non-empty string, got {short_repr(key)}")
+        if weighted_by_key == PARTITION_KEY:
+            raise ValueError(f"weighted_by_key cannot be {PARTITION_KEY!r} (a partition claim)")
         self.max_examples = int(max_examples)
         self.rule = rule
-        self.rule_name = rule_name
+        self.arrayrecord_key = arrayrecord_key
+        self.configrecord_key = configrecord_key
+        self.weighted_by_key = weighted_by_key
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_available_nodes = min_available_nodes
@@ -169,15 +224,26 @@ class FedSecStrategy(Strategy):
         self.server_momentum = server_momentum
         self.node_wait_timeout = node_wait_timeout
         self.reference_fn = reference_fn
-        if secure and not bucketed and rule_name != "mean":
+        # From the object, not a name: a rule that is not exactly the mean would
+        # never see an update under secure aggregation, and silently never apply.
+        if secure and not bucketed and type(rule) is not Mean:
             raise ValueError(
-                f"rule '{rule_name}' needs individual client updates, which secure aggregation "
-                "hides; only 'mean' works on the secure sum (robust rules need the bucketed mode)"
+                f"rule {label} ({short_repr(rule, 120)}) needs individual client updates, which "
+                "secure aggregation hides (the server gets only their weighted mean); use "
+                "rule=make('mean') with secure=True, or bucketed=True (bucketed secure "
+                f"aggregation: SecAggWorkflow(bucket_size=s >= 2) applies {label} across the "
+                "bucket means)"
             )
         if bucketed and "client_ids" in rule.requires:
             raise ValueError(
-                f"rule '{rule_name}' tracks clients by id; under bucketed secure aggregation it "
+                f"rule {label} tracks clients by id; under bucketed secure aggregation it "
                 "sees buckets, which change every round"
+            )
+        if secure and (arrayrecord_key, configrecord_key) != (ARRAYS_KEY, CONFIG_KEY):
+            raise ValueError(
+                f"secure=True needs the record keys {ARRAYS_KEY!r} and {CONFIG_KEY!r}, which "
+                f"fedsec's SecAgg client mod reads; got {arrayrecord_key!r} and "
+                f"{configrecord_key!r}"
             )
         self.secure = secure
         self.bucketed = bucketed
@@ -189,14 +255,54 @@ class FedSecStrategy(Strategy):
         self._spec: ArraySpec | None = None
         self._global_flat: torch.Tensor | None = None
 
+    @property
+    def rule_name(self) -> str:
+        """The rule's name, from the rule object (:func:`rule_label`)."""
+        return rule_label(self.rule)
+
     def summary(self) -> None:
         """Log the strategy's settings."""
         logger.info(
-            "FedSecStrategy: rule=%s, fraction_train=%.2f, server_lr=%g, server_momentum=%g",
+            "FedSecStrategy: rule=%s, secure=%s, fraction_train=%.2f, server_lr=%g, "
+            "server_momentum=%g, keys: arrays=%r config=%r weight=%r",
             self.rule_name,
+            ("bucketed" if self.bucketed else "yes") if self.secure else "no",
             self.fraction_train,
             self.server_lr,
             self.server_momentum,
+            self.arrayrecord_key,
+            self.configrecord_key,
+            self.weighted_by_key,
+        )
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's round loop (:meth:`flwr.serverapp.strategy.Strategy.start`).
+
+        Raises
+        ------
+        RuntimeError
+            If the strategy is ``secure``: this loop sends the model and reads
+            every trained model in the clear, so it would break the promise.
+        """
+        if self.secure:
+            raise RuntimeError(_SECURE_START)
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
         )
 
     # -- state kept across rounds (checkpointed by the server app) ------------
@@ -245,7 +351,7 @@ class FedSecStrategy(Strategy):
         node_ids = self.sample_nodes(grid, server_round, self.fraction_train)
         self.last_report = RoundReport(server_round=server_round, sampled=node_ids)
         config["server-round"] = server_round
-        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         logger.info("round %d: sampled %d nodes", server_round, len(node_ids))
         return [
             Message(
@@ -257,34 +363,40 @@ class FedSecStrategy(Strategy):
             for node in node_ids
         ]
 
-    def _check_reply(self, msg: Message, row: torch.Tensor) -> tuple[str | None, float]:
-        """Copy a reply's model into ``row``; return why it is rejected (or None) and its weight."""
+    def _check_reply(
+        self, msg: Message, row: torch.Tensor, others: dict[str, np.ndarray]
+    ) -> tuple[str | None, float]:
+        """Copy a reply's model into ``row`` (non-float arrays into ``others``).
+
+        Returns why it is rejected (or None) and its weight.
+        """
         assert self._spec is not None and self.last_report is not None
         if msg.has_error():
             return f"client error: {short_repr(msg.error.reason, 200)}", 0.0
         if msg.metadata.src_node_id not in self.last_report.sampled:
             return "reply from a node that was not sampled this round", 0.0
         content = msg.content
-        if list(content.array_records) != [ARRAYS_KEY]:
+        if list(content.array_records) != [self.arrayrecord_key]:
             return (
-                f"expected one ArrayRecord '{ARRAYS_KEY}', "
+                f"expected one ArrayRecord '{self.arrayrecord_key}', "
                 f"got {short_repr(list(content.array_records))}"
             ), 0.0
         if METRICS_KEY not in content.metric_records:
             return f"missing MetricRecord '{METRICS_KEY}'", 0.0
-        count = content.metric_records[METRICS_KEY].get(NUM_EXAMPLES_KEY)
+        count = content.metric_records[METRICS_KEY].get(self.weighted_by_key)
         reason = self._check_count(count)
         if reason is not None:
             return reason, 0.0
-        arrays = content.array_records[ARRAYS_KEY]
-        return self._spec.check(arrays) or self._spec.flatten_into(arrays, row), _as_float(count)
+        arrays = content.array_records[self.arrayrecord_key]
+        reason = self._spec.check(arrays) or self._spec.flatten_into(arrays, row, others)
+        return reason, _as_float(count)
 
     def _check_count(self, count: object) -> str | None:
         """Why an example count is refused: not a finite number in ``[1, max_examples]``."""
         number = _scalar(count)
         if number is None or not 1 <= number <= self.max_examples:
             return (
-                f"'{NUM_EXAMPLES_KEY}' must be a finite number in [1, {self.max_examples}] "
+                f"'{self.weighted_by_key}' must be a finite number in [1, {self.max_examples}] "
                 f"(server.max_examples), got {short_repr(count)}"
             )
         return None
@@ -296,6 +408,9 @@ class FedSecStrategy(Strategy):
 
         Returns ``(None, metrics)`` when no reply is usable; the caller then keeps
         the global model as it was.
+
+        Non-float arrays (integer buffers) take the policy of
+        :meth:`ArraySpec.merge_integers` over the accepted replies.
 
         Raises
         ------
@@ -313,12 +428,14 @@ class FedSecStrategy(Strategy):
         updates = torch.empty(rows, self._spec.dim, dtype=torch.float32)
         weights: list[float] = []
         accepted: list[Message] = []
+        accepted_others: list[dict[str, np.ndarray]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             self._record_partition(msg)
             row = updates[len(accepted)] if len(accepted) < rows else updates[:0]
+            others: dict[str, np.ndarray] = {}
             try:
-                reason, weight = self._check_reply(msg, row)
+                reason, weight = self._check_reply(msg, row, others)
             except Exception as err:  # one bad reply never fails the round
                 reason, weight = f"reply cannot be read ({type(err).__name__})", 0.0
             if reason is not None:
@@ -327,6 +444,7 @@ class FedSecStrategy(Strategy):
                 continue
             report.accepted.append(node)
             accepted.append(msg)
+            accepted_others.append(others)
             weights.append(weight)
         # Sampled nodes that sent nothing (timeout, crash) are dropouts, not exclusions.
         metrics = MetricRecord(
@@ -361,11 +479,13 @@ class FedSecStrategy(Strategy):
         metrics["num-downweighted"] = sum(
             1 for w in report.weights.values() if 0 < w < 0.5 * equal_share
         )
-        client_metrics, dropped = weighted_client_metrics(accepted, weights, server_round)
+        client_metrics, dropped = weighted_client_metrics(
+            accepted, weights, server_round, weight_key=self.weighted_by_key
+        )
         metrics["num-metrics-dropped"] = dropped
         for key, value in client_metrics.items():
             metrics[key] = value
-        return self._spec.to_record(new_flat), metrics
+        return self._spec.to_record(new_flat, self._spec.merge_integers(accepted_others)), metrics
 
     def _record_partition(self, msg: Message) -> None:
         """Record the partition a reply says it comes from (for decisions.jsonl)."""
@@ -405,6 +525,9 @@ class FedSecStrategy(Strategy):
             Node ids whose updates are in the mean.
         dropped : dict of int to str
             Sampled nodes that left the protocol, with the stage and reason.
+
+        Non-float arrays (integer buffers) keep the server's values: no
+        client's own value is ever seen under secure aggregation.
         """
         if self._spec is None or self._global_flat is None or self.last_report is None:
             raise RuntimeError("aggregate_secure called before configure_train")
@@ -509,7 +632,7 @@ class FedSecStrategy(Strategy):
             return []
         node_ids = self.sample_nodes(grid, server_round, self.fraction_evaluate)
         config["server-round"] = server_round
-        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [
             Message(
                 content=content,
@@ -532,7 +655,7 @@ class FedSecStrategy(Strategy):
         weights: list[float] = []
         for msg in first_per_node(server_round, list(replies), {}):
             metrics = None if msg.has_error() else msg.content.metric_records.get(METRICS_KEY)
-            count = None if metrics is None else metrics.get(NUM_EXAMPLES_KEY)
+            count = None if metrics is None else metrics.get(self.weighted_by_key)
             reason = "no metrics" if metrics is None else self._check_count(count)
             if reason is None:
                 valid.append(msg)
@@ -547,7 +670,34 @@ class FedSecStrategy(Strategy):
         if not valid:
             return None
         checked_weights(weights)
-        return weighted_client_metrics(valid, weights, server_round)[0]
+        return weighted_client_metrics(
+            valid, weights, server_round, weight_key=self.weighted_by_key
+        )[0]
+
+
+_SECURE_START = (
+    "FedSecStrategy(secure=True) cannot run Strategy.start(): its rounds are plain, and read "
+    "every trained model in the clear; secure rounds run through "
+    "fedsec.strategies.secagg.SecAggWorkflow.run_round(grid, strategy, ...) with fedsec's "
+    "SecAgg client mod on every node (as fedsec's ServerApp runs them), or use secure=False"
+)
+
+
+def rule_label(rule: Rule) -> str:
+    """A rule's name from the object, wrapped rules included: ``"nnm(krum)"``.
+
+    A subclass that keeps the base class's placeholder name is named by its class.
+    """
+    name = rule.name if rule.name != Rule.name else type(rule).__name__
+    inner = getattr(rule, "inner", None)
+    return f"{name}({rule_label(inner)})" if isinstance(inner, Rule) else name
+
+
+def _rule_names(rule: Rule) -> list[str]:
+    """Names of ``rule`` and of the rules it wraps, outermost first."""
+    names = [rule.name]
+    inner = getattr(rule, "inner", None)
+    return names + _rule_names(inner) if isinstance(inner, Rule) else names
 
 
 def first_per_node(
@@ -617,7 +767,7 @@ def checked_weights(weights: list[float]) -> torch.Tensor:
     return narrow
 
 
-def client_metric_name(name: object) -> str | None:
+def client_metric_name(name: object, weight_key: str = NUM_EXAMPLES_KEY) -> str | None:
     """The round-record key of a client metric, or None if the name is refused.
 
     Names must be 1-64 characters of ``[A-Za-z0-9_.-]``. fedsec's own client
@@ -625,17 +775,22 @@ def client_metric_name(name: object) -> str | None:
     :data:`CLIENT_METRIC_PREFIX`, so a client's ``num-accepted`` becomes
     ``client_num-accepted`` and can never overwrite the server's count, nor
     any other key of the round's record (no server key starts with the prefix).
-    ``num-examples`` and ``partition-id`` are read by the server, not averaged.
+    ``weight_key`` (``num-examples``) and ``partition-id`` are read by the
+    server, not averaged.
     """
     if not isinstance(name, str) or len(name) > 64 or not CLIENT_METRIC_NAME.fullmatch(name):
         return None
-    if name in (NUM_EXAMPLES_KEY, PARTITION_KEY):
+    if name in (weight_key, PARTITION_KEY):
         return None
     return name if name in KNOWN_CLIENT_METRICS else CLIENT_METRIC_PREFIX + name
 
 
 def weighted_client_metrics(
-    replies: list[Message], weights: list[float], server_round: int = 0
+    replies: list[Message],
+    weights: list[float],
+    server_round: int = 0,
+    *,
+    weight_key: str = NUM_EXAMPLES_KEY,
 ) -> tuple[MetricRecord, int]:
     """Weighted mean of the scalar metrics every reply reports, and how many were dropped.
 
@@ -665,10 +820,10 @@ def weighted_client_metrics(
             continue
         kept: dict[str, float] = {}
         for name, value in record.items():
-            key = client_metric_name(name)
+            key = client_metric_name(name, weight_key)
             number = _scalar(value)
             if key is None or number is None:
-                if name not in (NUM_EXAMPLES_KEY, PARTITION_KEY):
+                if name not in (weight_key, PARTITION_KEY):
                     dropped += 1
                     logger.warning(
                         "round %d: dropped metric %s of node %d: %s",
