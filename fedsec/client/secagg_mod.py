@@ -9,6 +9,13 @@ training function, turns the returned model into the update (returned minus
 received), weights it by ``min(num_examples, weight_cap) / weight_cap`` and
 replies with the masked vector only: no model, no per-client metrics.
 
+The masked vector holds the model's floating point arrays only, flattened as
+float32 in the record's order: the layout and ``dim`` of the server's
+``ArraySpec`` (:mod:`fedsec.strategies.arrays`). Integer and boolean arrays
+(buffers such as BatchNorm's ``num_batches_tracked``) never enter it; in a
+secure round the server keeps its own values of them (no client's value is
+seen), so a node's counters never leave the node.
+
 Colluding attacks in simulations (the architecture's threat model: attackers
 pool their updates before masking, never through the server's view): a
 malicious client's training reply carries the ``fedsec.malicious`` tag, and
@@ -51,6 +58,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import (
@@ -204,9 +212,11 @@ def _masked_input(
     if crafted is not None:
         return _mask_crafted(msg, context, client, crafted)
     sent = msg.content.array_records.get("arrays")
-    size = sum(math.prod(a.shape) for a in sent.values()) if sent is not None else 0
+    size = _masked_size(sent) if sent is not None else 0
     if sent is not None and size != setup.dim:  # the round's vector must be the model sent
-        raise ProtocolError(f"the model sent has {size} values, the round expects {setup.dim}")
+        raise ProtocolError(
+            f"the model sent has {size} float values, the round expects {setup.dim}"
+        )
     trained = call_next(msg, context)
     if trained.has_error() or _for_adversary(trained):
         return trained
@@ -262,14 +272,46 @@ def _mask_crafted(
     return Message(content, reply_to=msg)
 
 
-def _flat_update(sent: ArrayRecord, back: ArrayRecord) -> torch.Tensor:
-    """Returned minus received model, flattened in the order the server sent it."""
-    from fedsec.params import flatten_state
+def _masked_size(record: ArrayRecord) -> int:
+    """Number of values the masked vector holds for ``record``: its float arrays' sizes.
 
-    before, after = sent.to_torch_state_dict(), back.to_torch_state_dict()
-    if list(before) != list(after) or any(before[k].shape != after[k].shape for k in before):
+    The same count as the server's ``ArraySpec.dim``; integer and boolean
+    arrays (buffers such as BatchNorm's ``num_batches_tracked``) take no room.
+    """
+    return sum(math.prod(a.shape) for a in record.values() if _is_float(a))
+
+
+def _is_float(array: Array) -> bool:
+    """Whether ``array`` holds floating point values (decided by its declared dtype)."""
+    try:
+        return np.dtype(array.dtype).kind == "f"
+    except TypeError:  # a dtype numpy does not know is no float array of the update
+        return False
+
+
+def _flat_update(sent: ArrayRecord, back: ArrayRecord) -> torch.Tensor:
+    """Returned minus received float arrays, as float32, flattened in the order sent.
+
+    Only floating point arrays form the update, in the record's order: exactly
+    the layout of the server's ``ArraySpec``. Integer and boolean arrays
+    (buffers) never enter the masked vector; under secure aggregation the
+    server keeps its own values of them, so the node's never leave it.
+    """
+    import torch
+
+    if list(sent.keys()) != list(back.keys()):
         raise ProtocolError("trained model's arrays differ from the ones received")
-    return flatten_state(after) - flatten_state(before)
+    parts: list[np.ndarray] = []
+    for name, before in sent.items():
+        after = back[name]
+        if tuple(after.shape) != tuple(before.shape) or _is_float(after) != _is_float(before):
+            raise ProtocolError(f"trained model's array '{name}' differs from the one received")
+        if _is_float(before):
+            new = after.numpy().astype(np.float32, copy=False).reshape(-1)
+            old = before.numpy().astype(np.float32, copy=False).reshape(-1)
+            parts.append(new - old)
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    return torch.from_numpy(flat)
 
 
 def _weight_cap(msg: Message) -> int:
