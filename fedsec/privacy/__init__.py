@@ -7,6 +7,10 @@
   that fits a Flower ``ConfigRecord`` in the client's ``context.state``.
 * :mod:`fedsec.privacy.client_level` — local DP (:func:`privatize_update`) and
   the central DP-FedAvg aggregation rule (:class:`CentralDPFedAvg`).
+* :mod:`fedsec.privacy.dp_loop` — DP-SGD on the user's own training loop:
+  :func:`make_private` (Opacus's shape) returns the model, a
+  :class:`DPOptimizer` and a Poisson-sampling data loader. (The module is not
+  called ``make_private``: importing it would then shadow the function here.)
 
 The names below load on first use (PEP 562): importing a submodule such as
 :mod:`fedsec.privacy.distributed` must not pull in torch through
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
         privatize_update,
         secure_standard_normal,
     )
+    from fedsec.privacy.dp_loop import DPOptimizer, DPSGDAccountant, make_private
     from fedsec.privacy.ledger import PrivacyLedger
 
 #: Public name -> the submodule defining it.
@@ -47,15 +52,21 @@ _LAZY = {
     "privatize_update": "client_level",
     "secure_standard_normal": "client_level",
     "PrivacyLedger": "ledger",
+    "DPOptimizer": "dp_loop",
+    "DPSGDAccountant": "dp_loop",
+    "make_private": "dp_loop",
 }
 
 __all__ = [
     "CentralDPFedAvg",
+    "DPOptimizer",
+    "DPSGDAccountant",
     "PrivacyLedger",
     "client_level_epsilon",
     "clip_update",
     "epsilon_for_history",
     "epsilon_spent",
+    "make_private",
     "privatize_update",
     "secure_standard_normal",
     "solve_client_level_noise_multiplier",
