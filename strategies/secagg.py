@@ -46,7 +46,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -265,7 +265,7 @@ class SecAggWorkflow:
             else:
                 current = self._open(grid, strategy, server_round, sampled, config)
                 self._step(current, config, grid, times, AdvertiseKeysReply, _share_keys)
-                self._step(current, config, grid, times, ShareKeysReply, _masked_input)
+                self._step(current, config, grid, times, ShareKeysReply, self._masked_input)
             if next_round is not None:
                 ahead = self._guard(
                     lambda: self._open(
@@ -312,7 +312,7 @@ class SecAggWorkflow:
             sums = self._finish(current, unmasked)
             times["finish"] = time.perf_counter() - started
             if ahead is not None:
-                ahead = self._advance(ahead, shares_ahead, _masked_input)
+                ahead = self._advance(ahead, shares_ahead, self._masked_input)
             self._prepared = ahead
         except (SecAggAbortedError, ValueError) as err:
             logger.warning("round %d: secure aggregation failed: %s", server_round, err)
@@ -445,6 +445,18 @@ class SecAggWorkflow:
         replies = self._exchange(grid, config, times, [self._part(b, reply) for b in live])
         by_index = {round_.buckets.index(b): r for b, r in zip(live, replies, strict=True)}
         self._apply(round_, by_index, step)
+
+    def _masked_input(self, bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:
+        """The masked-input requests, each carrying how its client weighs its update.
+
+        ``weight_cap`` rides in the protocol's own request, so a client mod needs
+        no application config; the protocol server's requests are otherwise as built.
+        """
+        cap = self.settings.weight_cap
+        return {
+            cid: replace(request, weight_cap=cap)
+            for cid, request in bucket.server.masked_input(replies).items()
+        }
 
     def _finish(self, round_: _Round, unmasked: dict[int, dict[int, Any]]) -> list[_Sum]:
         sums: list[_Sum] = []
@@ -824,10 +836,6 @@ def _group(config: ConfigRecord) -> str:
 
 def _share_keys(bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:
     return bucket.server.share_keys(replies)
-
-
-def _masked_input(bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:
-    return bucket.server.masked_input(replies)
 
 
 def _unmask(bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:

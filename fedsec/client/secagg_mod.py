@@ -7,7 +7,10 @@ The mod keeps the round's :class:`~fedsec.secagg.client.SecAggClient` state in
 ``context.state`` between messages. At the masked-input stage it runs the
 training function, turns the returned model into the update (returned minus
 received), weights it by ``min(num_examples, weight_cap) / weight_cap`` and
-replies with the masked vector only: no model, no per-client metrics.
+replies with the masked vector only: no model, no per-client metrics. Every
+parameter the mod needs travels in the protocol's own messages (``weight_cap``
+in the masked-input request), so it works in any Flower ClientApp, with no
+application config on the wire.
 
 The masked vector holds the model's floating point arrays only, flattened as
 float32 in the record's order: the layout and ``dim`` of the server's
@@ -227,7 +230,7 @@ def _masked_input(
     if update.numel() != setup.dim:
         raise ProtocolError(f"update has {update.numel()} values, the round expects {setup.dim}")
     metrics = trained.content.metric_records.get("metrics", MetricRecord())
-    masked = client.mask(update, _weight(metrics.get("num-examples"), _weight_cap(msg)))
+    masked = client.mask(update, _weight(metrics.get("num-examples"), request.weight_cap))
     public = MetricRecord({k: metrics[k] for k in PUBLIC_METRICS if k in metrics})
     content = RecordDict(
         {
@@ -315,6 +318,10 @@ def _flat_update(sent: ArrayRecord, back: ArrayRecord) -> torch.Tensor:
 
 
 def _weight_cap(msg: Message) -> int:
+    """The experiment's ``secagg.weight_cap``: the colluders' path (simulations) only.
+
+    An honest client takes its cap from the masked-input request itself.
+    """
     config = msg.content.config_records.get("config")
     if config is None or WIRE_CONFIG_KEY not in config:
         raise ProtocolError(f"masked-input stage carries no '{WIRE_CONFIG_KEY}' config")

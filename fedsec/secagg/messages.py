@@ -83,6 +83,8 @@ MAX_CLIENTS = 100_000
 MAX_DEGREE = 1_024
 #: Longest identity name (signed mode), in characters.
 MAX_IDENTITY_CHARS = 256
+#: Largest ``weight_cap`` a masked-input request may carry (exact as a float64).
+MAX_WEIGHT_CAP = 2**53
 
 
 class ProtocolError(ValueError):
@@ -397,10 +399,17 @@ class ShareKeysReply:
 
 @dataclass(frozen=True)
 class MaskedInputRequest(_Request):
-    """Stage 2: the encrypted shares the client's neighbours addressed to it."""
+    """Stage 2: the encrypted shares the client's neighbours addressed to it.
+
+    ``weight_cap`` (in ``[0, MAX_WEIGHT_CAP]``) is how the client weighs its
+    update: ``min(num_examples, weight_cap) / weight_cap``, or equal weights
+    at 0. It travels here, in the protocol's own message, so a client mod
+    needs no application config to take part.
+    """
 
     stage: ClassVar[str] = "masked-input"
     ciphertexts: dict[int, bytes] = field(default_factory=dict)
+    weight_cap: int = 0
 
     def to_record(self) -> Record:
         """The request as a flat record."""
@@ -408,6 +417,7 @@ class MaskedInputRequest(_Request):
             **self._header(),
             "ids": list(self.ciphertexts),
             "ciphertexts": list(self.ciphertexts.values()),
+            "weight_cap": self.weight_cap,
         }
 
     @classmethod
@@ -418,7 +428,12 @@ class MaskedInputRequest(_Request):
         _check_ids(ids, "ids")
         values = _bytes_list(record, "ciphertexts", CIPHERTEXT_BYTES, MAX_DEGREE)
         cts = _mapping(ids, values, "masked-input request")
-        return cls(session=session, round=server_round, ciphertexts=cts)
+        weight_cap = _expect(record, "weight_cap", int)
+        if not 0 <= weight_cap <= MAX_WEIGHT_CAP:
+            raise _fail(
+                f"secagg field 'weight_cap' must be in [0, {MAX_WEIGHT_CAP}], got {weight_cap}"
+            )
+        return cls(session=session, round=server_round, ciphertexts=cts, weight_cap=weight_cap)
 
 
 @dataclass(frozen=True)
