@@ -29,7 +29,6 @@ reply and the server would reject it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -368,33 +367,16 @@ class LocalDP:
             PRIVACY_BUDGET_EXHAUSTED,
             PRIVACY_LEDGER_UNUSABLE,
             LedgerUnavailableError,
+            locked_stored_ledger,
             tighten_ledger,
         )
-        from fedsec.privacy.ledger import LedgerFile, LedgerFileError
+        from fedsec.privacy.ledger import LedgerFile
 
         sigma, rate, steps = self.noise_multiplier, 1.0, 1
         try:
             path = self.ledger_path(context)
             file = LedgerFile(path, self._partition(context))
-            with contextlib.ExitStack() as stack:
-                try:
-                    stack.enter_context(file.locked())
-                except OSError as err:
-                    raise _unavailable(
-                        f"cannot lock privacy ledger {path}: {err.strerror or err}"
-                    ) from None
-                try:
-                    stored = file.load()
-                except LedgerFileError as err:
-                    raise _unavailable(f"{err}; refusing to train") from None
-                remembered = _remembered(context, path)
-                on_disk = stored.history if stored is not None else []
-                if on_disk[: len(remembered)] != remembered:
-                    raise _unavailable(
-                        f"privacy ledger {path} lacks rounds this node recorded "
-                        f"({len(on_disk)} on disk, {len(remembered)} in memory: deleted or "
-                        "rolled back?); refusing to train"
-                    )
+            with locked_stored_ledger(file, _remembered(context, path)) as stored:
                 ledger = self._terms() if stored is None else tighten_ledger(stored, self._terms())
                 if ledger.would_exceed(sigma, rate, steps)[0]:
                     reason = ledger.refusal_reason(sigma, rate, steps)

@@ -411,6 +411,30 @@ def open_node_ledger(
         yield NodeLedger(_capped(load_ledger(context, cfg), cap, delta_cap), context, None)
         return
     file = LedgerFile(path, partition_id)
+    record = context.state.config_records.get(LEDGER_KEY)
+    remembered = PrivacyLedger.from_config(dict(record)).history if record else []
+    with locked_stored_ledger(file, remembered) as stored:
+        ledger = configured_ledger(cfg) if stored is None else reconcile(stored, cfg)
+        yield NodeLedger(_capped(ledger, cap, delta_cap), context, file)
+
+
+@contextlib.contextmanager
+def locked_stored_ledger(
+    file: LedgerFile, remembered: list[tuple[float, float, int]]
+) -> Iterator[PrivacyLedger | None]:
+    """Lock ``file`` for the block and yield the ledger stored in it (None: no file yet).
+
+    ``remembered`` is the history this process last committed to the file: a
+    file that lacks any of it was deleted or rolled back while the node ran,
+    and the node refuses to train rather than spend its budget again.
+
+    Raises
+    ------
+    LedgerUnavailableError
+        If the file cannot be locked, is malformed or altered, or lacks
+        remembered rounds.
+    """
+    path = file.path
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(file.locked())
@@ -422,8 +446,6 @@ def open_node_ledger(
             stored = file.load()
         except LedgerFileError as err:
             raise LedgerUnavailableError(f"{err}; refusing to train") from None
-        record = context.state.config_records.get(LEDGER_KEY)
-        remembered = PrivacyLedger.from_config(dict(record)).history if record else []
         on_disk = stored.history if stored is not None else []
         if on_disk[: len(remembered)] != remembered:
             raise LedgerUnavailableError(
@@ -431,5 +453,4 @@ def open_node_ledger(
                 f"({len(on_disk)} on disk, {len(remembered)} in memory: deleted or rolled "
                 "back?); refusing to train"
             )
-        ledger = configured_ledger(cfg) if stored is None else reconcile(stored, cfg)
-        yield NodeLedger(_capped(ledger, cap, delta_cap), context, file)
+        yield stored
