@@ -40,8 +40,8 @@ from fedsec.client.app import app as client_app
 from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
 from fedsec.data import load_dataset
 from fedsec.models import make_model
-from fedsec.strategies.secagg import SecAggWorkflow
-from fedsec.strategies.server_app import build_strategy
+from fedsec.strategies.pipeline import pipeline
+from fedsec.strategies.server_app import build_strategy, make_secagg_workflow
 from fedsec.strategies.transport import send_and_receive
 
 
@@ -71,7 +71,8 @@ def make_bench_app(cfg: ExperimentConfig, rounds: int, results: list[dict[str, A
         )
         arrays = ArrayRecord(model.state_dict())
         strategy = build_strategy(cfg)
-        workflow = SecAggWorkflow(cfg.secagg, cfg.server.round_timeout)
+        workflow = make_secagg_workflow(cfg)
+        exchange = pipeline(grid)
         wire = json.dumps(cfg.to_dict())
         schedule = ["plain", "secure"] + ["plain", "secure"] * rounds
         for server_round, kind in enumerate(schedule, start=1):
@@ -89,7 +90,7 @@ def make_bench_app(cfg: ExperimentConfig, rounds: int, results: list[dict[str, A
                 # last one's is never used, but its cost is part of a round).
                 ahead = server_round + 2
                 new_arrays, metrics = workflow.run_round(
-                    grid, strategy, server_round, arrays, config, next_round=ahead
+                    exchange, grid, strategy, server_round, arrays, config, next_round=ahead
                 )
             elapsed = time.perf_counter() - started
             if new_arrays is None:

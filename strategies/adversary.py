@@ -1,75 +1,94 @@
-"""The simulation's adversary component (colluding attacks) and referee (ground truth).
+"""The simulation's adversary (colluding attacks) and referee (ground truth), as a filter.
 
 Colluding attacks (ALIE, IPM, Min-Max, Min-Sum, Fang, Mimic) need the pooled
 updates of all malicious clients, and an omniscient adversary also sees the
-honest ones. :class:`AdversaryGrid` plays that adversary between the clients
-and the server: it wraps the grid, takes the round's replies, lets the attack
-rewrite the malicious clients' models, and hands the result to the server.
-It models collusion among the attackers (a side channel outside the protocol),
-never the server's own view: the strategy gets exactly what it would get from
-malicious clients that crafted their updates together.
+honest ones. :class:`AdversaryFilter` plays that adversary between the clients
+and the server, as one filter of the server-side pipeline
+(:mod:`fedsec.strategies.pipeline`): it takes a training exchange's replies,
+lets the attack rewrite the malicious clients' models, and hands the result
+on. It models collusion among the attackers (a side channel outside the
+protocol), never the server's own view: the strategy gets exactly what it
+would get from malicious clients that crafted their updates together.
 
 Malicious clients identify themselves to it with the ``fedsec.malicious``
-reply metric, which it removes before the server sees the replies. As the
-referee it also strips every malicious client's ``fedsec.truth.malicious``
-tag (any attack) and remembers which nodes were malicious in the last
-training exchange, so the experiment can score the rule's exclusions
-(detection precision and recall) without the strategy ever seeing the truth.
+reply metric (:func:`fedsec.client.collusion.collusion_mod` sets it), which it
+removes before the server sees the replies. As the referee it also strips
+every malicious client's ``fedsec.truth.malicious`` tag (any attack) and
+remembers which nodes were malicious in the last training exchange, so the
+experiment can score the rule's exclusions (detection precision and recall)
+without the strategy ever seeing the truth.
 
 Under secure aggregation the colluders collude before masking: at the
-masked-input stage each one answers the adversary with its plain update
-(the client mod passes it on unmasked), the adversary crafts the malicious
-updates from the colluders' pooled updates (never the honest ones, which stay
-masked) and sends each colluder its masked-input request again with its
-crafted update, which the colluder masks and returns. The server sees only
+masked-input stage (recognised from the messages' own SecAgg record) each
+one answers with its plain update, the adversary crafts the malicious updates
+from the colluders' pooled updates (never the honest ones, which stay masked)
+and sends each colluder its masked-input request again with its crafted
+update, which the colluder masks and returns. That second pass goes through
+the rest of the pipeline (``next``), so what sits below this filter (e.g.
+signature verification) checks those replies too. The server sees only
 masked vectors, as it would from real colluders.
+
+Place it outermost in simulations: ``pipeline(grid, [adversary, verify])``
+makes the adversary see verified replies, as colluders' own would be.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from fedsec.aggregation import Rule
 from fedsec.attacks.base import AdversaryView, ModelPoisoningAttack
 from fedsec.attacks.threat import MALICIOUS_TAG, TRUTH_TAG, effective_boost, round_generator
-from fedsec.client.secagg_mod import ADVERSARY_KEY, NUM_EXAMPLES_ARRAY, SECAGG_KEY
+from fedsec.client.collusion import ADVERSARY_KEY, MASKED_INPUT_STAGE, NUM_EXAMPLES_ARRAY
+from fedsec.client.secagg_mod import SECAGG_KEY, SECAGG_NEXT_KEY
 
 from .arrays import ArraySpec
-from .transport import GridWrapper
+from .pipeline import Exchange
+
+__all__ = ["AdversaryFilter"]
 
 logger = logging.getLogger("fedsec")
 
+#: Key of the model's ArrayRecord in training requests and replies.
+ARRAYS_KEY = "arrays"
 
-class AdversaryGrid(GridWrapper):
-    """A grid wrapper in which colluding malicious clients craft their updates.
+
+class AdversaryFilter:
+    """The simulation's colluding adversary and referee, as a server-side filter.
 
     Parameters
     ----------
-    grid : Grid
-        The real grid (Ray simulation or in-process).
     attack : ModelPoisoningAttack or None
         A colluding attack, or None to only referee (other attacks).
     omniscient : bool
-        Whether the adversary also sees the honest clients' updates.
+        Whether the adversary also sees the honest clients' updates (plain
+        rounds; under secure aggregation they stay masked).
     rule : Rule or None
-        The server's aggregation rule, for adaptive attacks.
+        The server's aggregation rule, for adaptive attacks (give it a copy:
+        the attack may probe it).
     boost : float
-        Factor on the crafted updates (0: n / server_lr).
+        Factor on the crafted updates (0: n / server_lr, model replacement,
+        Bagdasaryan et al. 2020).
     server_lr : float
         The server learning rate (for ``boost = 0``).
     seed : int
         Seeds the attack's randomness per round.
+
+    Attributes
+    ----------
+    malicious_nodes : set of int
+        The nodes that were malicious in the last training exchange (ground
+        truth, for detection precision and recall).
+    rounds_attacked : int
+        Rounds in which the attack crafted updates.
     """
 
     def __init__(
         self,
-        grid: Grid,
         attack: ModelPoisoningAttack | None,
         *,
         omniscient: bool = False,
@@ -78,7 +97,10 @@ class AdversaryGrid(GridWrapper):
         server_lr: float = 1.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(grid)
+        if attack is not None and not isinstance(attack, ModelPoisoningAttack):
+            raise TypeError(
+                f"attack must be a ModelPoisoningAttack or None, got {type(attack).__name__}"
+            )
         self.attack = attack
         self.omniscient = omniscient
         self.rule = rule
@@ -88,66 +110,57 @@ class AdversaryGrid(GridWrapper):
         self.rounds_attacked = 0
         self.malicious_nodes: set[int] = set()  # ground truth of the last training exchange
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Send, then let the colluders rewrite their training replies."""
-        messages = list(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+    def __call__(self, messages: list[Message], next: Exchange, timeout: float) -> list[Message]:
+        """Exchange ``messages``, then let the colluders rewrite their training replies."""
+        replies = list(next(messages, timeout))
+        training = [m for m in messages if _trains(m)]
+        if not training:  # evaluation, or a SecAgg stage that carries no update
             return replies
         self._referee(replies)
-        if self.attack is not None:
-            if any(_is_masked_input(m) for m in messages):
-                replies = self._attack_secure(messages, replies, timeout)
-            else:
-                self._attack(messages[0], replies)
+        if _is_masked_input(training[0]):
+            return self._attack_secure(messages, replies, next, timeout)
+        self._attack(training[0], replies)
         return replies
 
     def _referee(self, replies: list[Message]) -> None:
         """Record and strip the ground-truth tags of a training exchange."""
         truth: set[int] = set()
         for reply in replies:
-            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            metrics = _metrics(reply)
             if metrics is not None and TRUTH_TAG in metrics:
                 del metrics[TRUTH_TAG]
                 truth.add(reply.metadata.src_node_id)
         self.malicious_nodes = truth
 
     def _attack_secure(
-        self, messages: list[Message], replies: list[Message], timeout: float | None
+        self, messages: list[Message], replies: list[Message], next: Exchange, timeout: float
     ) -> list[Message]:
         """Craft the colluders' updates before masking; return every masked reply."""
-        assert self.attack is not None
         by_node = {m.metadata.dst_node_id: m for m in messages}
-        plain, masked = [], []
-        for reply in replies:
-            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
-            if metrics is not None and MALICIOUS_TAG in metrics:
-                del metrics[MALICIOUS_TAG]
-                plain.append(reply)
-            else:
-                masked.append(reply)
+        plain, masked = _split(replies)
+        # A colluder claiming no usable example count drops out, as with a malformed model.
+        plain = [r for r in plain if _claimed_examples(r) is not None]
         if not plain:
             return masked
-        plain.sort(key=lambda m: m.metadata.src_node_id)
         request = by_node[plain[0].metadata.src_node_id]
         spec, global_flat = _global(request)
-        own, colluders = self._updates(spec, plain, global_flat)
+        own, colluders, _ = self._updates(spec, plain, global_flat)
         if own is None:
-            return masked
+            return masked  # no well-formed plain update: the colluders drop out
         n = sum(1 for m in messages if _is_masked_input(m))
-        crafted = self._craft(request, own, None, n)
+        crafted = self._craft(request, own, None, n) if self.attack is not None else None
         if crafted is None:
-            crafted = own  # too few colluders this round: they act honestly
+            crafted = own  # no attack, or too few colluders this round: they act honestly
         second = []
         for reply, update in zip(colluders, crafted, strict=True):
             original = by_node[reply.metadata.src_node_id]
             content = RecordDict(dict(original.content.items()))
-            metrics = reply.content.metric_records.get("metrics", MetricRecord())
-            count = np.array([float(metrics.get("num-examples", 1.0))], dtype=np.float64)  # type: ignore[arg-type]
+            count = np.array([_claimed_examples(reply)], dtype=np.float64)
             content[ADVERSARY_KEY] = ArrayRecord(
-                {ADVERSARY_KEY: Array(update.numpy()), NUM_EXAMPLES_ARRAY: Array(count)}
+                {
+                    ADVERSARY_KEY: Array(update.numpy().astype(np.float32)),
+                    NUM_EXAMPLES_ARRAY: Array(count),
+                }
             )
             second.append(
                 Message(
@@ -157,43 +170,33 @@ class AdversaryGrid(GridWrapper):
                     group_id=original.metadata.group_id,
                 )
             )
-        masked.extend(self.grid.send_and_receive(second, timeout=timeout))
+        # Through the rest of the pipeline: what checks replies below checks these too.
+        masked.extend(_split(list(next(second, timeout)))[1])
         return masked
 
     def _attack(self, request: Message, replies: list[Message]) -> None:
-        assert self.attack is not None
-        malicious, honest = [], []
-        for reply in replies:
-            if reply.has_error():
-                continue
-            metrics = reply.content.metric_records.get("metrics")
-            if metrics is not None and MALICIOUS_TAG in metrics:
-                del metrics[MALICIOUS_TAG]
-                malicious.append(reply)
-            else:
-                honest.append(reply)
-        if not malicious:
+        malicious, honest = _split([r for r in replies if not r.has_error()])
+        if not malicious or self.attack is None:
             return
-        # Stable row order (by node id), so attacks that track a row (Mimic) track a client.
-        malicious.sort(key=lambda m: m.metadata.src_node_id)
         honest.sort(key=lambda m: m.metadata.src_node_id)
         spec, global_flat = _global(request)
-        own, malicious = self._updates(spec, malicious, global_flat)
-        benign, _ = self._updates(spec, honest, global_flat) if self.omniscient else (None, [])
+        own, malicious, others = self._updates(spec, malicious, global_flat)
+        benign = self._updates(spec, honest, global_flat)[0] if self.omniscient else None
         if own is None:
             return
         crafted = self._craft(request, own, benign, len(malicious) + len(honest))
         if crafted is None:
             return
-        for reply, update in zip(malicious, crafted, strict=True):
-            reply.content["arrays"] = spec.to_record(global_flat + update)
+        for reply, update, own_others in zip(malicious, crafted, others, strict=True):
+            # The reply's own non-float arrays (buffers) stay as the client sent them.
+            reply.content[ARRAYS_KEY] = spec.to_record(global_flat + update, own_others)
 
     def _craft(
         self, request: Message, own: torch.Tensor, benign: torch.Tensor | None, n: int
     ) -> torch.Tensor | None:
         """The colluders' boosted updates [m, d], or None when the attack cannot run."""
         assert self.attack is not None
-        server_round = int(request.content.config_records["config"].get("server-round", 0))  # type: ignore[arg-type]
+        server_round = _server_round(request)
         try:
             self.attack.check(len(own), n)
         except ValueError as err:
@@ -214,32 +217,92 @@ class AdversaryGrid(GridWrapper):
     @staticmethod
     def _updates(
         spec: ArraySpec, replies: list[Message], global_flat: torch.Tensor
-    ) -> tuple[torch.Tensor | None, list[Message]]:
-        """Updates [k, d] of the replies whose models are well-formed, and those replies."""
+    ) -> tuple[torch.Tensor | None, list[Message], list[dict[str, np.ndarray]]]:
+        """Updates [k, d] of the well-formed replies, those replies and their other arrays."""
         rows = torch.empty(len(replies), spec.dim)
         kept: list[Message] = []
+        others: list[dict[str, np.ndarray]] = []
         for reply in replies:
-            arrays = reply.content.array_records.get("arrays")
+            arrays = reply.content.array_records.get(ARRAYS_KEY)
+            extra: dict[str, np.ndarray] = {}
             if (
                 isinstance(arrays, ArrayRecord)
                 and spec.check(arrays) is None
-                and spec.flatten_into(arrays, rows[len(kept)]) is None
+                and spec.flatten_into(arrays, rows[len(kept)], extra) is None
             ):
                 kept.append(reply)
+                others.append(extra)
         if not kept:
-            return None, kept
-        return rows[: len(kept)].sub_(global_flat), kept
+            return None, kept, others
+        return rows[: len(kept)].sub_(global_flat), kept, others
+
+
+def _metrics(reply: Message) -> MetricRecord | None:
+    """A reply's ``metrics`` record (None for an error reply or none sent)."""
+    if reply.has_error():
+        return None
+    return reply.content.metric_records.get("metrics")
+
+
+def _claimed_examples(reply: Message) -> float | None:
+    """A colluder's ``num-examples`` metric (1 if absent); None if it is not a number.
+
+    A reply's metrics are the sender's to choose (a list, say): one malformed
+    reply must not stop the round. The colluder itself refuses a count it
+    cannot weigh (non-finite, not positive) when asked to mask.
+    """
+    value = (_metrics(reply) or MetricRecord()).get("num-examples", 1.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _split(replies: list[Message]) -> tuple[list[Message], list[Message]]:
+    """(colluders' replies, the others), the colluders' tag removed, each by node id.
+
+    A stable row order (by node id), so attacks that track a row (Mimic) track a client.
+    """
+    tagged, rest = [], []
+    for reply in replies:
+        metrics = _metrics(reply)
+        if metrics is not None and MALICIOUS_TAG in metrics:
+            del metrics[MALICIOUS_TAG]
+            tagged.append(reply)
+        else:
+            rest.append(reply)
+    tagged.sort(key=lambda m: m.metadata.src_node_id)
+    return tagged, rest
 
 
 def _global(request: Message) -> tuple[ArraySpec, torch.Tensor]:
     """The layout and flat values of the global model a training request carries."""
-    global_arrays = request.content.array_records["arrays"]
+    global_arrays = request.content.array_records[ARRAYS_KEY]
     spec = ArraySpec.from_record(global_arrays)
     global_flat = torch.empty(spec.dim)
     spec.flatten_into(global_arrays, global_flat)
     return spec, global_flat
 
 
+def _server_round(request: Message) -> int:
+    """The round of a train request: its ``server-round`` config, else the group id."""
+    for record in request.content.config_records.values():
+        value = record.get("server-round")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    group = request.metadata.group_id
+    return int(group) if group.isdigit() else 0
+
+
+def _trains(msg: Message) -> bool:
+    """Whether ``msg`` asks for a model update: a plain train request or masked input."""
+    if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
+        return False
+    records = msg.content.config_records
+    if SECAGG_KEY in records:
+        return _is_masked_input(msg)
+    return SECAGG_NEXT_KEY not in records and ARRAYS_KEY in msg.content.array_records
+
+
 def _is_masked_input(msg: Message) -> bool:
     record = msg.content.config_records.get(SECAGG_KEY)
-    return record is not None and record.get("stage") == "masked-input"
+    return record is not None and record.get("stage") == MASKED_INPUT_STAGE

@@ -17,6 +17,19 @@ progress as events on a queue: ``("start", worker, cell_id, rounds)``,
 
 ``engine = "inprocess"`` runs the same apps on :class:`InProcessGrid` (no Ray),
 for quick sweeps and tests.
+
+A cell counts as failed when it raised, did not finish, or finished with
+every training round failed (no usable reply, e.g. each client's training
+raised): such a cell measured nothing, and a rerun reports it again (delete
+its folder under ``cells/`` to run it anew).
+
+The user's own model, data set, partitioner and training function run here
+as anywhere: by dotted ``"package.module:factory"`` names in the grid's
+configs, imported in each worker process (spawned with the parent's
+``sys.path``) and in each Ray actor (Flower's engine passes the worker's
+``sys.path`` on as ``PYTHONPATH``). Names registered with
+:mod:`fedsec.registry` exist only in processes that import the registering
+module, so a grid run here should use the dotted form.
 """
 
 from __future__ import annotations
@@ -98,7 +111,12 @@ def run_grid(
         pending = [c.id for c in group if not store.is_finished(c.id)]
         for cell in group:
             if cell.id not in pending:
-                on_event(("skip", 0, cell.id, 0))
+                failure = store.failure(cell.id)
+                if failure is None:
+                    on_event(("skip", 0, cell.id, 0))
+                else:  # finished earlier without a single usable round: still failed
+                    failed[cell.id] = failure
+                    on_event(("error", 0, cell.id, failure))
         if not pending:
             continue
         workers = min(jobs, len(pending))
@@ -190,8 +208,15 @@ def _worker(job: _Job, index: int, todo: Any, events: Any) -> None:
 
     quiet_logs(False)
     enable_simulated_adversary()  # the local engine's workers inherit it
-    store = ResultsStore.open(job.store)
-    cells = {cell.id: cell for cell in load_grid(Path(job.store) / GRID_FILE).cells}
+    try:
+        store = ResultsStore.open(job.store)
+        cells = {cell.id: cell for cell in load_grid(Path(job.store) / GRID_FILE).cells}
+    except Exception as err:  # e.g. a name registered in the parent only: say so per cell
+        reason = f"worker cannot read the grid ({type(err).__name__}: {err})"
+        while (cell_id := todo.get()) is not None:
+            events.put(("error", index, cell_id, reason))
+        events.put(("exit", index, "", 0))
+        return
 
     def next_cells() -> Iterator[Cell]:
         while (cell_id := todo.get()) is not None:
@@ -217,6 +242,10 @@ def _worker(job: _Job, index: int, todo: Any, events: Any) -> None:
             except Exception as err:  # the cell stays unfinished; the grid goes on
                 logger.debug("cell %s failed:\n%s", cell.id, traceback.format_exc())
                 events.put(("error", index, cell.id, f"{type(err).__name__}: {err}"))
+                continue
+            failure = store.failure(cell.id)
+            if failure is not None:  # ran to the end without one usable round
+                events.put(("error", index, cell.id, failure))
                 continue
             events.put(("done", index, cell.id, time.perf_counter() - started))
 

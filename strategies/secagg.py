@@ -1,6 +1,6 @@
 """Server side of secure aggregation on Flower's Message API.
 
-:class:`SecAggWorkflow` runs a training round as the stages of
+:class:`SecureAggregation` runs a training round as the stages of
 :class:`fedsec.secagg.server.SecAggServer`, sent as ``train`` messages whose
 ConfigRecord ``fedsec-secagg`` the client mod (:mod:`fedsec.client.secagg_mod`)
 answers. The sampled nodes get protocol ids ``1..n`` in sampling order; the
@@ -9,6 +9,14 @@ does not answer, answers with an error or sends a malformed reply drops out of
 the round at that stage. The strategy gets the decoded weighted mean and the
 contributors through :meth:`FedSecStrategy.aggregate_secure`; if the protocol
 aborts, the round fails and the global model stays as it was.
+
+Every stage goes through an :data:`~fedsec.strategies.pipeline.Exchange`, the
+server-side pipeline of filters (:mod:`fedsec.strategies.pipeline`), so
+signature verification and the simulation's adversary see every stage's
+messages, exactly as in plain rounds. The object is configured where it is
+created (no application config): ``FedSecStrategy(rule=make("mean"),
+secure=SecureAggregation(clip=1.0))`` and :meth:`FedSecStrategy.start` runs
+secure rounds.
 
 Pipelining. Every stage is a network round trip, so when the caller names the
 next secure round, that round's key set-up rides on this round's messages
@@ -47,6 +55,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from os import PathLike
 from pathlib import Path
 from typing import Any, cast
 
@@ -57,10 +66,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from fedsec.client.secagg_mod import IDENTIFY_STAGE, MASKED_KEY, SECAGG_KEY, SECAGG_NEXT_KEY
-from fedsec.config import SecAggSection, secagg_sum_params, unmask_floor
 from fedsec.privacy.distributed import SkellamPlan, plan_skellam
 from fedsec.secagg.messages import (
     MAX_IDENTITY_CHARS,
+    MAX_WEIGHT_CAP,
     AdvertiseKeysReply,
     ConsistencyCheckReply,
     MaskedInputReply,
@@ -71,10 +80,10 @@ from fedsec.secagg.messages import (
 from fedsec.secagg.server import SecAggAbortedError, SecAggParams, SecAggResult, SecAggServer
 
 from .arrays import payload_view, short_repr
-from .strategy import CONFIG_KEY, FedSecStrategy, first_per_node
-from .transport import send_and_receive
+from .pipeline import Exchange
+from .strategy import ARRAYS_KEY, CONFIG_KEY, FedSecStrategy, first_per_node
 
-__all__ = ["SecAggWorkflow"]
+__all__ = ["SecureAggregation"]
 
 #: The client-side DP metric reported under secure aggregation (largest over clients).
 EPSILON_KEY = "dp_epsilon_max"
@@ -171,21 +180,50 @@ class _Sum:
     result: SecAggResult
 
 
-class SecAggWorkflow:
-    """Secure training rounds for a :class:`FedSecStrategy`.
+class SecureAggregation:
+    """Secure training rounds (SecAgg+, plain or bucketed) for a :class:`FedSecStrategy`.
+
+    SecAgg+ (Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic
+    Overhead", CCS 2020) over the sampled clients; bucketed mode runs one
+    secure sum per random bucket (Karimireddy, He, Jaggi, ICLR 2022) so that a
+    robust rule can combine the bucket means. Configured where it is created;
+    every node runs :func:`fedsec.client.secagg_mod.secagg_mod`, which takes
+    its parameters from the protocol's own messages.
 
     Parameters
     ----------
-    settings : SecAggSection
-        The experiment's ``[secagg]`` section.
-    timeout : float
-        Seconds each stage waits for replies.
     bucket_size : int, default 0
         ``s >= 2``: bucketed mode. Each round splits the sampled clients at
         random into ``floor(n / s)`` buckets of ``s`` to ``2s - 1`` clients, runs
         one secure sum per bucket and hands the bucket means to the strategy's
         rule. A bucket left with fewer than ``s`` clients is discarded, never
-        unmasked. 0: one secure sum over all sampled clients.
+        unmasked. 0: one secure sum over all sampled clients (the strategy's
+        rule must then be the plain mean).
+    clip : float, default 1.0
+        Every update coordinate is clipped to ``[-clip, clip]`` before
+        fixed-point encoding.
+    bits : int, default 0
+        Fixed-point bits per coordinate; 0 takes the finest grid that cannot wrap.
+    modulus_bits : int, default 32
+        The ring: 32 or 64 bits.
+    weight_cap : int, default 10_000
+        Clients weigh their update by ``min(num_examples, cap) / cap``; 0: equal weights.
+    degree, threshold : int, default 0
+        Override the graph degree ``k`` and Shamir threshold ``t`` (0: derived
+        from the sampled clients, ``dropout_rate`` and ``corrupt_fraction``).
+    dropout_rate, corrupt_fraction : float, default 0.1, 0.05
+        Tolerated fractions of dropouts and of corrupt clients.
+    timeout : float, optional
+        Seconds each stage waits for replies; None: the round timeout the
+        caller passes to :meth:`run_round`.
+    signed : bool, default False
+        Signed mode (malicious server): clients sign their keys with Ed25519
+        and the protocol adds the consistency check.
+    trusted_keys : dict[str, bytes] or path, optional
+        Signed mode: identity -> raw Ed25519 public key, or a folder of
+        ``<identity>.pub`` files (read once, at first use). With them the
+        server refuses a client's bad signature itself instead of relaying
+        it to every neighbour; without, checking is left to the clients.
     norm_bound : float, default 0
         ``> 0``: clients scale their update to this L2 norm before masking and
         the server discards a bucket whose sum is longer than its total
@@ -194,34 +232,78 @@ class SecAggWorkflow:
         ``> 0``: distributed DP (needs ``norm_bound``). Clients add Skellam
         noise so that the sum of the fewest clients ever unmasked carries
         noise of std ``noise_multiplier`` times the update's sensitivity.
-    delta : float
+    delta : float, default 1e-5
         Delta of the distributed-DP epsilon reported each round.
-    seed : int
+    seed : int, default 0
         Seeds the bucket assignment (with the round), for reproducible runs.
+
+    Raises
+    ------
+    ValueError
+        One line naming the first parameter out of range.
     """
+
+    #: Record keys of the model and config in requests: fedsec's SecAgg client mod reads these.
+    record_keys = (ARRAYS_KEY, CONFIG_KEY)
 
     def __init__(
         self,
-        settings: SecAggSection,
-        timeout: float,
         *,
         bucket_size: int = 0,
+        clip: float = 1.0,
+        bits: int = 0,
+        modulus_bits: int = 32,
+        weight_cap: int = 10_000,
+        degree: int = 0,
+        threshold: int = 0,
+        dropout_rate: float = 0.1,
+        corrupt_fraction: float = 0.05,
+        timeout: float | None = None,
+        signed: bool = False,
+        trusted_keys: Mapping[str, bytes] | str | PathLike[str] | None = None,
         norm_bound: float = 0.0,
         noise_multiplier: float = 0.0,
         delta: float = 1e-5,
         seed: int = 0,
     ) -> None:
-        if bucket_size == 1 or bucket_size < 0:
-            raise ValueError(f"bucket_size must be 0 (off) or >= 2, got {bucket_size}")
+        _check_int("bucket_size", bucket_size, lambda v: v == 0 or v >= 2, "0 (off) or >= 2")
+        _check_num("clip", clip, lambda v: v > 0, "> 0")
+        _check_int("bits", bits, lambda v: 0 <= v <= 53, "in [0, 53] (0 = finest that fits)")
+        _check_int("modulus_bits", modulus_bits, lambda v: v in (32, 64), "32 or 64")
+        _check_int("weight_cap", weight_cap, lambda v: 0 <= v <= MAX_WEIGHT_CAP, "in [0, 2**53]")
+        _check_int("degree", degree, lambda v: v >= 0, ">= 0 (0 = derived)")
+        _check_int("threshold", threshold, lambda v: v >= 0, ">= 0 (0 = derived)")
+        _check_num("dropout_rate", dropout_rate, lambda v: 0 <= v < 1, "in [0, 1)")
+        _check_num("corrupt_fraction", corrupt_fraction, lambda v: 0 <= v < 1, "in [0, 1)")
+        if timeout is not None:
+            _check_num("timeout", timeout, lambda v: v > 0, "> 0 seconds (or None)")
+        _check_num("norm_bound", norm_bound, lambda v: v >= 0, ">= 0 (0 = off)")
+        _check_num("noise_multiplier", noise_multiplier, lambda v: v >= 0, ">= 0 (0 = off)")
+        _check_num("delta", delta, lambda v: 0 < v < 1, "in (0, 1)")
+        _check_int("seed", seed, lambda v: True, "an int")
         if noise_multiplier > 0 and not norm_bound > 0:
             raise ValueError("distributed DP needs a norm_bound (the update's sensitivity)")
-        self.settings = settings
-        self.timeout = settings.stage_timeout or timeout
+        if noise_multiplier > 0 and weight_cap:
+            raise ValueError(
+                "distributed DP needs equal weights (weight_cap=0): a weight rides in the "
+                f"masked vector and would scale the noise's sensitivity (got {weight_cap})"
+            )
         self.bucket_size = bucket_size
-        self.norm_bound = norm_bound
-        self.noise_multiplier = noise_multiplier
-        self.delta = delta
+        self.clip = float(clip)
+        self.bits = bits
+        self.modulus_bits = modulus_bits
+        self.weight_cap = weight_cap
+        self.degree = degree
+        self.threshold = threshold
+        self.dropout_rate = float(dropout_rate)
+        self.corrupt_fraction = float(corrupt_fraction)
+        self.stage_timeout = timeout
+        self.signed = bool(signed)
+        self.norm_bound = float(norm_bound)
+        self.noise_multiplier = float(noise_multiplier)
+        self.delta = float(delta)
         self.seed = seed
+        self.timeout = timeout if timeout is not None else 3600.0  # of the round in progress
         self.identities: dict[int, str] = {}  # node id -> long-term identity (signed mode)
         self.last_error = ""  # why the last round failed, if it did
         self.duplicates: dict[int, int] = {}  # node -> extra replies ignored this round
@@ -229,22 +311,53 @@ class SecAggWorkflow:
         self._dp_worst: SkellamPlan | None = None
         self._plans: dict[tuple[int, int, int], SkellamPlan] = {}
         self._trusted: dict[str, bytes] | None = None  # identity -> Ed25519 key (signed mode)
+        self._key_dir: Path | None = None
+        if isinstance(trusted_keys, Mapping):
+            self._trusted = {str(k): bytes(v) for k, v in trusted_keys.items()}
+        elif trusted_keys is not None:
+            self._key_dir = Path(trusted_keys).expanduser()
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether rounds run one secure sum per bucket (``bucket_size >= 2``)."""
+        return self.bucket_size >= 2
+
+    def __repr__(self) -> str:
+        mode = f"bucket_size={self.bucket_size}" if self.bucketed else "unbucketed"
+        extra = ", signed" if self.signed else ""
+        if self.noise_multiplier > 0:
+            extra += f", noise_multiplier={self.noise_multiplier:g}"
+        return f"SecureAggregation({mode}, clip={self.clip:g}{extra})"
 
     def run_round(
         self,
+        exchange: Exchange,
         grid: Grid,
         strategy: FedSecStrategy,
         server_round: int,
         arrays: ArrayRecord,
         config: ConfigRecord,
         *,
+        timeout: float = 3600.0,
         next_round: int | None = None,
     ) -> tuple[ArrayRecord | None, MetricRecord]:
         """One secure training round; ``(None, metrics)`` when it could not complete.
 
-        ``next_round``: the next round that will run securely, whose key set-up
-        then rides on this round's messages.
+        Parameters
+        ----------
+        exchange : Exchange
+            Sends each stage's messages (the server-side pipeline of filters).
+        grid : Grid
+            Asked only for the connected nodes (sampling).
+        strategy : FedSecStrategy
+            Samples the clients and aggregates the unmasked mean (or bucket means).
+        timeout : float
+            Seconds each stage waits, unless the object was created with its own.
+        next_round : int, optional
+            The next round that will run securely, whose key set-up then rides
+            on this round's messages.
         """
+        self.timeout = self.stage_timeout if self.stage_timeout is not None else timeout
         train_messages = list(strategy.configure_train(server_round, arrays, config, grid))
         sampled = [m.metadata.dst_node_id for m in train_messages]
         content = {m.metadata.dst_node_id: m.content for m in train_messages}
@@ -263,13 +376,13 @@ class SecAggWorkflow:
             ):
                 current = prepared
             else:
-                current = self._open(grid, strategy, server_round, sampled, config)
-                self._step(current, config, grid, times, AdvertiseKeysReply, _share_keys)
-                self._step(current, config, grid, times, ShareKeysReply, self._masked_input)
+                current = self._open(exchange, strategy, server_round, sampled, config)
+                self._step(current, config, exchange, times, AdvertiseKeysReply, _share_keys)
+                self._step(current, config, exchange, times, ShareKeysReply, self._masked_input)
             if next_round is not None:
                 ahead = self._guard(
                     lambda: self._open(
-                        grid,
+                        exchange,
                         strategy,
                         next_round,
                         strategy.sample_nodes(grid, next_round, strategy.fraction_train),
@@ -277,7 +390,7 @@ class SecAggWorkflow:
                     )
                 )
             masked, keys_ahead = self._exchange_with(
-                grid,
+                exchange,
                 config,
                 times,
                 current,
@@ -293,14 +406,14 @@ class SecAggWorkflow:
             )
             if current.buckets[0].server.params.signed:
                 self._apply(current, masked, lambda b, r: b.server.consistency_check(r))
-                self._step(current, config, grid, times, ConsistencyCheckReply, _unmask)
+                self._step(current, config, exchange, times, ConsistencyCheckReply, _unmask)
             else:
                 self._apply(current, masked, lambda b, r: b.server.unmask(r))
             del masked  # the server keeps only the running sums
             if ahead is not None:
                 ahead = self._advance(ahead, keys_ahead, _share_keys)
             unmasked, shares_ahead = self._exchange_with(
-                grid,
+                exchange,
                 config,
                 times,
                 current,
@@ -435,14 +548,14 @@ class SecAggWorkflow:
         self,
         round_: _Round,
         config: ConfigRecord,
-        grid: Grid,
+        exchange: Exchange,
         times: dict[str, float],
         reply: type,
         step: Callable[[_Bucket, dict[int, Any]], Mapping[int, Any]],
     ) -> None:
         """Send every live bucket's pending requests, then advance it with the replies."""
         live = round_.live()
-        replies = self._exchange(grid, config, times, [self._part(b, reply) for b in live])
+        replies = self._exchange(exchange, config, times, [self._part(b, reply) for b in live])
         by_index = {round_.buckets.index(b): r for b, r in zip(live, replies, strict=True)}
         self._apply(round_, by_index, step)
 
@@ -452,7 +565,7 @@ class SecAggWorkflow:
         ``weight_cap`` rides in the protocol's own request, so a client mod needs
         no application config; the protocol server's requests are otherwise as built.
         """
-        cap = self.settings.weight_cap
+        cap = self.weight_cap
         return {
             cid: replace(request, weight_cap=cap)
             for cid, request in bucket.server.masked_input(replies).items()
@@ -483,7 +596,7 @@ class SecAggWorkflow:
         """
         result, params = s.result, s.bucket.server.params
         count = len(result.contributors)
-        cap = self.settings.weight_cap
+        cap = self.weight_cap
         slack = params.encoder.quantisation_bound(count) / params.clip + 1e-9 * count
         low = count - slack if cap == 0 else count / cap - slack
         total = result.total_weight
@@ -491,7 +604,7 @@ class SecAggWorkflow:
             return None
         reason = (
             f"failed the weight check: total weight {total:.6g} of {count} clients outside "
-            f"[{max(low, 0.0):.6g}, {count + slack:.6g}] (secagg.weight_cap = {cap})"
+            f"[{max(low, 0.0):.6g}, {count + slack:.6g}] (weight_cap = {cap})"
         )
         logger.warning("round %d: bucket of %d discarded: %s", server_round, count, reason)
         return reason
@@ -578,7 +691,7 @@ class SecAggWorkflow:
 
     def _exchange_with(
         self,
-        grid: Grid,
+        exchange: Exchange,
         config: ConfigRecord,
         times: dict[str, float],
         current: _Round,
@@ -594,7 +707,7 @@ class SecAggWorkflow:
         parts = [make_part(current.buckets[i]) for i in live]
         if ahead is not None:
             parts += [self._part(b, ahead_reply, key=SECAGG_NEXT_KEY) for b in ahead.buckets]
-        replies = self._exchange(grid, config, times, parts)
+        replies = self._exchange(exchange, config, times, parts)
         mine = dict(zip(live, replies[: len(live)], strict=True))
         return mine, dict(enumerate(replies[len(live) :]))
 
@@ -606,7 +719,7 @@ class SecAggWorkflow:
 
     def _open(
         self,
-        grid: Grid,
+        exchange: Exchange,
         strategy: FedSecStrategy,
         server_round: int,
         sampled: list[int],
@@ -616,8 +729,8 @@ class SecAggWorkflow:
         nodes: list[int] = list(sampled)
         identities: dict[int, str] = {}
         unidentified: dict[int, str] = {}
-        if self.settings.signed:
-            nodes, identities, unidentified = self._participants(grid, sampled, config)
+        if self.signed:
+            nodes, identities, unidentified = self._participants(exchange, sampled, config)
         buckets = []
         for members in self._split(server_round, nodes):
             server = SecAggServer(
@@ -630,41 +743,74 @@ class SecAggWorkflow:
         return _Round(server_round, list(sampled), buckets, unidentified)
 
     def _trusted_keys(self) -> dict[str, bytes]:
-        """Signed mode: the ``<identity>.pub`` keys in ``secagg.key_dir``, if the server has them.
+        """Signed mode: the clients' public keys the server was given, if any.
 
         Public keys only; with them the server refuses a client's bad
         signature itself instead of relaying it to every neighbour (each would
-        refuse the round). Read once; none (no folder) leaves checking to the clients.
+        refuse the round). A folder is read once; none leaves checking to the clients.
         """
+        if not self.signed:
+            return {}
         if self._trusted is None:
             self._trusted = {}
-            if self.settings.signed and self.settings.key_dir:
+            if self._key_dir is not None:
                 try:
-                    folder = Path(self.settings.key_dir).expanduser()
-                    for path in sorted(folder.glob("*.pub")):
+                    for path in sorted(self._key_dir.glob("*.pub")):
                         self._trusted[path.stem] = path.read_bytes()
                 except OSError as err:
-                    logger.info("secagg: no trusted keys read from %s (%s)", folder, err)
+                    logger.info("secagg: no trusted keys read from %s (%s)", self._key_dir, err)
         return self._trusted
+
+    def sum_params(self, n: int, dim: int, **encoding: Any) -> SecAggParams:
+        """The protocol parameters of one secure sum of ``n`` clients' ``dim``-vectors.
+
+        A bucket (``bucket_size`` > 0) uses the complete graph and is never
+        unmasked below ``bucket_size``; otherwise ``k`` and ``t`` come from
+        ``degree`` / ``threshold`` or are derived. ``encoding`` overrides
+        ``bits`` and ``min_survivors`` and adds ``noise_variance`` and ``headroom``.
+        """
+        base: dict[str, Any] = {
+            "clip": self.clip,
+            "bits": self.bits,
+            "modulus_bits": self.modulus_bits,
+            "norm_bound": self.norm_bound,
+            "corrupt_fraction": self.corrupt_fraction,
+            "signed": self.signed,
+        }
+        base.update(encoding)
+        if self.bucket_size:
+            base["min_survivors"] = base.get("min_survivors") or self.bucket_size
+            return SecAggParams.for_bucket(n, dim, **base)
+        return SecAggParams.for_round(
+            n,
+            dim,
+            dropout_rate=self.dropout_rate,
+            degree=self.degree,
+            threshold=self.threshold,
+            **base,
+        )
+
+    def unmask_floor(self, n: int) -> int:
+        """Fewest clients an unbucketed sum of ``n`` may unmask under distributed DP.
+
+        ``n`` less the tolerated dropouts: the noise is sized for that many.
+        """
+        return max(2, n - math.floor(self.dropout_rate * n))
 
     def _params(self, n: int, dim: int) -> SecAggParams:
         """One sum's parameters: ``n`` members, bucketed or not, with or without noise."""
-        s = self.settings
         min_survivors = self.bucket_size
-        noise_variance, headroom, bits = 0.0, 0, s.bits
+        noise_variance, headroom, bits = 0.0, 0, self.bits
         if self.noise_multiplier > 0:
             if not min_survivors:  # the fewest clients a plain round may unmask
-                min_survivors = unmask_floor(s, n)
+                min_survivors = self.unmask_floor(n)
             plan = self._plan(n, min_survivors, dim)
             noise_variance, headroom, bits = plan.client_variance, plan.headroom, plan.bits
-        return secagg_sum_params(
-            s,
+        return self.sum_params(
             n,
             dim,
-            bucket_size=self.bucket_size,
             min_survivors=min_survivors,
             bits=bits,
-            norm_bound=self.norm_bound,
             noise_variance=noise_variance,
             headroom=headroom,
         )
@@ -677,12 +823,12 @@ class SecAggWorkflow:
         plan = plan_skellam(
             noise_multiplier=self.noise_multiplier,
             norm_bound=self.norm_bound,
-            clip=self.settings.clip,
+            clip=self.clip,
             dim=dim,
             num_clients=n,
             min_clients=min_clients,
-            modulus_bits=self.settings.modulus_bits,
-            bits=self.settings.bits,
+            modulus_bits=self.modulus_bits,
+            bits=self.bits,
         )
         # Report the epsilon of the coarsest grid in use: the rounding slack then
         # weighs most in the sensitivity, which makes it the worst case.
@@ -694,11 +840,11 @@ class SecAggWorkflow:
         return plan
 
     def _participants(
-        self, grid: Grid, sampled: list[int], config: ConfigRecord
+        self, exchange: Exchange, sampled: list[int], config: ConfigRecord
     ) -> tuple[list[int], dict[int, str], dict[int, str]]:
         """Signed mode: the nodes with a unique stated identity, and why others sit out."""
         refused: dict[int, str] = {}
-        known = self._identify(grid, sampled, config, refused)
+        known = self._identify(exchange, sampled, config, refused)
         left_out = {
             n: "identify: " + refused.get(n, "no identity stated")
             for n in sampled
@@ -714,7 +860,7 @@ class SecAggWorkflow:
 
     def _identify(
         self,
-        grid: Grid,
+        exchange: Exchange,
         nodes: list[int],
         config: ConfigRecord,
         refused: dict[int, str] | None = None,
@@ -743,7 +889,7 @@ class SecAggWorkflow:
                 )
                 for node in unknown
             ]
-            replies = send_and_receive(grid, messages, timeout=self.timeout)
+            replies = exchange(messages, self.timeout)
             for node, reply in self._first_replies(config, replies, set(unknown)).items():
                 if reply.has_error():
                     refused[node] = f"client error: {short_repr(reply.error.reason, 200)}"
@@ -777,7 +923,7 @@ class SecAggWorkflow:
         return {m.metadata.src_node_id: m for m in first if m.metadata.src_node_id in asked}
 
     def _exchange(
-        self, grid: Grid, config: ConfigRecord, times: dict[str, float], parts: list[_Part]
+        self, exchange: Exchange, config: ConfigRecord, times: dict[str, float], parts: list[_Part]
     ) -> list[dict[int, Any]]:
         """One message per node carrying every part's request for it; replies per part.
 
@@ -803,9 +949,7 @@ class SecAggWorkflow:
             )
             for node, body in bodies.items()
         ]
-        by_node = self._first_replies(
-            config, send_and_receive(grid, messages, timeout=self.timeout), set(bodies)
-        )
+        by_node = self._first_replies(config, exchange(messages, self.timeout), set(bodies))
         for part in parts:
             for cid in part.requests:
                 msg = by_node.get(part.nodes[cid - 1])
@@ -853,3 +997,20 @@ def _add_times(
     for stage, seconds in times.items():
         metrics[f"secagg_{stage}_s"] = seconds
     metrics["num-duplicates"] = sum(duplicates.values())
+
+
+def _check_num(name: str, value: object, ok: Callable[[float], bool], expected: str) -> None:
+    """One-line ``ValueError`` unless ``value`` is a finite number satisfying ``ok``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not ok(value)
+    ):
+        raise ValueError(f"SecureAggregation: {name} must be {expected}, got {short_repr(value)}")
+
+
+def _check_int(name: str, value: object, ok: Callable[[int], bool], expected: str) -> None:
+    """One-line ``ValueError`` unless ``value`` is an int (not a bool) satisfying ``ok``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+        raise ValueError(f"SecureAggregation: {name} must be {expected}, got {short_repr(value)}")

@@ -6,7 +6,14 @@ can show live progress. Both run :func:`run_experiment`.
 
 Unlike ``Strategy.start`` this loop checkpoints the global model after every
 round, can start from the last checkpoint of an interrupted run, and keeps the
-global model unchanged when a round fails.
+global model unchanged when a round fails. It is built on the same public
+pieces a Flower app uses: the strategy's :meth:`~FedSecStrategy.train_round`
+over ``pipeline(grid, [adversary, verifier])``
+(:mod:`fedsec.strategies.pipeline`), a
+:class:`~fedsec.strategies.secagg.SecureAggregation` built from the config
+(:func:`make_secagg_workflow`) and a
+:class:`~fedsec.strategies.signatures.SignatureFilter`
+(:func:`~fedsec.strategies.signatures.with_signatures`).
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -47,11 +55,13 @@ from fedsec.params import flatten_state
 from fedsec.runs import EngineStoppedError, RoundMetrics, RunDirectory
 from fedsec.training import evaluate, resolve_device
 
-from .adversary import AdversaryGrid
-from .secagg import SecAggWorkflow
+from .pipeline import Filter, pipeline
+from .secagg import SecureAggregation
 from .signatures import with_signatures
 from .strategy import MAX_EXAMPLES_CEILING, FedSecStrategy
-from .transport import send_and_receive
+
+if TYPE_CHECKING:
+    from .adversary import AdversaryFilter
 
 logger = logging.getLogger("fedsec")
 
@@ -95,12 +105,15 @@ def build_strategy(
     reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
     *,
     train_size: int | None = None,
+    filters: Sequence[Filter] = (),
 ) -> FedSecStrategy:
     """The strategy an experiment config describes (``rule`` defaults to the configured one).
 
     ``train_size`` (the data set's training split) is the largest example count
     a reply may claim unless ``server.max_examples`` sets one; either way at
-    most :data:`MAX_EXAMPLES_CEILING`.
+    most :data:`MAX_EXAMPLES_CEILING`. With ``secagg.enabled`` its training
+    rounds are secure (:func:`make_secagg_workflow`); ``filters`` are its
+    server-side pipeline, outermost first.
     """
     return FedSecStrategy(
         rule=rule if rule is not None else build_aggregator(cfg),
@@ -113,8 +126,8 @@ def build_strategy(
         server_momentum=cfg.server.momentum,
         node_wait_timeout=cfg.server.round_timeout,
         reference_fn=reference_fn,
-        secure=cfg.secagg.enabled,
-        bucketed=secure_bucket_size(cfg) > 0,
+        secure=make_secagg_workflow(cfg) if cfg.secagg.enabled else None,
+        filters=filters,
         max_examples=max_examples(cfg, train_size),
     )
 
@@ -205,7 +218,7 @@ def run_experiment(
     ConfigError
         If ``signatures.required`` and its key dir is missing, empty or malformed.
     """
-    verifier = with_signatures(grid, cfg)  # a bad key dir fails here, before round 0
+    verifier = with_signatures(cfg)  # a bad key dir fails here, before round 0
     device = resolve_device(cfg.experiment.device)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
     model = make_model(
@@ -216,7 +229,15 @@ def run_experiment(
     ).to(device)
     rule = build_aggregator(cfg)
     reference_fn = make_reference_fn(cfg, data, device) if "reference" in rule.requires else None
-    strategy = build_strategy(cfg, rule, reference_fn, train_size=len(data.train_y))
+    # The adversary (simulations only) is outside the verifier: it must see verified
+    # replies, and its crafted updates are simulated attackers' (under SecAgg the
+    # colluders mask and sign them; in plain rounds it rewrites verified replies).
+    adversary = _with_adversary(cfg)
+    filters: list[Filter] = [f for f in (adversary, verifier) if f is not None]
+    strategy = build_strategy(
+        cfg, rule, reference_fn, train_size=len(data.train_y), filters=filters
+    )
+    exchange = pipeline(grid, strategy.filters)
     strategy.summary()
     server_evaluate = make_server_evaluator(cfg, data, device)
     on_round = on_round or (lambda _: None)
@@ -246,11 +267,7 @@ def run_experiment(
         elapsed_before = float(run.rounds[-1].get("elapsed_s", 0.0)) if run.rounds else 0.0
         logger.info("resuming %s after round %d", run.name, last)
 
-    # Under the adversary component, which exists only in simulations: it must see
-    # verified replies, and its crafted updates are simulated attackers' (under SecAgg
-    # the colluders mask and sign them; in plain rounds it rewrites verified replies).
-    grid = _with_adversary(verifier.as_grid() if verifier is not None else grid, cfg)
-    secure = make_secagg_workflow(cfg) if cfg.secagg.enabled else None
+    secure = strategy.secure
     arrays = ArrayRecord(model.state_dict())
     config_json = json.dumps(cfg.to_dict())
     # A simulation's client ledgers live in the run folder, so --resume continues them.
@@ -266,22 +283,19 @@ def run_experiment(
         new_arrays: ArrayRecord | None
         train_metrics: MetricRecord | None
         try:
-            if secure is not None:
-                ahead = server_round + 1 if server_round < cfg.experiment.rounds else None
-                new_arrays, train_metrics = secure.run_round(
-                    grid, strategy, server_round, arrays, train_config, next_round=ahead
-                )
-                if secure.last_error:
-                    metrics["error"] = secure.last_error
-            else:
-                replies = send_and_receive(
-                    grid,
-                    strategy.configure_train(server_round, arrays, train_config, grid),
-                    timeout=cfg.server.round_timeout,
-                )
-                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-                if train_metrics is not None:
-                    train_metrics.update(_detection(grid, strategy, server_round))
+            new_arrays, train_metrics = strategy.train_round(
+                exchange,
+                grid,
+                server_round,
+                arrays,
+                train_config,
+                timeout=cfg.server.round_timeout,
+                next_round=server_round + 1 if server_round < cfg.experiment.rounds else None,
+            )
+            if secure is not None and secure.last_error:
+                metrics["error"] = secure.last_error
+            if secure is None and train_metrics is not None:
+                train_metrics.update(_detection(adversary, strategy, server_round))
         except Exception as err:  # a failed round leaves the global model as it was
             # One line; the traceback only with --verbose (a dead engine fails every round).
             logger.warning(
@@ -304,12 +318,14 @@ def run_experiment(
 
         if strategy.fraction_evaluate > 0:
             eval_config = ConfigRecord({WIRE_CONFIG_KEY: config_json})
-            eval_replies = send_and_receive(
+            federated = strategy.evaluate_round(
+                exchange,
                 grid,
-                strategy.configure_evaluate(server_round, arrays, eval_config, grid),
+                server_round,
+                arrays,
+                eval_config,
                 timeout=cfg.server.round_timeout,
             )
-            federated = strategy.aggregate_evaluate(server_round, eval_replies)
             metrics.update({f"federated_{k}": v for k, v in (federated or {}).items()})
         if verifier is not None:
             metrics["signatures_rejected"] = len(verifier.take_rejected())
@@ -356,12 +372,27 @@ def _stopped_reason(rounds: list[int], metrics: RoundMetrics, strategy: FedSecSt
     )
 
 
-def make_secagg_workflow(cfg: ExperimentConfig) -> SecAggWorkflow:
-    """The secure-aggregation workflow a config describes (bucketing, norm bound, DP)."""
+def make_secagg_workflow(cfg: ExperimentConfig) -> SecureAggregation:
+    """The :class:`SecureAggregation` a config describes (bucketing, norm bound, DP).
+
+    Stage timeout: ``secagg.stage_timeout``, or (0) the round's
+    ``server.round_timeout``. Signed mode trusts the ``<identity>.pub`` keys
+    in ``secagg.key_dir`` when the server has that folder.
+    """
+    sa = cfg.secagg
     distributed = cfg.privacy.mode == "distributed"
-    return SecAggWorkflow(
-        cfg.secagg,
-        cfg.server.round_timeout,
+    return SecureAggregation(
+        clip=sa.clip,
+        bits=sa.bits,
+        modulus_bits=sa.modulus_bits,
+        weight_cap=sa.weight_cap,
+        degree=sa.degree,
+        threshold=sa.threshold,
+        dropout_rate=sa.dropout_rate,
+        corrupt_fraction=sa.corrupt_fraction,
+        timeout=sa.stage_timeout or cfg.server.round_timeout,
+        signed=sa.signed,
+        trusted_keys=sa.key_dir if sa.signed and sa.key_dir else None,
         bucket_size=secure_bucket_size(cfg),
         norm_bound=secure_norm_bound(cfg),
         noise_multiplier=distributed_noise_multiplier(cfg) if distributed else 0.0,
@@ -396,7 +427,9 @@ def _privacy_metrics(cfg: ExperimentConfig, server_round: int) -> dict[str, obje
     return out
 
 
-def _detection(grid: Grid, strategy: FedSecStrategy, server_round: int) -> dict[str, float]:
+def _detection(
+    adversary: AdversaryFilter | None, strategy: FedSecStrategy, server_round: int
+) -> dict[str, float]:
     """The rule's exclusions scored against the referee's ground truth.
 
     Only in rounds where the rule excluded someone (weight 0): precision is
@@ -404,10 +437,10 @@ def _detection(grid: Grid, strategy: FedSecStrategy, server_round: int) -> dict[
     the round's accepted malicious clients that were excluded.
     """
     report = strategy.last_report
-    if not isinstance(grid, AdversaryGrid) or report is None or report.server_round != server_round:
+    if adversary is None or report is None or report.server_round != server_round:
         return {}
     excluded = {node for node, weight in report.weights.items() if weight == 0}
-    malicious = grid.malicious_nodes & set(report.weights)
+    malicious = adversary.malicious_nodes & set(report.weights)
     if not excluded or not malicious:
         return {}
     caught = len(excluded & malicious)
@@ -454,37 +487,38 @@ def _decisions(strategy: FedSecStrategy, server_round: int) -> dict[str, object]
     }
 
 
-def _with_adversary(grid: Grid, cfg: ExperimentConfig) -> Grid:
-    """Wrap ``grid`` in the adversary component (and referee) when an attack is configured.
+def _with_adversary(cfg: ExperimentConfig) -> AdversaryFilter | None:
+    """The adversary component (and referee) as a filter when an attack is configured.
 
     Only in a simulation's adversary mode: the component rewrites replies
     after the server received them, so a deployment must never run it, whatever
     its config names.
     """
+    from .adversary import AdversaryFilter  # simulation-only code, loaded only when used
+
     attack = cfg.attack
     built = build_configured_attack(cfg)
     if built is None:
-        return grid
+        return None
     if not simulated_adversary():
         logger.warning("attack %r ignored: not a simulation in adversary mode", attack.name)
-        return grid
+        return None
     if not is_colluding(built):
-        return AdversaryGrid(grid, None).as_grid()  # referee only
+        return AdversaryFilter(None)  # referee only
     # An adaptive adversary knows the rule; it gets its own copy, so probing it
     # cannot disturb the server's state (centered clipping's centre, FoolsGold's history).
     rule = build_aggregator(cfg) if attack.adaptive else None
     logger.info(
         "adversary: %s, %s knowledge%s", built, attack.knowledge, ", adaptive" if rule else ""
     )
-    return AdversaryGrid(
-        grid,
+    return AdversaryFilter(
         built,
         omniscient=attack.knowledge == "omniscient",
         rule=rule,
         boost=attack.boost,
         server_lr=cfg.server.lr,
         seed=cfg.experiment.seed,
-    ).as_grid()
+    )
 
 
 def make_server_app(

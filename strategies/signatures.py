@@ -1,8 +1,9 @@
-"""Server side of signed client replies: a grid wrapper that checks every reply.
+"""Server side of signed client replies: a filter of the server-side pipeline.
 
-:class:`VerifyingGrid` wraps the grid the round loop and the SecAgg workflow
-talk through. After each exchange it hands on only the replies that pass,
-without their ``fedsec-signature`` record:
+:class:`SignatureFilter` is a step of the pipeline every server-side exchange
+goes through (:mod:`fedsec.strategies.pipeline`): plain rounds, every SecAgg
+stage and federated evaluation alike. After each exchange it hands on only
+the replies that pass, without their ``fedsec-signature`` record:
 
 * every message of the exchange has an id (else nothing is accepted: a
   reply could not be bound to its instruction);
@@ -23,30 +24,34 @@ workflow count them as the node's failure or dropout), but only if they
 answer a message of the exchange that has no verified reply.
 
 Every exclusion is logged at WARNING in one line naming the node and the
-reason, and counted; :meth:`VerifyingGrid.take_rejected` hands the round
+reason, and counted; :meth:`SignatureFilter.take_rejected` hands the round
 loop the exclusions since it last asked (the round metric
 ``signatures_rejected``).
+
+Used from a Flower app as::
+
+    verify = SignatureFilter(load_registry("keys/"))
+    strategy = FedSecStrategy(rule=make("median"), filters=[verify])
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 from flwr.app import Message
-from flwr.serverapp import Grid
 
 from fedsec.attacks.threat import simulated_adversary
 from fedsec.client.signing_mod import SIGNATURE_KEY, content_digest
 from fedsec.config import ConfigError, ExperimentConfig
 from fedsec.deploy.signatures import SignatureError, load_registry, verify_reply
 
-from .transport import GridWrapper, send_and_receive
+from .pipeline import Exchange
 
-__all__ = ["Rejection", "VerifyingGrid", "check_reply", "with_signatures"]
+__all__ = ["Rejection", "SignatureFilter", "check_reply", "with_signatures"]
 
 logger = logging.getLogger("fedsec")
 
@@ -91,29 +96,26 @@ def check_reply(reply: Message, registry: dict[str, bytes]) -> str:
     return identity
 
 
-class VerifyingGrid(GridWrapper):
-    """A grid wrapper that passes on only replies signed by a registered identity.
+class SignatureFilter:
+    """A pipeline filter that passes on only replies signed by a registered identity.
 
     Parameters
     ----------
-    grid : Grid
-        The grid to wrap (a Flower grid, the in-process grid, another wrapper).
     registry : dict[str, bytes]
         Registered identities and their raw Ed25519 public keys
         (:func:`fedsec.deploy.signatures.load_registry`).
     """
 
-    def __init__(self, grid: Grid, registry: dict[str, bytes]) -> None:
-        super().__init__(grid)
+    def __init__(self, registry: Mapping[str, bytes]) -> None:
         self.registry = dict(registry)
         self._rejected: list[Rejection] = []
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        """Send through the wrapped grid; return the error replies and the verified ones."""
-        messages = list(messages)
-        replies = send_and_receive(self.grid, messages, timeout=_timeout(timeout))
+    def __repr__(self) -> str:
+        return f"SignatureFilter({len(self.registry)} identities)"
+
+    def __call__(self, messages: list[Message], next: Exchange, timeout: float) -> list[Message]:
+        """Exchange ``messages`` through ``next``; pass on error replies and verified ones."""
+        replies = next(messages, timeout)
         # A real grid sets each message's id when pushing it, so read them after sending.
         sent = {m.metadata.message_id: m for m in messages}
         if "" in sent:
@@ -153,14 +155,6 @@ class VerifyingGrid(GridWrapper):
         kept[:0] = [e for e in errors if e.metadata.reply_to_message_id not in answered]
         return kept
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Refused: replies pulled around :meth:`send_and_receive` would skip verification."""
-        raise TypeError("VerifyingGrid verifies replies in send_and_receive only")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Refused, as :meth:`push_messages`."""
-        raise TypeError("VerifyingGrid verifies replies in send_and_receive only")
-
     def take_rejected(self) -> list[Rejection]:
         """The exclusions since the last call (the round loop calls it once a round)."""
         taken, self._rejected = self._rejected, []
@@ -198,13 +192,8 @@ def _claimed(reply: Message) -> str:
     return identity if isinstance(identity, str) else ""
 
 
-def _timeout(timeout: float | None) -> float:
-    # transport.send_and_receive needs a number; Flower's grids use None for "no limit".
-    return float("inf") if timeout is None else timeout
-
-
-def with_signatures(grid: Grid, cfg: ExperimentConfig) -> VerifyingGrid | None:
-    """A :class:`VerifyingGrid` around ``grid`` when ``signatures.required``, else None.
+def with_signatures(cfg: ExperimentConfig) -> SignatureFilter | None:
+    """The :class:`SignatureFilter` of ``cfg`` when ``signatures.required``, else None.
 
     Raises
     ------
@@ -226,4 +215,4 @@ def with_signatures(grid: Grid, cfg: ExperimentConfig) -> VerifyingGrid | None:
             cfg.signatures.key_dir,
             ", ".join(private[:3]) + (", ..." if len(private) > 3 else ""),
         )
-    return VerifyingGrid(grid, registry)
+    return SignatureFilter(registry)

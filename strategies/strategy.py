@@ -25,21 +25,31 @@ as in ``FedAvg``). The logs name the rule as the rule object does
 (:func:`rule_label`). Integer buffers such as BatchNorm's
 ``num_batches_tracked`` never enter the rule: see
 :mod:`fedsec.strategies.arrays` for their policy (a clamped lower median).
-Secure aggregation is not something ``start()`` can run (its rounds are
-:class:`~fedsec.strategies.secagg.SecAggWorkflow`'s stages), so a strategy
-built with ``secure=True`` refuses ``start()`` rather than run plain rounds
-that read every trained model in the clear.
+
+Server-side defenses compose as one pipeline. Every exchange of
+:meth:`FedSecStrategy.start` (training, each stage of secure aggregation,
+evaluation) goes through ``pipeline(grid, filters)``
+(:mod:`fedsec.strategies.pipeline`): signature verification
+(:class:`~fedsec.strategies.signatures.SignatureFilter`), the simulation's
+adversary, or the user's own filters. With ``secure=SecureAggregation(...)``
+(:class:`~fedsec.strategies.secagg.SecureAggregation`) the training step is a
+secure round: the server only ever unmasks the weighted mean, or, bucketed,
+the bucket means the rule then combines. One method, :meth:`train_round`, is
+the training step of both ``start()`` and fedsec's own experiment loop.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from logging import INFO
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -53,12 +63,18 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.supercore import log
 
 from fedsec.aggregation import Rule
 from fedsec.aggregation.base import Mean
 from fedsec.params import prefixed, unprefixed
 
 from .arrays import ArraySpec, short_repr
+from .pipeline import Exchange, Filter, pipeline
+
+if TYPE_CHECKING:
+    from .secagg import SecureAggregation
 
 logger = logging.getLogger("fedsec")
 
@@ -98,6 +114,9 @@ SERVER_METRICS = frozenset(
         "num-rule-excluded-buckets",
     }
 )
+
+
+_REMOVED = object()  # default of an argument that was removed (see FedSecStrategy)
 
 
 @dataclass
@@ -144,16 +163,19 @@ class FedSecStrategy(Strategy):
     reference_fn : callable, optional
         Computes the server's own update from the global model (for rules such
         as FLTrust that require a ``reference``); called once per round.
-    secure : bool, default False
-        Rounds run under secure aggregation, driven by
-        :meth:`SecAggWorkflow.run_round <fedsec.strategies.secagg.SecAggWorkflow.run_round>`
-        (fedsec's ServerApp does): the strategy only ever gets the weighted
-        mean, so the rule must be :class:`~fedsec.aggregation.base.Mean`
-        unless ``bucketed``. :meth:`start`, which would run plain rounds and
-        read every trained model in the clear, refuses such a strategy.
-    bucketed : bool, default False
-        With ``secure``: rounds run bucketed secure aggregation and ``rule``
-        combines the bucket means (it must not need ``client_ids``).
+    secure : SecureAggregation, optional
+        Training rounds run under secure aggregation
+        (:class:`~fedsec.strategies.secagg.SecureAggregation`, every node
+        behind :func:`~fedsec.client.secagg_mod.secagg_mod`): the strategy only
+        ever gets the weighted mean, so the rule must be
+        :class:`~fedsec.aggregation.base.Mean`, unless the object is bucketed
+        (``bucket_size >= 2``): then ``rule`` combines the bucket means (and
+        must not need ``client_ids``). None: plain rounds.
+    filters : sequence of Filter, default ()
+        Steps of the server-side pipeline, outermost first
+        (:func:`~fedsec.strategies.pipeline.pipeline`), through which
+        :meth:`start` sends every message: e.g.
+        ``[SignatureFilter(registry)]``.
     max_examples : int, default MAX_EXAMPLES_CEILING
         Largest example count a reply may claim; larger, non-finite or
         non-positive counts exclude the reply. :func:`build_strategy
@@ -182,13 +204,33 @@ class FedSecStrategy(Strategy):
         server_momentum: float = 0.0,
         node_wait_timeout: float = 600.0,
         reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
-        secure: bool = False,
-        bucketed: bool = False,
+        secure: SecureAggregation | None = None,
+        filters: Sequence[Filter] = (),
+        bucketed: object = _REMOVED,
         max_examples: int = MAX_EXAMPLES_CEILING,
         arrayrecord_key: str = ARRAYS_KEY,
         configrecord_key: str = CONFIG_KEY,
         weighted_by_key: str = NUM_EXAMPLES_KEY,
     ) -> None:
+        from .secagg import SecureAggregation  # here: secagg imports this module
+
+        if bucketed is not _REMOVED:
+            raise TypeError(
+                "FedSecStrategy(bucketed=...) was removed: pass "
+                "secure=SecureAggregation(bucket_size=s) (s >= 2) for bucketed secure aggregation"
+            )
+        if secure is not None and not isinstance(secure, SecureAggregation):
+            raise TypeError(
+                "secure must be a fedsec.strategies.SecureAggregation (e.g. "
+                f"SecureAggregation(bucket_size=4)) or None, got {short_repr(secure)}"
+            )
+        filters = list(filters)
+        for step in filters:
+            if not callable(step):
+                raise TypeError(
+                    "filters must be callables (messages, next, timeout) -> replies, "
+                    f"got {short_repr(step)}"
+                )
         if isinstance(max_examples, bool) or not 1 <= max_examples <= MAX_EXAMPLES_CEILING:
             raise ValueError(f"max_examples must be in [1, 2**31], got {max_examples!r}")
         if not isinstance(rule, Rule):
@@ -224,29 +266,29 @@ class FedSecStrategy(Strategy):
         self.server_momentum = server_momentum
         self.node_wait_timeout = node_wait_timeout
         self.reference_fn = reference_fn
-        # From the object, not a name: a rule that is not exactly the mean would
+        # From the objects, not a name: a rule that is not exactly the mean would
         # never see an update under secure aggregation, and silently never apply.
-        if secure and not bucketed and type(rule) is not Mean:
+        if secure is not None and not secure.bucketed and type(rule) is not Mean:
             raise ValueError(
                 f"rule {label} ({short_repr(rule, 120)}) needs individual client updates, which "
                 "secure aggregation hides (the server gets only their weighted mean); use "
-                "rule=make('mean') with secure=True, or bucketed=True (bucketed secure "
-                f"aggregation: SecAggWorkflow(bucket_size=s >= 2) applies {label} across the "
-                "bucket means)"
+                "rule=make('mean') with an unbucketed SecureAggregation, or bucketed secure "
+                f"aggregation (SecureAggregation(bucket_size=s >= 2) applies {label} across "
+                "the bucket means)"
             )
-        if bucketed and "client_ids" in rule.requires:
+        if secure is not None and secure.bucketed and "client_ids" in rule.requires:
             raise ValueError(
                 f"rule {label} tracks clients by id; under bucketed secure aggregation it "
                 "sees buckets, which change every round"
             )
-        if secure and (arrayrecord_key, configrecord_key) != (ARRAYS_KEY, CONFIG_KEY):
+        if secure is not None and (arrayrecord_key, configrecord_key) != secure.record_keys:
             raise ValueError(
-                f"secure=True needs the record keys {ARRAYS_KEY!r} and {CONFIG_KEY!r}, which "
-                f"fedsec's SecAgg client mod reads; got {arrayrecord_key!r} and "
-                f"{configrecord_key!r}"
+                f"{secure!r} needs the record keys {secure.record_keys[0]!r} and "
+                f"{secure.record_keys[1]!r}, which fedsec's SecAgg client mod reads; got "
+                f"{arrayrecord_key!r} and {configrecord_key!r}"
             )
         self.secure = secure
-        self.bucketed = bucketed
+        self.filters: list[Filter] = filters
         if "reference" in rule.requires and reference_fn is None:
             raise ValueError(f"rule '{rule_name}' needs a server reference update (reference_fn)")
         self._global_arrays: ArrayRecord | None = None
@@ -256,6 +298,11 @@ class FedSecStrategy(Strategy):
         self._global_flat: torch.Tensor | None = None
 
     @property
+    def bucketed(self) -> bool:
+        """Whether training rounds run bucketed secure aggregation."""
+        return self.secure is not None and self.secure.bucketed
+
+    @property
     def rule_name(self) -> str:
         """The rule's name, from the rule object (:func:`rule_label`)."""
         return rule_label(self.rule)
@@ -263,10 +310,11 @@ class FedSecStrategy(Strategy):
     def summary(self) -> None:
         """Log the strategy's settings."""
         logger.info(
-            "FedSecStrategy: rule=%s, secure=%s, fraction_train=%.2f, server_lr=%g, "
-            "server_momentum=%g, keys: arrays=%r config=%r weight=%r",
+            "FedSecStrategy: rule=%s, secure=%s, filters=[%s], fraction_train=%.2f, "
+            "server_lr=%g, server_momentum=%g, keys: arrays=%r config=%r weight=%r",
             self.rule_name,
-            ("bucketed" if self.bucketed else "yes") if self.secure else "no",
+            self.secure if self.secure is not None else "no",
+            ", ".join(_filter_name(f) for f in self.filters),
             self.fraction_train,
             self.server_lr,
             self.server_momentum,
@@ -285,25 +333,148 @@ class FedSecStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Flower's round loop (:meth:`flwr.serverapp.strategy.Strategy.start`).
+        """Flower's round loop (:meth:`flwr.serverapp.strategy.Strategy.start`) through filters.
 
-        Raises
-        ------
-        RuntimeError
-            If the strategy is ``secure``: this loop sends the model and reads
-            every trained model in the clear, so it would break the promise.
+        Same parameters, logs and :class:`~flwr.serverapp.strategy.Result` as
+        Flower's, but every exchange goes through ``pipeline(grid,
+        self.filters)`` and the training step is :meth:`train_round` (a secure
+        round when ``secure`` is set). A round that fails (no usable reply, an
+        aborted secure round, a rule that raises) is logged and leaves the
+        global model as it was.
         """
-        if self.secure:
-            raise RuntimeError(_SECURE_START)
-        return super().start(
-            grid,
-            initial_arrays,
-            num_rounds=num_rounds,
-            timeout=timeout,
-            train_config=train_config,
-            evaluate_config=evaluate_config,
-            evaluate_fn=evaluate_fn,
-        )
+        log(INFO, "Starting %s strategy:", self.__class__.__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        log(INFO, "")
+
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        exchange = pipeline(grid, self.filters)
+
+        t_start = time.time()
+        if evaluate_fn:
+            res = evaluate_fn(0, initial_arrays)
+            log(INFO, "Initial global evaluation results: %s", res)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+
+        arrays = initial_arrays
+        for current_round in range(1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            try:
+                agg_arrays, agg_train_metrics = self.train_round(
+                    exchange,
+                    grid,
+                    current_round,
+                    arrays,
+                    train_config,
+                    timeout=timeout,
+                    next_round=current_round + 1 if current_round < num_rounds else None,
+                )
+            except Exception as err:  # a failed round leaves the global model as it was
+                logger.warning(
+                    "round %d failed (%s: %s); global model unchanged",
+                    current_round,
+                    type(err).__name__,
+                    str(err).splitlines()[0][:300] if str(err) else "",
+                )
+                agg_arrays, agg_train_metrics = None, None
+            if agg_arrays is not None:
+                result.arrays = agg_arrays
+                arrays = agg_arrays
+            if agg_train_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
+                result.train_metrics_clientapp[current_round] = agg_train_metrics
+
+            agg_evaluate_metrics = self.evaluate_round(
+                exchange, grid, current_round, arrays, evaluate_config, timeout=timeout
+            )
+            if agg_evaluate_metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
+                result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
+
+            if evaluate_fn:
+                log(INFO, "Global evaluation")
+                res = evaluate_fn(current_round, arrays)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        log(INFO, "")
+        log(INFO, "Final results:")
+        log(INFO, "")
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        log(INFO, "")
+        return result
+
+    def train_round(
+        self,
+        exchange: Exchange,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        *,
+        timeout: float = 3600,
+        next_round: int | None = None,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One training round through ``exchange``: the new global arrays (None: unchanged).
+
+        The training step of :meth:`start` and of fedsec's experiment loop
+        (:func:`~fedsec.strategies.server_app.run_experiment`). With ``secure``
+        it is :meth:`SecureAggregation.run_round
+        <fedsec.strategies.secagg.SecureAggregation.run_round>` (its failure
+        reason in ``secure.last_error``); otherwise the model goes out, the
+        replies come back through ``exchange`` and :meth:`aggregate_train`
+        validates and aggregates them (a malformed reply is excluded and logged).
+
+        Parameters
+        ----------
+        exchange : Exchange
+            The server-side pipeline (:func:`~fedsec.strategies.pipeline.pipeline`).
+        grid : Grid
+            Asked only for the connected nodes (sampling).
+        timeout : float
+            Seconds to wait for replies (per stage under secure aggregation,
+            unless the SecureAggregation object sets its own).
+        next_round : int, optional
+            Under secure aggregation, the next round, whose key set-up then
+            rides on this round's messages.
+        """
+        if self.secure is not None:
+            return self.secure.run_round(
+                exchange,
+                grid,
+                self,
+                server_round,
+                arrays,
+                config,
+                timeout=timeout,
+                next_round=next_round,
+            )
+        messages = list(self.configure_train(server_round, arrays, config, grid))
+        return self.aggregate_train(server_round, exchange(messages, timeout))
+
+    def evaluate_round(
+        self,
+        exchange: Exchange,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        *,
+        timeout: float = 3600,
+    ) -> MetricRecord | None:
+        """Federated evaluation through ``exchange`` (None when off or no reply is usable)."""
+        messages = list(self.configure_evaluate(server_round, arrays, config, grid))
+        if not messages:
+            return None
+        return self.aggregate_evaluate(server_round, exchange(messages, timeout))
 
     # -- state kept across rounds (checkpointed by the server app) ------------
 
@@ -675,12 +846,10 @@ class FedSecStrategy(Strategy):
         )[0]
 
 
-_SECURE_START = (
-    "FedSecStrategy(secure=True) cannot run Strategy.start(): its rounds are plain, and read "
-    "every trained model in the clear; secure rounds run through "
-    "fedsec.strategies.secagg.SecAggWorkflow.run_round(grid, strategy, ...) with fedsec's "
-    "SecAgg client mod on every node (as fedsec's ServerApp runs them), or use secure=False"
-)
+def _filter_name(step: object) -> str:
+    """A filter's name for the logs: its class, or its function's name."""
+    name = getattr(step, "__name__", None)
+    return name if isinstance(name, str) else type(step).__name__
 
 
 def rule_label(rule: Rule) -> str:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-__all__ = ["GridWrapper", "send_and_receive"]
+__all__ = ["send_and_receive"]
 
 
 def send_and_receive(
@@ -29,9 +28,10 @@ def send_and_receive(
 ) -> list[Message]:
     """Push ``messages``, then pull replies until all arrived or ``timeout`` seconds passed.
 
-    Objects that only stand in for a grid (the in-process test grid, the
-    simulation's adversary wrapper, which must see every reply) use their own
-    ``send_and_receive``. Replies that never come are simply missing.
+    Objects that only stand in for a grid (the in-process grid, test doubles)
+    use their own ``send_and_receive``. Replies that never come are simply
+    missing. The server side reaches this only through an exchange
+    (:func:`fedsec.strategies.pipeline.grid_exchange`), under its filters.
     """
     if not isinstance(grid, Grid):
         return list(grid.send_and_receive(messages, timeout=timeout))
@@ -48,25 +48,3 @@ def send_and_receive(
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(interval * 1.5, max_interval)
     return replies
-
-
-class GridWrapper:
-    """Base of the objects that stand between the round loop and a grid.
-
-    Attributes other than :meth:`send_and_receive` go to the wrapped grid, so a
-    wrapper only overrides what it changes.
-    """
-
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-
-    def as_grid(self) -> Grid:
-        """This wrapper typed as Flower's Grid (it forwards what the strategy uses)."""
-        return self  # type: ignore[return-value]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.grid, name)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """The wrapped grid's nodes."""
-        return self.grid.get_node_ids()

@@ -229,8 +229,8 @@ def test_data_poisoning_is_refused_in_one_line(attack: Any) -> None:
         ALIE(),
     ],
 )
-def test_colluding_attacks_are_refused_pointing_to_the_adversary_grid(attack: Any) -> None:
-    with pytest.raises(ValueError, match="AdversaryGrid") as err:
+def test_colluding_attacks_are_refused_pointing_to_collusion(attack: Any) -> None:
+    with pytest.raises(ValueError, match=r"fedsec\.simulation\.Collusion") as err:
         attack_mod(attack, malicious={0})
     assert "\n" not in str(err.value) and "colludes" in str(err.value)
 

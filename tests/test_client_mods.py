@@ -5,8 +5,9 @@ model (with BatchNorm, so an integer buffer travels too), synthetic data of
 its own, an ``@app.train`` that loads the received arrays, trains and returns
 ``arrays`` + ``metrics``. The mods are adopted in the ``ClientApp(mods=[...])``
 line only. Messages reach it through fedsec's in-process grid, behind the
-server-side :class:`~fedsec.strategies.signatures.VerifyingGrid` where
-signatures are checked, and once through Flower's own ``FedAvg.start``.
+server-side :class:`~fedsec.strategies.signatures.SignatureFilter` where
+signatures are checked, and once through ``FedSecStrategy.start`` (Flower's
+round loop) with that filter.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
-from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
+from fedsec.aggregation import make as make_rule
 from fedsec.client.mods import LOCAL_DP_REFUSED, local_dp, signing
 from fedsec.client.privacy import PRIVACY_BUDGET_EXHAUSTED, PRIVACY_LEDGER_UNUSABLE
 from fedsec.client.signing_mod import SIGNATURE_KEY, SIGNING_REFUSED
@@ -44,7 +45,9 @@ from fedsec.privacy.accounting import epsilon_for_history
 from fedsec.privacy.ledger import LedgerFile
 from fedsec.secagg.signing import write_key_dir
 from fedsec.strategies.inprocess import InProcessGrid
-from fedsec.strategies.signatures import VerifyingGrid, check_reply
+from fedsec.strategies.pipeline import pipeline
+from fedsec.strategies.signatures import SignatureFilter, check_reply
+from fedsec.strategies.strategy import FedSecStrategy
 
 # ---- the user's app, as in Flower's quickstart -----------------------------------------
 
@@ -186,14 +189,15 @@ def test_signed_replies_verify_on_the_server_and_a_tampered_one_does_not(key_dir
     assert identities == {1: "client-0", 2: "client-1", 3: "client-2"}  # the key file's stem
     assert check_reply(replies[0], registry) == "client-0"
 
-    grid = VerifyingGrid(InProcessGrid(app, 3, tamper={3: tamper}).as_grid(), registry)
-    kept = grid.send_and_receive(train_messages([1, 2, 3], round_=2), timeout=None)
+    grid = SignatureFilter(registry)
+    exchange = pipeline(InProcessGrid(app, 3, tamper={3: tamper}).as_grid(), [grid])
+    kept = exchange(train_messages([1, 2, 3], round_=2), 60.0)
     assert sorted(r.metadata.src_node_id for r in kept) == [1, 2]
     assert [(r.node_id, r.reason) for r in grid.take_rejected()] == [
         (3, "signature of 'client-2' does not verify")
     ]
     # Evaluate replies are signed too (every reply the node sends).
-    kept = grid.send_and_receive(train_messages([1, 2], kind=MessageType.EVALUATE), timeout=None)
+    kept = exchange(train_messages([1, 2], kind=MessageType.EVALUATE), 60.0)
     assert len(kept) == 2 and grid.take_rejected() == []
 
 
@@ -202,8 +206,8 @@ def test_a_key_object_signs_under_the_given_identity_and_a_wrong_one_fails(key_d
     registry = load_registry(key_dir)
     for identity, accepted in (("client-1", True), ("client-0", False)):
         app = make_app([signing(key=key, identity=identity)])
-        grid = VerifyingGrid(InProcessGrid(app, 1).as_grid(), registry)
-        kept = grid.send_and_receive(train_messages([1]), timeout=None)
+        verify = SignatureFilter(registry)
+        kept = pipeline(InProcessGrid(app, 1).as_grid(), [verify])(train_messages([1]), 60.0)
         assert bool(kept) is accepted
     with pytest.raises(ValueError, match="identity= is required"):
         signing(key=key)
@@ -404,7 +408,7 @@ def test_replies_that_cannot_be_privatized_are_refused(tmp_path: Path) -> None:
 # ---- both, under Flower's own strategy -----------------------------------------------
 
 
-def test_flower_fedavg_trains_a_plain_app_with_signed_private_replies(
+def test_flower_round_loop_trains_a_plain_app_with_signed_private_replies(
     tmp_path: Path, key_dir: Path
 ) -> None:
     state = tmp_path / "state"
@@ -418,9 +422,10 @@ def test_flower_fedavg_trains_a_plain_app_with_signed_private_replies(
             ),
         ]
     )
-    grid = VerifyingGrid(InProcessGrid(app, 3).as_grid(), load_registry(key_dir))
-    result = FedAvg(fraction_evaluate=1.0).start(
-        grid=grid,  # type: ignore[arg-type]
+    grid = SignatureFilter(load_registry(key_dir))
+    strategy = FedSecStrategy(rule=make_rule("mean"), fraction_evaluate=1.0, filters=[grid])
+    result = strategy.start(
+        grid=InProcessGrid(app, 3).as_grid(),
         initial_arrays=global_arrays(),
         train_config=ConfigRecord({"lr": 0.5}),
         num_rounds=2,

@@ -24,12 +24,13 @@ from flwr.clientapp import ClientApp
 
 import fedsec.privacy.distributed as distributed
 from fedsec.client.secagg_mod import MASKED_KEY, secagg_mod
-from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, SecAggSection, parse_config
+from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
 from fedsec.data import DATASETS
 from fedsec.models import make_model
 from fedsec.privacy.distributed import sample_skellam
 from fedsec.strategies.inprocess import InProcessGrid, Tamper
-from fedsec.strategies.secagg import SecAggWorkflow
+from fedsec.strategies.pipeline import pipeline
+from fedsec.strategies.secagg import SecureAggregation
 from fedsec.strategies.server_app import build_strategy, make_secagg_workflow
 
 #: Coordinates of the pipeline test: the order of a real model (mlp-wide has 1,060,170).
@@ -121,17 +122,17 @@ def test_large_variance_sampling_is_reproducible_across_chunks() -> None:
 # ---- the summed noise of a bucket, through the client's functions -------------------
 
 
-def _summed_noise(settings: SecAggSection, sigma: float, bound: float, s: int) -> np.ndarray:
+def _summed_noise(sigma: float, bound: float, s: int) -> np.ndarray:
     """Noise on the decoded sum of a bucket of ``s`` zero updates, in planned std units.
 
-    The workflow plans the bucket (:meth:`SecAggWorkflow._params`: the parameters the
+    The workflow plans the bucket (:meth:`SecureAggregation._params`: the parameters the
     clients receive); each client draws its noise as :meth:`SecAggClient.mask` does
     (``sample_skellam(noise_variance, dim, headroom=headroom)``, secure generator) and
     encodes it with the round's encoder; the server decodes the sum (the pairwise
     masks, which cancel exactly, are left out).
     """
-    workflow = SecAggWorkflow(
-        settings, 60.0, bucket_size=s, norm_bound=bound, noise_multiplier=sigma
+    workflow = SecureAggregation(
+        weight_cap=0, bucket_size=s, norm_bound=bound, noise_multiplier=sigma
     )
     params = workflow._params(s, DIM)
     plan = workflow._plan(s, s, DIM)
@@ -170,7 +171,7 @@ def test_bucket_noise_has_the_planned_variance_and_tails(
     (p = 0.0027, std 5.2e-5, margin 3.1e-4). Before the fix the same seeds gave
     variance 1.017 (sigma 0.05), 0.976 and 1.119 (sigma 1, buckets of 2 and 3).
     """
-    z = _summed_noise(SecAggSection(enabled=True, weight_cap=0), sigma, bound, s)
+    z = _summed_noise(sigma, bound, s)
     n = z.size
     assert abs(float(z.var()) - 1.0) < 6 * math.sqrt(2.0 / n)
     assert abs(float(z.mean())) < 6 / math.sqrt(n)
@@ -211,14 +212,15 @@ def _ddp_config(clients: int, s: int) -> ExperimentConfig:
 
 def _one_round(
     cfg: ExperimentConfig, tamper: dict[int, Tamper] | None = None
-) -> tuple[ArrayRecord | None, MetricRecord, SecAggWorkflow]:
+) -> tuple[ArrayRecord | None, MetricRecord, SecureAggregation]:
     info = DATASETS.get(cfg.data.dataset)
     model = make_model(cfg.model.name, info.input_shape, info.num_classes, seed=0)
     grid = InProcessGrid(_still_client(), cfg.data.num_clients, tamper=tamper)
     workflow = make_secagg_workflow(cfg)
     wire = ConfigRecord({WIRE_CONFIG_KEY: json.dumps(cfg.to_dict())})
+    g = grid.as_grid()
     new, metrics = workflow.run_round(
-        grid.as_grid(), build_strategy(cfg), 1, ArrayRecord(model.state_dict()), wire
+        pipeline(g), g, build_strategy(cfg), 1, ArrayRecord(model.state_dict()), wire
     )
     return new, metrics, workflow
 

@@ -36,6 +36,7 @@ from fedsec.params import flatten_state, unflatten_state
 from fedsec.runs import RoundMetrics, RunDirectory
 from fedsec.secagg.signing import write_key_dir
 from fedsec.strategies.inprocess import InProcessGrid
+from fedsec.strategies.pipeline import pipeline
 from fedsec.strategies.server_app import build_strategy, make_secagg_workflow, run_experiment
 from fedsec.strategies.strategy import FedSecStrategy
 
@@ -123,8 +124,9 @@ def _round(
     workflow = make_secagg_workflow(cfg)
     recorder = Recorder(workflow, strategy, grid)
     wire = ConfigRecord({WIRE_CONFIG_KEY: __import__("json").dumps(cfg.to_dict())})
+    g = grid.as_grid()
     new, metrics = workflow.run_round(
-        grid.as_grid(), strategy, 1, ArrayRecord(model.state_dict()), wire
+        pipeline(g), g, strategy, 1, ArrayRecord(model.state_dict()), wire
     )
     return new, metrics, recorder
 
@@ -353,8 +355,9 @@ def test_a_deployed_client_never_sends_its_plain_update(monkeypatch: pytest.Monk
     model = make_model(cfg.model.name, info.input_shape, info.num_classes, seed=0)
     wire = ConfigRecord({WIRE_CONFIG_KEY: __import__("json").dumps(cfg.to_dict())})
     strategy = build_strategy(cfg)
+    g = grid.as_grid()
     new, _ = make_secagg_workflow(cfg).run_round(
-        grid.as_grid(), strategy, 1, ArrayRecord(model.state_dict()), wire
+        pipeline(g), g, strategy, 1, ArrayRecord(model.state_dict()), wire
     )
     assert new is not None
     masked = [r for r in replies if not r.has_error() and MASKED_KEY in r.content.array_records]

@@ -29,7 +29,8 @@ from fedsec.models import make_model
 from fedsec.runs import RunDirectory
 from fedsec.secagg.signing import write_key_dir
 from fedsec.strategies.inprocess import InProcessGrid
-from fedsec.strategies.secagg import SecAggWorkflow
+from fedsec.strategies.pipeline import pipeline
+from fedsec.strategies.secagg import SecureAggregation
 from fedsec.strategies.server_app import build_strategy, run_experiment
 from fedsec.strategies.strategy import FedSecStrategy
 
@@ -307,7 +308,7 @@ def test_config_refuses_what_secure_aggregation_cannot_do(
 
 def test_strategy_refuses_a_rule_that_needs_individual_updates() -> None:
     with pytest.raises(ValueError, match="bucketed"):
-        FedSecStrategy(rule=make_rule("median"), rule_name="median", secure=True)
+        FedSecStrategy(rule=make_rule("median"), rule_name="median", secure=SecureAggregation())
 
 
 @pytest.mark.simulation
@@ -341,16 +342,18 @@ def test_pipelining_across_a_plain_round(tmp_path: Path) -> None:
     cfg = _config(rounds=3)
     grid = InProcessGrid(client_app, cfg.data.num_clients).as_grid()
     strategy = build_strategy(cfg)
-    workflow = SecAggWorkflow(cfg.secagg, cfg.server.round_timeout)
+    workflow = strategy.secure
+    assert isinstance(workflow, SecureAggregation)
+    exchange = pipeline(grid)
     model = make_model("mlp", (1, 8, 8), 10, seed=0)
     arrays = ArrayRecord(model.state_dict())
     wire = ConfigRecord({WIRE_CONFIG_KEY: json.dumps(cfg.to_dict())})
-    new, metrics = workflow.run_round(grid, strategy, 1, arrays, wire, next_round=3)
-    assert new is not None and metrics["secagg_pipelined"] == 0
+    new, metrics = strategy.train_round(exchange, grid, 1, arrays, wire, next_round=3)
+    assert new is not None and metrics is not None and metrics["secagg_pipelined"] == 0
     replies = grid.send_and_receive(strategy.configure_train(2, new, wire, grid))
     plain, _ = strategy.aggregate_train(2, replies)
     assert plain is not None
-    new, metrics = workflow.run_round(grid, strategy, 3, plain, wire)
+    new, metrics = workflow.run_round(exchange, grid, strategy, 3, plain, wire)
     assert new is not None, workflow.last_error
     assert metrics["secagg_pipelined"] == 1 and metrics["num-accepted"] == CLIENTS
 

@@ -22,9 +22,10 @@ from torch import nn
 
 from fedsec.aggregation import make as make_rule
 from fedsec.client.secagg_mod import secagg_mod
-from fedsec.config import WIRE_CONFIG_KEY, parse_config, secagg_sum_params
+from fedsec.config import WIRE_CONFIG_KEY, parse_config
 from fedsec.strategies.inprocess import InProcessGrid
-from fedsec.strategies.secagg import SecAggWorkflow
+from fedsec.strategies.pipeline import pipeline
+from fedsec.strategies.secagg import SecureAggregation
 from fedsec.strategies.strategy import FedSecStrategy
 
 CLIENTS = 4
@@ -96,18 +97,13 @@ def _round(bucket_size: int) -> tuple[ArrayRecord, ArrayRecord, MetricRecord, An
     if bucket_size:
         raw["aggregation"] = {"rule": "mean", "pre": ["bucketing"], "bucket_size": bucket_size}
     cfg = parse_config(raw)
-    strategy = FedSecStrategy(
-        rule=make_rule("mean"),
-        min_available_nodes=CLIENTS,
-        secure=True,
-        bucketed=bucket_size > 0,
-    )
-    workflow = SecAggWorkflow(cfg.secagg, 60.0, bucket_size=bucket_size)
+    workflow = SecureAggregation(clip=cfg.secagg.clip, weight_cap=0, bucket_size=bucket_size)
+    strategy = FedSecStrategy(rule=make_rule("mean"), min_available_nodes=CLIENTS, secure=workflow)
     grid = InProcessGrid(client_app, CLIENTS).as_grid()
     arrays = _global()
     wire = ConfigRecord({WIRE_CONFIG_KEY: json.dumps(cfg.to_dict())})
-    new, metrics = workflow.run_round(grid, strategy, 1, arrays, wire)
-    assert new is not None, workflow.last_error
+    new, metrics = strategy.train_round(pipeline(grid), grid, 1, arrays, wire, timeout=60.0)
+    assert new is not None and metrics is not None, workflow.last_error
     return arrays, new, metrics, cfg
 
 
@@ -130,7 +126,9 @@ def test_secure_round_masks_the_float_arrays_and_keeps_the_servers_counter(
     # step global + mean and this test's new - global each round to float32 (half
     # an ulp of the model's largest value, at least 1, each; 2 ulps cover both).
     size = bucket_size or CLIENTS
-    params = secagg_sum_params(cfg.secagg, size, expected.size, bucket_size=bucket_size)
+    params = SecureAggregation(clip=cfg.secagg.clip, bucket_size=bucket_size).sum_params(
+        size, expected.size
+    )
     step = params.encoder.quantisation_bound(size) / size
     ulp = float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(_floats(sent)).max()))
     tolerance = step + 2 * ulp

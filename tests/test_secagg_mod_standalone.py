@@ -3,8 +3,8 @@
 A Flower user's app has its own model and training loop and knows nothing of
 fedsec's JSON experiment config. Its train handler, behind
 ``ClientApp(mods=[secagg_mod])``, must take part in a secure round driven by
-:class:`~fedsec.strategies.secagg.SecAggWorkflow` and
-``FedSecStrategy(secure=True)`` from the protocol's own messages alone: the
+:class:`~fedsec.strategies.secagg.SecureAggregation` and
+``FedSecStrategy(secure=SecureAggregation(...))`` from the protocol's own messages alone: the
 weight cap travels in the masked-input request, validated by the mod.
 """
 
@@ -29,10 +29,11 @@ from torch import nn
 
 from fedsec.aggregation import make as make_rule
 from fedsec.client.secagg_mod import SECAGG_KEY, SECAGG_REFUSED, secagg_mod
-from fedsec.config import WIRE_CONFIG_KEY, SecAggSection, secagg_sum_params
+from fedsec.config import WIRE_CONFIG_KEY
 from fedsec.secagg.messages import MAX_WEIGHT_CAP, MaskedInputRequest
 from fedsec.strategies.inprocess import InProcessGrid
-from fedsec.strategies.secagg import SecAggWorkflow
+from fedsec.strategies.pipeline import pipeline
+from fedsec.strategies.secagg import SecureAggregation
 from fedsec.strategies.strategy import FedSecStrategy
 
 #: Each node's example count: with a cap of 32 the weights are 1/4, 1/2, 1, 1.
@@ -83,15 +84,15 @@ def _flat(record: ArrayRecord) -> np.ndarray:
     return np.concatenate([a.numpy().astype(np.float32).reshape(-1) for a in record.values()])
 
 
-def _round(weight_cap: int) -> tuple[ArrayRecord, ArrayRecord, SecAggWorkflow]:
+def _round(weight_cap: int) -> tuple[ArrayRecord, ArrayRecord, SecureAggregation]:
     """One secure round of the plain app; the config sent holds the round number only."""
     seen.clear()
-    settings = SecAggSection(enabled=True, clip=CLIP, weight_cap=weight_cap)
-    strategy = FedSecStrategy(rule=make_rule("mean"), min_available_nodes=CLIENTS, secure=True)
-    workflow = SecAggWorkflow(settings, 60.0)
+    workflow = SecureAggregation(clip=CLIP, weight_cap=weight_cap, timeout=60.0)
+    strategy = FedSecStrategy(rule=make_rule("mean"), min_available_nodes=CLIENTS, secure=workflow)
     grid = InProcessGrid(app, CLIENTS).as_grid()
     sent = ArrayRecord(_net().state_dict())
-    new, _ = workflow.run_round(grid, strategy, 1, sent, ConfigRecord({"server-round": 1}))
+    config = ConfigRecord({"server-round": 1})
+    new, _ = strategy.train_round(pipeline(grid), grid, 1, sent, config)
     assert new is not None, workflow.last_error
     assert len(seen) == CLIENTS  # every node trained once, at masked input
     assert not any(WIRE_CONFIG_KEY in keys for keys in seen), seen
@@ -107,7 +108,7 @@ def _tolerance(sent: ArrayRecord, dim: int, total_weight: float) -> float:
     twice that bound over the total weight. The server's global + mean and
     this test's new - global each round to float32 (2 ulps cover both).
     """
-    params = secagg_sum_params(SecAggSection(enabled=True, clip=CLIP), CLIENTS, dim)
+    params = SecureAggregation(clip=CLIP).sum_params(CLIENTS, dim)
     ulp = float(np.finfo(np.float32).eps) * max(1.0, float(np.abs(_flat(sent)).max()))
     return 2 * params.encoder.quantisation_bound(CLIENTS) / total_weight + 2 * ulp
 

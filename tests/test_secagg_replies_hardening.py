@@ -45,6 +45,7 @@ from fedsec.params import flatten_state, unflatten_state
 from fedsec.secagg.messages import MAX_DEGREE
 from fedsec.secagg.signing import write_key_dir
 from fedsec.strategies.inprocess import InProcessGrid
+from fedsec.strategies.pipeline import pipeline
 from fedsec.strategies.server_app import build_strategy, make_secagg_workflow
 
 CLIENTS = 6
@@ -169,8 +170,9 @@ class Outcome:
         self.strategy.aggregate_secure = spy_secure  # type: ignore[method-assign]
         self.strategy.aggregate_buckets = spy_buckets  # type: ignore[method-assign]
         wire = ConfigRecord({WIRE_CONFIG_KEY: json.dumps(cfg.to_dict())})
+        g = grid.as_grid()
         self.new, self.metrics = self.workflow.run_round(
-            grid.as_grid(), self.strategy, 1, ArrayRecord(model.state_dict()), wire
+            pipeline(g), g, self.strategy, 1, ArrayRecord(model.state_dict()), wire
         )
 
     @property

@@ -55,8 +55,9 @@ from fedsec.deploy.signatures import (
 from fedsec.runs import RunDirectory
 from fedsec.secagg.signing import public_bytes, write_key_dir
 from fedsec.strategies.inprocess import InProcessGrid
+from fedsec.strategies.pipeline import pipeline
 from fedsec.strategies.server_app import run_experiment
-from fedsec.strategies.signatures import VerifyingGrid, check_reply
+from fedsec.strategies.signatures import SignatureFilter, check_reply
 
 FIELDS: dict[str, Any] = {
     "run_id": 7,
@@ -299,7 +300,7 @@ def test_mod_signs_replies_and_refuses_without_a_key(tmp_path: Path) -> None:
     assert error.has_error() and error.error.code == 99
 
 
-# -- the verifying grid ----------------------------------------------------------------
+# -- the signature filter ----------------------------------------------------------------
 
 
 class _ScriptedGrid:
@@ -337,10 +338,10 @@ def _signed(msg: Message, keys: dict[str, Ed25519PrivateKey], name: str = "") ->
 
 def _exchange(
     keys: dict[str, Ed25519PrivateKey], answer: Callable[[Message], Message | None]
-) -> tuple[list[Message], VerifyingGrid]:
-    grid = VerifyingGrid(_ScriptedGrid(answer), _registry(keys))
+) -> tuple[list[Message], SignatureFilter]:
+    verify = SignatureFilter(_registry(keys))
     messages = [_instruction(node=n) for n in (1, 2, 3)]
-    return grid.send_and_receive(messages, timeout=1.0), grid
+    return pipeline(_ScriptedGrid(answer), [verify])(messages, 1.0), verify  # type: ignore[arg-type]
 
 
 def test_valid_replies_pass_without_their_signature(keys: dict[str, Ed25519PrivateKey]) -> None:
@@ -348,12 +349,9 @@ def test_valid_replies_pass_without_their_signature(keys: dict[str, Ed25519Priva
     assert [r.metadata.src_node_id for r in replies] == [1, 2, 3]
     assert all(SIGNATURE_KEY not in r.content for r in replies)
     assert grid.take_rejected() == []
-    assert list(grid.get_node_ids()) == [1, 2, 3]
-    with pytest.raises(TypeError, match="send_and_receive only"):
-        grid.push_messages([_instruction()])  # a side door around the check
 
 
-def _reasons(grid: VerifyingGrid) -> dict[int, str]:
+def _reasons(grid: SignatureFilter) -> dict[int, str]:
     return {r.node_id: r.reason for r in grid.take_rejected()}
 
 
@@ -482,10 +480,11 @@ class _ExtraGrid(_ScriptedGrid):
 
 def _extra_exchange(
     keys: dict[str, Ed25519PrivateKey], extra: Callable[[list[Message]], list[Message]]
-) -> tuple[list[Message], VerifyingGrid]:
-    grid = VerifyingGrid(_ExtraGrid(lambda m: _signed(m, keys), extra), _registry(keys))
+) -> tuple[list[Message], SignatureFilter]:
+    verify = SignatureFilter(_registry(keys))
+    grid = _ExtraGrid(lambda m: _signed(m, keys), extra)
     messages = [_instruction(node=n) for n in (1, 2, 3)]
-    return grid.send_and_receive(messages, timeout=1.0), grid
+    return pipeline(grid, [verify])(messages, 1.0), verify  # type: ignore[arg-type]
 
 
 def test_a_second_reply_to_one_message_excludes_both(keys: dict[str, Ed25519PrivateKey]) -> None:
@@ -533,12 +532,13 @@ def test_metadata_must_match_the_message_answered(keys: dict[str, Ed25519Private
 
 
 def test_messages_without_ids_bind_nothing(keys: dict[str, Ed25519PrivateKey]) -> None:
-    grid = VerifyingGrid(_ScriptedGrid(lambda m: _signed(m, keys)), _registry(keys))
+    verify = SignatureFilter(_registry(keys))
+    grid = _ScriptedGrid(lambda m: _signed(m, keys))
     messages = [_instruction(node=n, message_id="") for n in (1, 2)]
     for msg in messages:
         msg.metadata.__dict__["_message_id"] = ""
-    assert grid.send_and_receive(messages, timeout=1.0) == []
-    assert {r.reason for r in grid.take_rejected()} == {"the grid sent messages without ids"}
+    assert pipeline(grid, [verify])(messages, 1.0) == []  # type: ignore[arg-type]
+    assert {r.reason for r in verify.take_rejected()} == {"the grid sent messages without ids"}
 
 
 def _small_order_and_invalid_keys() -> dict[str, bytes]:
@@ -733,11 +733,11 @@ def test_a_reply_replayed_into_the_next_round_is_excluded(tmp_path: Path) -> Non
 
 
 def test_the_adversary_component_runs_only_in_simulations(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedsec.strategies.adversary import AdversaryGrid
+    from fedsec.strategies.adversary import AdversaryFilter
     from fedsec.strategies.server_app import _with_adversary
 
     cfg = parse_config({"attack": {"name": "ipm", "num_malicious": 1}})
-    grid = InProcessGrid(client_app, 3).as_grid()  # turns the mode on, as simulations do
-    assert isinstance(_with_adversary(grid, cfg), AdversaryGrid)
+    InProcessGrid(client_app, 3)  # turns the mode on, as simulations do
+    assert isinstance(_with_adversary(cfg), AdversaryFilter)
     monkeypatch.delenv("FEDSEC_SIMULATED_ADVERSARY")  # a deployment's ServerApp
-    assert _with_adversary(grid, cfg) is grid
+    assert _with_adversary(cfg) is None

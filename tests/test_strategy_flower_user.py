@@ -5,7 +5,7 @@ The end-to-end test is a ClientApp written as in Flower's quickstart-pytorch
 returning ``arrays`` + ``metrics`` with ``num-examples``), driven by
 ``FedSecStrategy(rule=make("krum", f=1)).start(...)`` over fedsec's in-process
 grid. The unit tests pin each fix: the rule's name comes from the rule object,
-``secure=True`` refuses what it cannot deliver, integer buffers (BatchNorm's
+``secure=SecureAggregation(...)`` refuses what it cannot deliver, integer buffers (BatchNorm's
 ``num_batches_tracked``) and 0-d arrays survive rounds under a robust policy,
 and the record keys are configurable as in Flower's ``FedAvg``.
 """
@@ -35,7 +35,7 @@ from fedsec import aggregation
 from fedsec.aggregation.base import AggregationResult, Mean, Rule
 from fedsec.aggregation.registry import make_pipeline
 from fedsec.data import load_dataset
-from fedsec.strategies import ArraySpec, FedSecStrategy
+from fedsec.strategies import ArraySpec, FedSecStrategy, SecureAggregation
 from fedsec.strategies.inprocess import InProcessGrid
 from fedsec.strategies.strategy import rule_label
 
@@ -149,33 +149,43 @@ class _NamedMean(Rule):
 )
 def test_secure_refuses_a_rule_it_would_never_apply(rule: Rule) -> None:
     with pytest.raises(ValueError, match="bucketed") as err:
-        FedSecStrategy(rule=rule, secure=True)
+        FedSecStrategy(rule=rule, secure=SecureAggregation())
     message = str(err.value)
-    assert "\n" not in message and rule_label(rule) in message and "SecAggWorkflow" in message
+    assert "\n" not in message and rule_label(rule) in message and "SecureAggregation" in message
     # The bucketed mode applies it across the bucket means, and takes it.
-    assert FedSecStrategy(rule=rule, secure=True, bucketed=True).bucketed
+    assert FedSecStrategy(rule=rule, secure=SecureAggregation(bucket_size=2)).bucketed
 
 
 def test_secure_accepts_the_mean() -> None:
-    assert FedSecStrategy(rule=Mean(), secure=True).secure
+    strategy = FedSecStrategy(rule=Mean(), secure=SecureAggregation())
+    assert strategy.secure is not None and not strategy.bucketed
 
 
 def test_secure_refuses_record_keys_its_client_mod_does_not_read() -> None:
     with pytest.raises(ValueError, match="record keys"):
-        FedSecStrategy(rule=Mean(), secure=True, arrayrecord_key="params")
+        FedSecStrategy(rule=Mean(), secure=SecureAggregation(), arrayrecord_key="params")
 
 
-# -- 3. secure=True never runs plain rounds -----------------------------------------
+def test_the_old_boolean_flags_are_refused_naming_the_object() -> None:
+    for kwargs in ({"secure": True}, {"bucketed": True}):
+        with pytest.raises(TypeError, match="SecureAggregation") as err:
+            FedSecStrategy(rule=Mean(), **kwargs)  # type: ignore[arg-type]
+        assert "\n" not in str(err.value)
 
 
-def test_secure_start_refuses_before_sending_anything() -> None:
+# -- 3. secure never runs plain rounds ----------------------------------------------
+
+
+def test_secure_start_never_sends_the_model_before_masking() -> None:
+    """No node answers the key set-up: the round fails, and no model ever went out."""
     grid = FakeGrid(range(1, 5))
-    strategy = FedSecStrategy(rule=Mean(), secure=True)
-    with pytest.raises(RuntimeError, match=r"SecAggWorkflow\.run_round") as err:
-        plain = _record({"w": GLOBAL["w"]})
-        strategy.start(grid=grid, initial_arrays=plain, num_rounds=1)  # type: ignore[arg-type]
-    assert "\n" not in str(err.value)
-    assert grid.sent == []  # no model went out, so no trained model came back in the clear
+    strategy = FedSecStrategy(rule=Mean(), secure=SecureAggregation(timeout=1.0))
+    plain = _record({"w": GLOBAL["w"]})
+    result = strategy.start(grid=grid, initial_arrays=plain, num_rounds=1)  # type: ignore[arg-type]
+    assert grid.sent and all("fedsec-secagg" in m.content for m in grid.sent)
+    assert not any(m.content.array_records for m in grid.sent)  # keys first, the model later
+    assert result.train_metrics_clientapp[1]["secagg_aborted"] == 1
+    assert len(result.arrays) == 0  # no round completed: no new model
 
 
 # -- 4. integer buffers and 0-d arrays --------------------------------------------

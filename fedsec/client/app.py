@@ -2,8 +2,9 @@
 
 A client in the configured malicious set (see :mod:`fedsec.attacks.threat`)
 poisons its training data (data-poisoning attacks), perturbs or boosts its own
-update (attacks that need no collusion), or tags its reply for the
-simulation's adversary component (colluding attacks), from
+update (attacks that need no collusion), or colludes through the simulation's
+adversary (colluding attacks: :func:`~fedsec.client.collusion.collusion_mod`
+around ``secagg_mod``, acting only in a simulation's adversary mode), from
 ``attack.start_round`` on.
 
 The server sends the validated experiment config with every message (as JSON
@@ -11,6 +12,17 @@ under ``fedsec-config``), so a client needs nothing but its node config:
 ``partition-id`` (which Flower's simulation engine sets, and a SuperNode gets
 from ``--node-config``). Replies carry the trained model in the ArrayRecord
 ``arrays`` and ``num-examples`` plus metrics in the MetricRecord ``metrics``.
+
+The user's own code: a config may name the model, data set, partitioner and
+training function as dotted ``"package.module:factory"`` names
+(:mod:`fedsec.registry`). A config from the server is not the node's to
+trust, so outside a simulation (:func:`~fedsec.attacks.threat.simulated_adversary`)
+this node resolves dotted names only in the module prefixes its operator lists
+in the node config ``user-modules`` (``--node-config "partition-id=0
+user-modules='mypkg,lab.models'"``; none by default) and refuses every other
+config in one line (:func:`fedsec.registry.restrict_user_code`). Likewise the
+configured attack (who is malicious, what it does) acts only in a simulation:
+a server cannot make a deployed node poison, flip or boost its own update.
 
 With client-side DP a node keeps its privacy ledger on disk, in its node
 config's ``state-dir`` (``--node-config "partition-id=0 state-dir='/path'"``;
@@ -37,9 +49,11 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedsec.client.collusion import collusion_mod
 from fedsec.client.secagg_mod import secagg_mod
 from fedsec.client.signing_mod import signing_mod
 from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
+from fedsec.registry import check_module_prefixes, restrict_user_code
 
 if TYPE_CHECKING:
     from fedsec.client.handlers import (
@@ -51,6 +65,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "USER_MODULES_KEY",
     "Hardware",
     "app",
     "batch_cap",
@@ -62,6 +77,7 @@ __all__ = [
     "node_hardware",
     "partition_id_of",
     "train_handler",
+    "user_modules",
 ]
 
 #: Names defined by the training side, loaded on first access (PEP 562).
@@ -69,28 +85,64 @@ _TRAINING_SIDE = frozenset(
     {"Hardware", "batch_cap", "client_partition", "local_train", "node_hardware"}
 )
 
+#: Node config key: comma-separated module prefixes in which this node resolves the
+#: dotted names of a config the server sends (outside a simulation; none by default).
+USER_MODULES_KEY = "user-modules"
+
 app = ClientApp()
 
 
-def config_from_message(msg: Message) -> ExperimentConfig:
+def config_from_message(msg: Message, context: Context | None = None) -> ExperimentConfig:
     """Parse and validate the experiment config the server sent.
+
+    Outside a simulation the config's dotted names resolve only in the module
+    prefixes of ``context``'s node config ``user-modules`` (none without a
+    context): the server must not choose what this node imports or calls.
 
     Raises
     ------
     ValueError
-        If the message carries no config or an invalid one.
+        If the message carries no config or an invalid one (a refused dotted
+        name among them), or the node config ``user-modules`` is malformed.
     """
     config_record = msg.content.config_records.get("config")
     if config_record is None or WIRE_CONFIG_KEY not in config_record:
         raise ValueError(f"message carries no '{WIRE_CONFIG_KEY}' config")
-    return _parse_wire_config(str(config_record[WIRE_CONFIG_KEY]))
+    return _parse_wire_config(str(config_record[WIRE_CONFIG_KEY]), user_modules(context))
+
+
+def user_modules(context: Context | None) -> tuple[str, ...] | None:
+    """Module prefixes in which a server's config may name code; None: any (simulation).
+
+    Raises
+    ------
+    ValueError
+        If the node config ``user-modules`` is not a comma-separated list of
+        module names, or lists a standard-library module.
+    """
+    from fedsec.attacks.threat import simulated_adversary
+
+    if simulated_adversary():  # the config is the simulation's user's own
+        return None
+    value = "" if context is None else context.node_config.get(USER_MODULES_KEY, "")
+    if not isinstance(value, str):
+        raise ValueError(
+            f"node config '{USER_MODULES_KEY}' must be comma-separated module names, "
+            f"got {value!r}"
+        )
+    prefixes = [part.strip() for part in value.split(",") if part.strip()]
+    return check_module_prefixes(prefixes, where=f"node config '{USER_MODULES_KEY}'")
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_wire_config(text: str) -> ExperimentConfig:
+def _parse_wire_config(text: str, allowed: tuple[str, ...] | None) -> ExperimentConfig:
     # The same config arrives every round; validation builds the rule and the
-    # attack and may solve for the DP noise, so do it once per process.
-    return parse_config(json.loads(text))
+    # attack and may solve for the DP noise, so do it once per process. The
+    # policy is part of the key: a config accepted under one is not under another.
+    if allowed is None:
+        return parse_config(json.loads(text))
+    with restrict_user_code(allowed):
+        return parse_config(json.loads(text))
 
 
 def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
@@ -106,10 +158,16 @@ def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
 
 
 def _is_malicious(cfg: ExperimentConfig, partition_id: int, server_round: int) -> bool:
-    from fedsec.attacks.threat import malicious_partitions, num_malicious
+    """Whether this node plays a malicious client: in a simulation only.
+
+    The config comes from the server; on a deployed node its ``attack`` section
+    must not make an honest node poison, flip or boost its update (a boosted
+    update would stand out of a secure sum: the server could read it).
+    """
+    from fedsec.attacks.threat import malicious_partitions, num_malicious, simulated_adversary
 
     attack = cfg.attack
-    if attack.name == "none" or server_round < attack.start_round:
+    if not simulated_adversary() or attack.name == "none" or server_round < attack.start_round:
         return False
     count = num_malicious(cfg.data.num_clients, attack.num_malicious, attack.fraction)
     return partition_id in malicious_partitions(cfg.data.num_clients, count, cfg.experiment.seed)
@@ -126,7 +184,7 @@ def is_colluding_client(msg: Message, context: Context) -> bool:
 
     if not simulated_adversary():
         return False
-    cfg = config_from_message(msg)
+    cfg = config_from_message(msg, context)
     server_round = msg.content.config_records["config"].get("server-round", 0)
     if not isinstance(server_round, int) or not _is_malicious(
         cfg, partition_id_of(context, cfg), server_round
@@ -135,7 +193,12 @@ def is_colluding_client(msg: Message, context: Context) -> bool:
     return is_colluding(build_configured_attack(cfg))
 
 
-@app.train(mods=[signing_mod, secagg_mod])
+#: SecAgg's mod inside the colluders' mod, which acts only in a simulation's adversary
+#: mode and only on the configured colluders; elsewhere it is ``secagg_mod`` alone.
+_secagg_or_collude = collusion_mod(secagg_mod, malicious=is_colluding_client)
+
+
+@app.train(mods=[signing_mod, _secagg_or_collude])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition.
 

@@ -74,8 +74,8 @@ def _data_refusal(label: str) -> ValueError:
 def _collusion_refusal(label: str) -> ValueError:
     return ValueError(
         f"attack '{label}' colludes (it needs every malicious update of the round), "
-        "which one client's mod cannot see; run it through the simulation's adversary "
-        "component, fedsec.strategies.adversary.AdversaryGrid"
+        "which one client's mod cannot see; run it with fedsec.simulation.Collusion "
+        "(its client_mod and server_filter)"
     )
 
 

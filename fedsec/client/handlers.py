@@ -21,7 +21,6 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from fedsec.attacks.data_poisoning import DataPoisoningAttack
 from fedsec.attacks.model_poisoning import PerClientAttack
 from fedsec.attacks.threat import (
-    MALICIOUS_TAG,
     TRUTH_TAG,
     effective_boost,
     is_colluding,
@@ -162,7 +161,7 @@ def batch_cap(
 def _local_setup(
     msg: Message, context: Context
 ) -> tuple[ExperimentConfig, int, torch.nn.Module, torch.Tensor, torch.Tensor, Hardware]:
-    cfg = config_from_message(msg)
+    cfg = config_from_message(msg, context)
     partition_id = partition_id_of(context, cfg)
     hardware = node_hardware(cfg, context)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
@@ -184,7 +183,15 @@ def local_train(
     precision: str = "fp32",
     max_batch: int | None = None,
 ) -> TrainResult:
-    """Local training with the config's client settings (clients and the FLTrust server)."""
+    """Local training with the config's client settings (clients and the FLTrust server).
+
+    ``client.train_fn`` names the user's own loop, which then replaces fedsec's
+    (:func:`fedsec.registry.run_train_fn`).
+    """
+    if cfg.client.train_fn:
+        from fedsec.registry import run_train_fn
+
+        return run_train_fn(cfg, model, x, y, device=device, seed=seed)
     return train_model(
         model,
         x,
@@ -353,10 +360,8 @@ def _train(
         metrics["dp_epsilon_max"] = node_ledger.ledger.spent()
     if malicious:
         state = _poison_update(cfg, attack, global_state, state, seed, server_round)
-        if simulated_adversary():  # tags for the simulation's adversary and referee only
+        if simulated_adversary():  # the referee's tag (colluders: collusion_mod tags)
             metrics[TRUTH_TAG] = 1
-            if is_colluding(attack):
-                metrics[MALICIOUS_TAG] = 1
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -16,7 +16,7 @@ creation (a value, or a function of the Flower ``Context`` where it differs
 from node to node).
 
 * :func:`signing` signs every reply as fedsec's server checks it
-  (:class:`fedsec.strategies.signatures.VerifyingGrid`).
+  (:class:`fedsec.strategies.signatures.SignatureFilter`).
 * :func:`local_dp` applies client-level local differential privacy to the
   model update the user's ``train`` returns, with a durable privacy ledger that
   refuses rounds beyond the budget.
@@ -187,7 +187,7 @@ def signing(key: KeySource, identity: str | Callable[[Context], str] | None = No
     id, the identity, and a digest of every other record of the reply
     (:func:`fedsec.client.signing_mod.sign_message`, the same payload fedsec's
     own ClientApp signs). On the server,
-    :class:`fedsec.strategies.signatures.VerifyingGrid` passes on only replies
+    :class:`fedsec.strategies.signatures.SignatureFilter` passes on only replies
     signed by a registered identity (``<identity>.pub``), so a reply altered
     after it left the node, replayed into another round or another message,
     or sent under another node's name is dropped.

@@ -19,18 +19,6 @@ float32 in the record's order: the layout and ``dim`` of the server's
 secure round the server keeps its own values of them (no client's value is
 seen), so a node's counters never leave the node.
 
-Colluding attacks in simulations (the architecture's threat model: attackers
-pool their updates before masking, never through the server's view): a
-malicious client's training reply carries the ``fedsec.malicious`` tag, and
-the mod passes that plain reply to the simulation's adversary component
-instead of masking it, leaving its protocol state untouched. Both happen only
-in a process whose simulation turned the adversary mode on
-(:func:`fedsec.attacks.threat.enable_simulated_adversary`); a deployed node
-always masks, whatever config the server sends. The adversary
-crafts the colluders' updates and sends the masked-input request again with
-the crafted update in the ArrayRecord ``fedsec-adversary``, which the mod
-masks in place of training (and which only a malicious client accepts).
-
 Anything the mod refuses (a malformed or out-of-order request, a tampered
 share, too few neighbours) becomes an error reply, which the server treats as
 a dropout; the client's state is left as it was.
@@ -43,6 +31,15 @@ experiment's ``secagg.key_dir`` instead (there server and clients share a
 machine; a deployment must not take its trust anchors from the server). A
 node whose config names ``secagg-key-dir`` or ``secagg-identity`` refuses
 unsigned rounds, so the server cannot downgrade it.
+
+No plain rounds (node config ``secagg-required = true``): a training request
+without a SecAgg stage otherwise passes straight to the training function, as
+with Flower's own ``secaggplus_mod``, and its reply carries the trained model
+in plain. That is how a plain federation works, but it also lets any server
+(including one that promised secure aggregation, or one that a signed node
+refuses for unsigned rounds) simply ask for a plain update. A node that must
+never reveal its update sets ``secagg-required``; it then refuses, before
+training, every ``train`` message that carries no SecAgg stage of this round.
 
 Node limits (what a server can make this node spend on one round): the node
 config ``secagg-max-nodes`` (default and ceiling 100,000) and
@@ -102,13 +99,12 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "ADVERSARY_KEY",
     "IDENTIFY_STAGE",
     "MASKED_KEY",
-    "NUM_EXAMPLES_ARRAY",
     "SECAGG_KEY",
     "SECAGG_NEXT_KEY",
     "SECAGG_REFUSED",
+    "SECAGG_REQUIRED_KEY",
     "load_identity",
     "secagg_mod",
 ]
@@ -125,10 +121,8 @@ MASKED_KEY = "masked"
 SECAGG_REFUSED = 4601
 #: Stage asking a node for its long-term identity (signed mode, once per node).
 IDENTIFY_STAGE = "identify"
-#: ArrayRecord (and Array) key of a colluding attacker's crafted update (simulations).
-ADVERSARY_KEY = "fedsec-adversary"
-#: Array (in the ``fedsec-adversary`` record) of the colluder's own example count.
-NUM_EXAMPLES_ARRAY = "num-examples"
+#: Node config key (bool): this node trains in secure aggregation rounds only.
+SECAGG_REQUIRED_KEY = "secagg-required"
 #: Metrics a client may reveal under secure aggregation (they are not about its data).
 PUBLIC_METRICS = ("dp_epsilon_max",)
 
@@ -149,6 +143,11 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if msg.metadata.message_type != MessageType.TRAIN or not (
         SECAGG_KEY in records or SECAGG_NEXT_KEY in records
     ):
+        # Any train message ("train" or a named "train.<action>") leaves a plain reply.
+        if msg.metadata.message_type.split(".")[0] == MessageType.TRAIN:
+            refusal = _plain_round_refusal(context)
+            if refusal:
+                return _refuse(msg, refusal)
         return call_next(msg, context)
     reply = RecordDict()
     for key in (SECAGG_KEY, SECAGG_NEXT_KEY):
@@ -168,9 +167,9 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             client = _load_client(context, msg, request)
             if isinstance(request, MaskedInputRequest):
                 trained = _masked_input(msg, context, call_next, client, request)
-                if trained.has_error() or _for_adversary(trained):
-                    # An error (e.g. privacy budget exhausted) is a dropout; a tagged
-                    # reply goes to the colluders. Either way the state stays as it was.
+                if trained.has_error():
+                    # An error (e.g. privacy budget exhausted) is a dropout; the state
+                    # stays as it was.
                     return trained
                 for name, item in trained.content.items():
                     reply[name] = item
@@ -186,6 +185,23 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
                 continue
             return _refuse(msg, reason)
     return Message(reply, reply_to=msg)
+
+
+def _plain_round_refusal(context: Context) -> str:
+    """Why this node refuses a plain training request ("" when it does not).
+
+    A malformed ``secagg-required`` refuses too (one line naming the key):
+    a typo must not silently reopen plain rounds.
+    """
+    value = context.node_config.get(SECAGG_REQUIRED_KEY, False)
+    if value is False:
+        return ""
+    if value is True:
+        return (
+            f"plain training request: this node trains only in secure aggregation rounds "
+            f"(node config {SECAGG_REQUIRED_KEY})"
+        )
+    return f"node config {SECAGG_REQUIRED_KEY} must be true or false, got {value!r}"
 
 
 def _answer(client: SecAggClient, request: Any) -> dict[str, Any]:
@@ -211,9 +227,6 @@ def _masked_input(
     client.receive_shares(request)  # refuse before spending time on training
     setup = client.setup
     assert setup is not None
-    crafted = msg.content.array_records.get(ADVERSARY_KEY)
-    if crafted is not None:
-        return _mask_crafted(msg, context, client, crafted)
     sent = msg.content.array_records.get("arrays")
     size = _masked_size(sent) if sent is not None else 0
     if sent is not None and size != setup.dim:  # the round's vector must be the model sent
@@ -221,7 +234,7 @@ def _masked_input(
             f"the model sent has {size} float values, the round expects {setup.dim}"
         )
     trained = call_next(msg, context)
-    if trained.has_error() or _for_adversary(trained):
+    if trained.has_error():
         return trained
     back = trained.content.array_records.get("arrays")
     if sent is None or back is None:
@@ -238,40 +251,6 @@ def _masked_input(
             "metrics": public,
         }
     )
-    return Message(content, reply_to=msg)
-
-
-def _for_adversary(reply: Message) -> bool:
-    """Whether a training reply is a colluder's plain update for the adversary component."""
-    from fedsec.attacks.threat import MALICIOUS_TAG, simulated_adversary
-
-    if reply.has_error() or not simulated_adversary():
-        return False
-    metrics = reply.content.metric_records.get("metrics")
-    return metrics is not None and MALICIOUS_TAG in metrics
-
-
-def _mask_crafted(
-    msg: Message, context: Context, client: SecAggClient, crafted: ArrayRecord
-) -> Message:
-    """Mask the update the colluders crafted (a malicious client in a simulation only)."""
-    import torch
-
-    from fedsec.client.app import is_colluding_client
-
-    if not is_colluding_client(msg, context):
-        raise ProtocolError("a crafted update was sent to a client that is not a colluder")
-    if ADVERSARY_KEY not in crafted:
-        raise ProtocolError(f"crafted update lacks the '{ADVERSARY_KEY}' array")
-    update = torch.from_numpy(crafted[ADVERSARY_KEY].numpy().astype("float32"))
-    # The weight it would have claimed for its own update (inflating it is another attack);
-    # it ignores the norm bound and the noise.
-    num_examples = crafted[NUM_EXAMPLES_ARRAY].numpy() if NUM_EXAMPLES_ARRAY in crafted else None
-    if num_examples is None or num_examples.shape != (1,):
-        raise ProtocolError(f"crafted update lacks the '{NUM_EXAMPLES_ARRAY}' array")
-    weight = _weight(float(num_examples[0]), _weight_cap(msg))
-    masked = client.mask(update, weight, malicious=True)
-    content = RecordDict({MASKED_KEY: ArrayRecord({MASKED_KEY: Array(masked.masked)})})
     return Message(content, reply_to=msg)
 
 
@@ -315,19 +294,6 @@ def _flat_update(sent: ArrayRecord, back: ArrayRecord) -> torch.Tensor:
             parts.append(new - old)
     flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     return torch.from_numpy(flat)
-
-
-def _weight_cap(msg: Message) -> int:
-    """The experiment's ``secagg.weight_cap``: the colluders' path (simulations) only.
-
-    An honest client takes its cap from the masked-input request itself.
-    """
-    config = msg.content.config_records.get("config")
-    if config is None or WIRE_CONFIG_KEY not in config:
-        raise ProtocolError(f"masked-input stage carries no '{WIRE_CONFIG_KEY}' config")
-    from fedsec.client.app import config_from_message
-
-    return config_from_message(msg).secagg.weight_cap
 
 
 def _weight(num_examples: Any, cap: int) -> float:
