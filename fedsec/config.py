@@ -19,6 +19,14 @@ the training set, timeouts within 30 days). A config file that sets nothing
 Sections ``[aggregation]``, ``[attack]``, ``[privacy]`` and ``[secagg]``
 configure the defenses, the threat model, differential privacy and secure
 aggregation.
+
+The user's own code: ``model.name``, ``data.dataset``, ``data.partition`` and
+``client.train_fn`` take fedsec's names, names registered in this process
+(:func:`fedsec.registry.register_model` and its siblings) or dotted
+``"package.module:factory"`` names, imported wherever the config is read
+(server, bench workers, Ray actors). A dotted name that does not import or
+does not name a callable is a one-line error naming the key. A user's data set
+is loaded during validation: only its data knows its size.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, get_origin, get_type_hints
 
-from fedsec.registry import UnknownNameError
+from fedsec.registry import USER_CODE_HINT, DottedNameError, UnknownNameError
 
 if TYPE_CHECKING:
     from fedsec.secagg.server import SecAggParams
@@ -133,11 +141,15 @@ class ClientSection:
     weight_decay: float = 0.0
     precision: str = "fp32"
     max_batch: int = 0
+    #: The user's training function, registered or ``"package.module:function"``,
+    #: called as ``fn(model, x, y, cfg, *, device, seed)`` (see
+    #: :func:`fedsec.registry.register_train_fn`); "" = fedsec's own loop.
+    train_fn: str = ""
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    """Model architecture."""
+    """Model architecture: a built-in name, a registered one, or ``"package.module:factory"``."""
 
     name: str = "mlp"
 
@@ -456,11 +468,45 @@ def _require(where: str, value: _Num, ok: Callable[[_Num], bool], rule: str) -> 
         raise ConfigError(where, f"must be {rule} (got {value})")
 
 
-def _resolve(where: str, lookup: Callable[[str], object], name: str) -> None:
+def _resolve(
+    where: str, lookup: Callable[[str], object], name: str, *, user_code: bool = False
+) -> None:
+    """Look ``name`` up; a miss is a one-line error naming ``where``.
+
+    ``user_code``: the key also takes the user's registered or dotted names,
+    which the message of an unknown plain name then mentions.
+    """
     try:
         lookup(name)
-    except UnknownNameError as err:
+    except DottedNameError as err:
         raise ConfigError(where, str(err)) from None
+    except UnknownNameError as err:
+        raise ConfigError(where, f"{err}; {USER_CODE_HINT}" if user_code else str(err)) from None
+
+
+def dataset_info_of(cfg: ExperimentConfig) -> Any:
+    """The :class:`~fedsec.data.DatasetInfo` of the configured data set.
+
+    Built-in data sets are not read; a user's is loaded (cached per process).
+    """
+    from fedsec.data.datasets import dataset_info
+
+    return dataset_info(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
+
+
+def _checked_dataset_info(cfg: ExperimentConfig) -> Any:
+    """:func:`dataset_info_of`, every failure a :class:`ConfigError` on ``data.dataset``."""
+    try:
+        return dataset_info_of(cfg)
+    except DottedNameError as err:
+        raise ConfigError("data.dataset", str(err)) from None
+    except UnknownNameError as err:
+        raise ConfigError("data.dataset", f"{err}; {USER_CODE_HINT}") from None
+    except Exception as err:  # a user's factory may raise anything; the message names it
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ConfigError(
+            "data.dataset", f"loading '{cfg.data.dataset}' failed ({type(err).__name__}: {first})"
+        ) from None
 
 
 def _check_choice(where: str, value: str, choices: tuple[str, ...], kind: str) -> None:
@@ -471,7 +517,7 @@ def _check_choice(where: str, value: str, choices: tuple[str, ...], kind: str) -
 def _check_values(cfg: ExperimentConfig) -> None:
     # Imported here: the registries pull in torch, and config errors about
     # syntax or unknown keys should not wait for that.
-    from fedsec.data import DATASETS, PARTITIONERS
+    from fedsec.data import PARTITIONERS
     from fedsec.models import MODELS, check_model_input
     from fedsec.training import OPTIMIZERS, PRECISIONS
 
@@ -494,13 +540,12 @@ def _check_values(cfg: ExperimentConfig) -> None:
     if not exp.results_dir:
         raise ConfigError("experiment.results_dir", "must not be empty")
 
-    _resolve("data.dataset", DATASETS.get, data.dataset)
-    _resolve("data.partition", PARTITIONERS.get, data.partition)
+    info = _checked_dataset_info(cfg)
+    _resolve("data.partition", PARTITIONERS.get, data.partition, user_code=True)
     _require("data.alpha", data.alpha, lambda v: v > 0, "> 0")
     _require("data.alpha", data.alpha, lambda v: v <= MAX_ALPHA, f"<= {MAX_ALPHA:g} (use iid)")
     _require("data.shards_per_client", data.shards_per_client, lambda v: v >= 1, ">= 1")
     _require("data.num_clients", data.num_clients, lambda v: v >= 1, ">= 1")
-    info = DATASETS.get(data.dataset)
     if data.num_clients > info.num_train:
         raise ConfigError(
             "data.num_clients",
@@ -538,6 +583,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         lambda v: v <= biggest,
         f"<= {biggest}, the training examples of '{data.dataset}'",
     )
+    if client.train_fn:
+        _check_train_fn(cfg)
     if client.precision == "fp16" and cfg.privacy.mode == "dp-sgd":
         raise ConfigError(
             "client.precision",
@@ -545,7 +592,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
             "the data); use 'bf16' or 'fp32'",
         )
 
-    _resolve("model.name", MODELS.get, cfg.model.name)
+    _resolve("model.name", MODELS.get, cfg.model.name, user_code=True)
     try:
         check_model_input(cfg.model.name, info.input_shape)
     except ValueError as err:
@@ -577,6 +624,25 @@ def _check_values(cfg: ExperimentConfig) -> None:
     sim = cfg.simulation
     _require("simulation.cpus_per_client", sim.cpus_per_client, lambda v: v > 0, "> 0")
     _require("simulation.gpus_per_client", sim.gpus_per_client, lambda v: v >= 0, ">= 0")
+
+
+def _check_train_fn(cfg: ExperimentConfig) -> None:
+    """``client.train_fn`` resolves, and nothing else asks for fedsec's own loop."""
+    from fedsec.registry import TRAIN_FNS
+
+    _resolve("client.train_fn", TRAIN_FNS.get, cfg.client.train_fn, user_code=True)
+    if cfg.privacy.mode == "dp-sgd":
+        raise ConfigError(
+            "client.train_fn",
+            "privacy.mode 'dp-sgd' trains with fedsec's private loop; with your own loop "
+            "use fedsec.privacy.make_private inside it and leave privacy.mode off",
+        )
+    if cfg.evasion.adversarial_training:
+        raise ConfigError(
+            "client.train_fn",
+            "evasion.adversarial_training runs inside fedsec's own loop; it cannot wrap "
+            "your training function",
+        )
 
 
 def sampled_clients(cfg: ExperimentConfig) -> int:
@@ -643,10 +709,9 @@ def _skellam_setting(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def model_dim(cfg: ExperimentConfig) -> int:
     """Number of values in the configured model's state (the length of an update)."""
-    from fedsec.data import DATASETS
     from fedsec.models import make_model
 
-    info = DATASETS.get(cfg.data.dataset)
+    info = dataset_info_of(cfg)
     model = make_model(cfg.model.name, info.input_shape, info.num_classes)
     return sum(value.numel() for value in model.state_dict().values())
 
@@ -1025,7 +1090,6 @@ def _check_distributed(cfg: ExperimentConfig) -> None:
 
 def _solve_for_validation(cfg: ExperimentConfig) -> None:
     """Solve the noise for ``target_epsilon`` now, so an unreachable target fails early."""
-    from fedsec.data import DATASETS
     from fedsec.privacy.accounting import solve_noise_multiplier
     from fedsec.privacy.dpsgd import dp_sgd_steps
 
@@ -1034,7 +1098,7 @@ def _solve_for_validation(cfg: ExperimentConfig) -> None:
         central_noise_multiplier(cfg)
         return
     if dp.mode == "dp-sgd":  # a client of average size; each client solves its own
-        average = DATASETS.get(cfg.data.dataset).num_train / cfg.data.num_clients
+        average = dataset_info_of(cfg).num_train / cfg.data.num_clients
         rate = min(1.0, cfg.client.batch_size / average)
         steps = dp_sgd_steps(
             average, cfg.client.batch_size, cfg.client.local_epochs, cfg.client.local_steps or None

@@ -8,6 +8,10 @@ for federated averaging to reconcile. No model uses in-place activations either,
 because Opacus' per-sample-gradient hooks keep references to layer activations.
 
 Models are looked up by name in :data:`MODELS` and built with :func:`make_model`.
+A config may also name the user's own model factory, registered with
+:func:`fedsec.registry.register_model` or as a dotted
+``"package.module:factory"`` that every process imports (see
+:mod:`fedsec.registry`); the user's models may use BatchNorm.
 
 References
 ----------
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedsec.registry import Registry
+from fedsec.registry import Registry, dotted_callables
 
 __all__ = [
     "MODELS",
@@ -62,7 +66,28 @@ class ModelSpec:
     description: str
 
 
-MODELS: Registry[ModelSpec] = Registry("model")
+_import_model_factory = dotted_callables("model")
+_DOTTED_SPECS: dict[str, ModelSpec] = {}
+
+
+def _dotted_model(name: str) -> ModelSpec | None:
+    """The :class:`ModelSpec` of a dotted ``"package.module:factory"`` (None otherwise).
+
+    The user's factory accepts any input size; it is asked for a model of the
+    data set's shape, and :func:`make_model` checks that it returns a module.
+    """
+    # Resolved on every lookup (the import is cached): the policy on dotted names
+    # (fedsec.registry.restrict_user_code) decides each time, not only the first.
+    factory = _import_model_factory(name)
+    if factory is None:
+        return None
+    if name not in _DOTTED_SPECS:
+        doc = (factory.__doc__ or "").strip().split("\n")[0]
+        _DOTTED_SPECS[name] = ModelSpec(name, factory, None, doc)
+    return _DOTTED_SPECS[name]
+
+
+MODELS: Registry[ModelSpec] = Registry("model", _dotted_model)
 
 
 def _group_norm(channels: int, max_groups: int = 8) -> nn.GroupNorm:
@@ -349,7 +374,9 @@ def make_model(
     Parameters
     ----------
     name : str
-        Registered model name (see ``MODELS.names()``).
+        Registered model name (see ``MODELS.names()``), or a dotted
+        ``"package.module:factory"`` whose factory takes ``(input_shape,
+        num_classes)`` and returns a ``torch.nn.Module``.
     input_shape : tuple of int
         ``(C, H, W)`` of one example.
     num_classes : int
@@ -370,6 +397,8 @@ def make_model(
         If ``name`` is not registered.
     ValueError
         If ``input_shape`` does not fit the model or ``num_classes < 2``.
+    TypeError
+        If the factory returns something other than a ``torch.nn.Module``.
     """
     check_model_input(name, input_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -378,9 +407,15 @@ def make_model(
     # A plain tuple, in case the caller passed a list or torch.Size.
     shape = (input_shape[0], input_shape[1], input_shape[2])
     if seed is None:
-        return spec.build(shape, num_classes)
-    # devices=[]: models are built on CPU; forking every CUDA RNG would be slow
-    # and warns on multi-GPU hosts.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return spec.build(shape, num_classes)
+        model = spec.build(shape, num_classes)
+    else:
+        # devices=[]: models are built on CPU; forking every CUDA RNG would be slow
+        # and warns on multi-GPU hosts.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = spec.build(shape, num_classes)
+    if not isinstance(model, nn.Module):  # a user's factory may return anything
+        raise TypeError(
+            f"model '{name}' factory returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model

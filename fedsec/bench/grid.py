@@ -218,11 +218,24 @@ def _cell(
         config = parse_config(raw)
     except ConfigError as err:
         raise GridError(f"{where} (fraction {fraction:g}, alpha {alpha:g}): {err}") from None
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(_identity(config), sort_keys=True).encode()).hexdigest()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{attack_label}__{defense_label}")
     cell_id = f"{slug}__m{fraction:g}_a{alpha:g}_s{seed}__{digest[:8]}"
     config = config.replace("experiment", name=cell_id)
     return Cell(cell_id, attack_label, defense_label, fraction, alpha, seed, config)
+
+
+def _identity(config: ExperimentConfig) -> dict[str, Any]:
+    """What a cell's id hashes: the config, less keys added later at their defaults.
+
+    A key added to the schema must not rename the cells of every existing
+    grid (a results folder matches its grid by cell ids): ``client.train_fn``
+    enters the hash only when set.
+    """
+    described = config.to_dict()
+    if not described["client"].get("train_fn"):
+        described["client"].pop("train_fn", None)
+    return described
 
 
 def _expected_malicious(raw: Mapping[str, Any], fraction: float, where: str) -> int:

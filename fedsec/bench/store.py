@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from fedsec.checkpoint import atomic_write_bytes
-from fedsec.runs import MANIFEST, RunDirectory, RunDirectoryError, check_results_dir
+from fedsec.runs import (
+    DECISIONS,
+    MANIFEST,
+    RunDirectory,
+    RunDirectoryError,
+    check_results_dir,
+)
 
 from .grid import Cell, Grid
 
@@ -62,6 +68,17 @@ class CellResult:
     def final(self) -> dict[str, Any]:
         """The last recorded round (empty when none)."""
         return self.rounds[-1] if self.rounds else {}
+
+    @property
+    def every_round_failed(self) -> bool:
+        """Whether the run finished with every training round failed.
+
+        Such a cell (no usable reply in any round: the clients all raised, or
+        the engine never reached them) ran to the end but measured nothing;
+        it counts as a failed cell, not a result.
+        """
+        trained = [r for r in self.rounds if int(r.get("round", 0)) >= 1]
+        return self.finished and bool(trained) and all(r.get("status") == "failed" for r in trained)
 
 
 def _check_source(grid: Grid) -> None:
@@ -175,6 +192,40 @@ class ResultsStore:
             raise StoreError(f"{manifest}: unreadable ({err})") from None
         return CellResult(described, list(data.get("rounds", [])), bool(data.get("finished")))
 
+    def failure(self, cell_id: str) -> str | None:
+        """One line on why a finished cell is a failed one (every round failed), else None.
+
+        Names the last round's error, or one client's exclusion reason from
+        the cell's decisions log (e.g. the exception its training raised).
+        """
+        result = self.result(cell_id)
+        if not result.every_round_failed:
+            return None
+        last = result.rounds[-1]
+        if last.get("error"):
+            cause = str(last["error"]).splitlines()[0][:300]
+        else:
+            cause = (
+                f"{last.get('num-replies', 0)} of {last.get('num-sampled', '?')} clients replied"
+            )
+            reason = _last_exclusion(self.cell_path(cell_id) / DECISIONS)
+            if reason:
+                cause += f"; e.g. {reason}"
+        trained = len(result.rounds) - 1
+        return f"every one of its {trained} rounds failed (last: {cause})"
+
     def results(self) -> list[CellResult]:
         """Every cell of the grid, in grid order, with what has been recorded."""
         return [self.result(c["id"]) for c in self.cells]
+
+
+def _last_exclusion(path: Path) -> str:
+    """One exclusion reason of the last round in a decisions log ("" if none or unreadable)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        excluded = json.loads(lines[-1]).get("excluded", {}) if lines else {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not isinstance(excluded, dict) or not excluded:
+        return ""
+    return str(next(iter(excluded.values()))).splitlines()[0][:200]

@@ -9,6 +9,14 @@ can be pointed at directly.
 
 Results are cached per process, because every simulated client in a process
 would otherwise re-read and re-normalise the same files.
+
+The user's own data set plugs in the same way (:func:`load_dataset`): a
+factory registered with :func:`fedsec.registry.register_dataset`, or named
+in a config as a dotted ``"package.module:factory"`` that every process
+imports. It is called as ``factory(data_dir, seed)`` and returns what the
+built-in loaders return: a :class:`SplitData`, or the tuple ``(train_x,
+train_y, test_x, test_y)`` of float images ``[N, C, H, W]`` (already
+normalised) and integer labels ``[N]``, as numpy arrays or tensors.
 """
 
 from __future__ import annotations
@@ -28,14 +36,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fedsec.registry import Registry
+from fedsec.registry import Registry, UnknownNameError, dotted_callables, is_dotted
 
 __all__ = [
     "DATASETS",
+    "DATASET_FACTORIES",
+    "DatasetFactory",
     "DatasetInfo",
     "DatasetNotFoundError",
     "SplitData",
     "UnsafePickleError",
+    "dataset_info",
     "load_dataset",
     "pixel_bounds",
 ]
@@ -170,7 +181,40 @@ def pixel_bounds(info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
-DATASETS: Registry[DatasetInfo] = Registry("dataset")
+#: ``factory(data_dir, seed)`` of a user's data set: a :class:`SplitData` or
+#: ``(train_x, train_y, test_x, test_y)`` (see the module docstring).
+DatasetFactory = Callable[[Path, int], Any]
+
+#: The user's data set factories by registered name
+#: (:func:`fedsec.registry.register_dataset`); dotted names resolve by import.
+DATASET_FACTORIES: Registry[DatasetFactory] = Registry("dataset", dotted_callables("dataset"))
+
+#: ``(data_dir, seed)`` of the latest load of each user data set in this process:
+#: a lookup by name alone (``DATASETS.get``) describes the data actually in use.
+_LAST_LOAD: dict[str, tuple[str, int]] = {}
+
+
+def _is_user_dataset(name: str) -> bool:
+    return name in DATASET_FACTORIES or is_dotted(name)
+
+
+def _unknown_dataset(name: str) -> UnknownNameError:
+    names = [*DATASETS.names(), *DATASET_FACTORIES.names()]
+    return UnknownNameError(f"unknown dataset '{name}'; valid choices: {', '.join(names)}")
+
+
+def _user_dataset_info(name: str) -> DatasetInfo:
+    """The info of a user's data set, as loaded (the loaded sizes and shapes are the truth)."""
+    if not _is_user_dataset(name):
+        raise _unknown_dataset(name)
+    data_dir, seed = _LAST_LOAD.get(name, ("data", 0))
+    return load_dataset(name, data_dir, seed=seed).info
+
+
+#: Built-in data sets' static descriptions. A user's data set (registered or
+#: dotted) resolves too, by loading it (cached), so ``DATASETS.get(name)``
+#: works for every name a config accepts.
+DATASETS: Registry[DatasetInfo] = Registry("dataset", _user_dataset_info)
 
 # Mean/std of all 1,797 digits after scaling 0..16 to [0, 1].
 _DIGITS_MEAN = 0.3053
@@ -254,14 +298,41 @@ _CIFAR_RECORD = 1 + _CIFAR_PIXELS
 _Arrays = tuple[_F32Array, _I64Array, _F32Array, _I64Array]
 
 
+def dataset_info(name: str, data_dir: str | Path = "data", *, seed: int = 0) -> DatasetInfo:
+    """Describe data set ``name``: a built-in's static info, a user's as loaded.
+
+    A built-in data set is not read; a user's (registered or dotted) is loaded
+    with :func:`load_dataset` (cached), since only its data knows its size.
+
+    Raises
+    ------
+    UnknownNameError
+        If ``name`` is neither built in, registered nor dotted;
+        :class:`~fedsec.registry.DottedNameError` if a dotted name does not import.
+    """
+    if name in DATASETS:
+        return DATASETS.get(name)
+    return load_dataset(name, data_dir, seed=seed).info
+
+
 def load_dataset(name: str, data_dir: str | Path = "data", *, seed: int = 0) -> SplitData:
-    """Load a registered data set from local files, cached per process.
+    """Load a data set from local files, cached per process.
 
     Parameters
     ----------
     name : str
         Registry name: ``"digits"``, ``"mnist"``, ``"fashion-mnist"`` or
-        ``"cifar10"``.
+        ``"cifar10"``; a name registered with
+        :func:`fedsec.registry.register_dataset`; or a dotted
+        ``"package.module:factory"``. A user's factory is called as
+        ``factory(data_dir, seed)`` (``data_dir`` resolved to an absolute
+        ``Path``) and returns a :class:`SplitData` or ``(train_x, train_y,
+        test_x, test_y)``: float images ``[N, C, H, W]``, integer labels
+        ``[N]`` in ``0 .. num_classes - 1``. With the tuple, ``num_classes`` is
+        the largest label plus one and pixels are taken as already in their
+        final scale (``pixel_mean`` 0, ``pixel_std`` 1: attacks that clamp to
+        the pixel box assume ``[0, 1]``); return a ``SplitData`` to say
+        otherwise.
     data_dir : str or Path, default "data"
         Root of the torchvision-style layout (``<data_dir>/MNIST/raw``,
         ``<data_dir>/FashionMNIST/raw``, ``<data_dir>/cifar-10-batches-bin`` or
@@ -280,15 +351,23 @@ def load_dataset(name: str, data_dir: str | Path = "data", *, seed: int = 0) -> 
     Raises
     ------
     UnknownNameError
-        If ``name`` is not registered.
+        If ``name`` is not registered; :class:`~fedsec.registry.DottedNameError`
+        if a dotted name does not import or is not callable.
     DatasetNotFoundError
         If the files are missing; the message names the files and directory.
     ValueError
         If a file is corrupt; :class:`UnsafePickleError`, a ``ValueError`` and
         a ``pickle.UnpicklingError``, if a CIFAR-10 python batch references
-        anything but numpy array globals.
+        anything but numpy array globals. For a user's data set: if what the
+        factory returns is malformed (the message says how).
     """
-    DATASETS.get(name)  # unknown names fail here with the valid choices
+    if name not in _LOADERS:
+        if not _is_user_dataset(name):
+            raise _unknown_dataset(name)
+        DATASET_FACTORIES.get(name)  # a dotted name that does not import fails here
+        key = str(Path(data_dir).expanduser().resolve())
+        _LAST_LOAD[name] = (key, seed)
+        return _load_user_cached(name, key, seed)
     # Normalise the key so equivalent calls share one cache entry: digits has no
     # files, and only digits' split depends on the seed.
     if name == "digits":
@@ -306,6 +385,90 @@ def _load_cached(name: str, data_dir: str, seed: int) -> SplitData:
         train_y=torch.from_numpy(np.ascontiguousarray(train_y, dtype=np.int64)),
         test_x=torch.from_numpy(np.ascontiguousarray(test_x, dtype=np.float32)),
         test_y=torch.from_numpy(np.ascontiguousarray(test_y, dtype=np.int64)),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _load_user_cached(name: str, data_dir: str, seed: int) -> SplitData:
+    return _as_split_data(name, DATASET_FACTORIES.get(name)(Path(data_dir), seed))
+
+
+def _as_tensor(name: str, what: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise ValueError(
+        f"dataset '{name}': {what} must be a numpy array or a tensor, got {type(value).__name__}"
+    )
+
+
+def _as_split_data(name: str, result: Any) -> SplitData:
+    """Check and normalise what a user's data set factory returned (see :func:`load_dataset`)."""
+    given: DatasetInfo | None = None
+    if isinstance(result, SplitData):
+        given = result.info
+        parts: Any = (result.train_x, result.train_y, result.test_x, result.test_y)
+    elif isinstance(result, tuple | list) and len(result) == 4:
+        parts = result
+    else:
+        raise ValueError(
+            f"dataset '{name}' must return a SplitData or (train_x, train_y, test_x, test_y), "
+            f"got {type(result).__name__}"
+        )
+    what = ("train_x", "train_y", "test_x", "test_y")
+    train_x, train_y, test_x, test_y = (
+        _as_tensor(name, w, v) for w, v in zip(what, parts, strict=True)
+    )
+    for label, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(
+                f"dataset '{name}': {label}_x must be float images [N, C, H, W], got "
+                f"{x.dtype} of shape {tuple(x.shape)}"
+            )
+        if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(
+                f"dataset '{name}': {label}_y must be integer labels [N], got {y.dtype} "
+                f"of shape {tuple(y.shape)}"
+            )
+        if len(x) != len(y) or len(y) == 0:
+            raise ValueError(
+                f"dataset '{name}': {label} split has {len(x)} images and {len(y)} labels"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"dataset '{name}': {label}_x holds non-finite values")
+    if test_x.shape[1:] != train_x.shape[1:]:
+        raise ValueError(
+            f"dataset '{name}': test images are {tuple(test_x.shape[1:])}, train images "
+            f"{tuple(train_x.shape[1:])}"
+        )
+    low = int(min(train_y.min(), test_y.min()))
+    high = int(max(train_y.max(), test_y.max()))
+    num_classes = given.num_classes if given is not None else high + 1
+    if low < 0 or high >= num_classes or num_classes < 2:
+        raise ValueError(
+            f"dataset '{name}': labels must lie in 0 .. num_classes - 1 with num_classes "
+            f">= 2, got labels {low} .. {high} for {num_classes} classes"
+        )
+    c, h, w = (int(d) for d in train_x.shape[1:])
+    num_train, num_test = len(train_y), len(test_y)
+    if given is not None:
+        if given.input_shape != (c, h, w):
+            raise ValueError(
+                f"dataset '{name}': info.input_shape is {given.input_shape}, the images "
+                f"are {(c, h, w)}"
+            )
+        info = dataclasses.replace(given, num_train=num_train, num_test=num_test)
+    else:
+        description = f"user data set {name}"
+        info = DatasetInfo(name, num_classes, (c, h, w), num_train, num_test, description)
+    pixel_bounds(info)  # 1 or C statistics, positive std
+    return SplitData(
+        info=info,
+        train_x=train_x.to(torch.float32).contiguous(),
+        train_y=train_y.to(torch.int64).contiguous(),
+        test_x=test_x.to(torch.float32).contiguous(),
+        test_y=test_y.to(torch.int64).contiguous(),
     )
 
 

@@ -8,6 +8,12 @@ refer to the caller's array.
 
 All partitions of one configuration are computed together and cached per
 process, because simulated clients ask for their partition every round.
+
+A config may name the user's own partitioner (``data.partition``): one
+registered with :func:`fedsec.registry.register_partitioner`, or a dotted
+``"package.module:function"`` that every process imports. It has the
+signature of :class:`PartitionFn`; what it returns is checked (one array of
+in-range, disjoint indices per partition).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy.typing as npt
 import torch
 
 from fedsec.data.datasets import SplitData
-from fedsec.registry import Registry
+from fedsec.registry import Registry, dotted_callables
 
 __all__ = [
     "PARTITIONERS",
@@ -56,7 +62,7 @@ class PartitionFn(Protocol):
         ...
 
 
-PARTITIONERS: Registry[PartitionFn] = Registry("partitioner")
+PARTITIONERS: Registry[PartitionFn] = Registry("partitioner", dotted_callables("partitioner"))
 
 
 def _label_table(labels: _IndexArray, order: _IndexArray | None = None) -> Any:
@@ -230,7 +236,8 @@ def partition_indices(
     num_partitions : int
         Number of partitions (clients), ``1 <= num_partitions <= len(labels)``.
     method : str
-        Registered method: ``"iid"``, ``"dirichlet"`` or ``"shards"``.
+        Registered method: ``"iid"``, ``"dirichlet"`` or ``"shards"``, one
+        registered by the user, or a dotted ``"package.module:function"``.
     seed : int
         Seed; the same arguments always give the same partitions.
     alpha : float, default 0.5
@@ -299,9 +306,50 @@ def _partition_cached(
         shards_per_partition=shards_per_partition,
         min_partition_size=min_partition_size,
     )
+    if method not in _BUILT_IN:
+        parts = _checked_user_partition(
+            method, parts, len(labels), num_partitions, min_partition_size
+        )
     for part in parts:
         part.flags.writeable = False  # shared by every caller of the cache
     return tuple(parts)
+
+
+_BUILT_IN = ("iid", "dirichlet", "shards")
+
+
+def _checked_user_partition(
+    method: str, parts: Any, num_samples: int, num_partitions: int, min_size: int
+) -> list[_IndexArray]:
+    """A user's partitioner's output as int64 arrays, or a one-line ``ValueError``."""
+    if not isinstance(parts, list | tuple) or len(parts) != num_partitions:
+        got = len(parts) if isinstance(parts, list | tuple) else type(parts).__name__
+        raise ValueError(
+            f"partitioner '{method}' must return a list of {num_partitions} index arrays, got {got}"
+        )
+    out: list[_IndexArray] = []
+    for pid, part in enumerate(parts):
+        array = np.asarray(part)
+        if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(
+                f"partitioner '{method}': partition {pid} is not a 1-D integer index array "
+                f"(dtype {array.dtype}, shape {array.shape})"
+            )
+        if array.size and (array.min() < 0 or array.max() >= num_samples):
+            raise ValueError(
+                f"partitioner '{method}': partition {pid} has indices outside 0 .. "
+                f"{num_samples - 1}"
+            )
+        if array.size < min_size:
+            raise ValueError(
+                f"partitioner '{method}': partition {pid} has {array.size} samples, below "
+                f"min_partition_size={min_size}"
+            )
+        out.append(np.array(array, dtype=np.int64))
+    joined = np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+    if len(np.unique(joined)) != len(joined):
+        raise ValueError(f"partitioner '{method}': partitions overlap (an index is used twice)")
+    return out
 
 
 def client_dataset(
