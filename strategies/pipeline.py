@@ -28,8 +28,8 @@ from .transport import send_and_receive
 
 __all__ = ["Exchange", "Filter", "grid_exchange", "pipeline"]
 
+#: A callable type: send messages, return the replies that arrived within a timeout.
 Exchange = Callable[[list[Message], float], list[Message]]
-"""Send ``messages``, return the replies that arrived within ``timeout`` seconds."""
 
 
 class Filter(Protocol):
