@@ -28,6 +28,9 @@ with a helper that builds the update the server sees:
   learns only the sum of k clients' updates (Bonawitz et al., CCS 2017) [7]_,
   or one sum per bucket of s clients.
 
+Those helpers live in :mod:`fedsec.audit.server_view`, the scores below in
+:mod:`fedsec.audit.image_quality`; both stay importable from here.
+
 Reconstructions are scored in pixel space (``[0, 1]``, see :func:`to_pixels`)
 by :func:`psnr` and :func:`ssim` (Wang, Bovik, Sheikh and Simoncelli 2004) [8]_,
 against the level of a guess that knows the data set but not the client:
@@ -55,7 +58,6 @@ References
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -64,9 +66,34 @@ import torch
 import torch.nn.functional as F  # noqa: N812 -- the conventional alias
 from torch import nn
 
-from fedsec.data.datasets import DatasetInfo
-from fedsec.privacy.accounting import solve_noise_multiplier
-from fedsec.privacy.dpsgd import clipped_gradient_sum
+from fedsec.audit._checks import (
+    _check_int,
+    _check_number,
+    _check_shape,
+    _flatten,
+    _trainable,
+)
+
+# Re-exported: image quality and the server's view were parts of this module, and
+# callers import them from here.
+from fedsec.audit.image_quality import (
+    SSIM_K1,
+    SSIM_K2,
+    SSIM_WINDOW,
+    from_pixels,
+    psnr,
+    random_guess_psnr,
+    ssim,
+    to_pixels,
+)
+from fedsec.audit.server_view import (
+    Update,
+    bucket_sums,
+    client_update,
+    dp_sgd_update,
+    noise_multiplier_for,
+    sum_updates,
+)
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -92,16 +119,10 @@ __all__ = [
     "to_pixels",
 ]
 
-#: ``{parameter name: tensor shaped like the parameter}``, as ``model.named_parameters()``.
-Update = dict[str, torch.Tensor]
+
 #: ``(low, high)`` tensors broadcastable against ``[B, C, H, W]`` inputs.
 Bounds = tuple[torch.Tensor, torch.Tensor]
 
-#: Side of the square uniform SSIM window (see :func:`ssim`).
-SSIM_WINDOW = 3
-#: SSIM stabilising constants of Wang et al. (2004): ``C_i = (K_i * data_range)^2``.
-SSIM_K1 = 0.01
-SSIM_K2 = 0.03
 
 #: Default optimisation budget of :func:`invert_update`, measured on an 8x8 digit and
 #: the ``mlp`` model (see the function's notes).
@@ -133,476 +154,6 @@ class InversionResult:
     images: torch.Tensor
     labels: torch.Tensor
     loss: float
-
-
-# ---- validation helpers ----------------------------------------------------------
-
-
-def _check_number(name: str, value: float, *, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    ok = value > minimum if strict else value >= minimum
-    if not math.isfinite(value) or not ok:
-        relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be finite and {relation} {minimum:g}, got {value!r}")
-    return value
-
-
-def _check_int(name: str, value: int, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
-    if len(input_shape) != 3 or any(
-        isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in input_shape
-    ):
-        raise ValueError(f"input_shape must be (C, H, W) of positive ints, got {input_shape!r}")
-    return input_shape[0], input_shape[1], input_shape[2]
-
-
-def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the model has no trainable parameters")
-    return named
-
-
-def _flatten(
-    update: Mapping[str, torch.Tensor] | torch.Tensor, named: list[tuple[str, nn.Parameter]]
-) -> torch.Tensor:
-    """The update (or gradient) as one vector in ``named`` order, after shape checks."""
-    total = sum(p.numel() for _, p in named)
-    if isinstance(update, torch.Tensor):
-        if update.dim() != 1 or update.numel() != total:
-            raise ValueError(
-                f"a flat update must be a vector of the model's {total} trainable "
-                f"parameters, got shape {tuple(update.shape)}"
-            )
-        return update.detach()
-    if not isinstance(update, Mapping):
-        raise ValueError(f"update must be a dict of tensors or a flat tensor, got {update!r}")
-    names = [n for n, _ in named]
-    if set(update) != set(names):
-        missing = sorted(set(names) - set(update))
-        extra = sorted(set(update) - set(names))
-        raise ValueError(
-            f"update keys do not match the model's trainable parameters: "
-            f"missing {missing}, unexpected {extra}"
-        )
-    parts = []
-    for name, p in named:
-        value = update[name]
-        if not isinstance(value, torch.Tensor) or value.shape != p.shape:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"update[{name!r}] must have shape {tuple(p.shape)}, got {shape}")
-        parts.append(value.detach().reshape(-1))
-    return torch.cat(parts)
-
-
-def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise ValueError("x must be a floating-point tensor [B, ...]")
-    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 1:
-        raise ValueError("y must be an int64 tensor [B]")
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(
-            f"x and y must hold the same number (>= 1) of examples, got {x.shape[0]} and "
-            f"{y.shape[0]}"
-        )
-
-
-def _check_image_pair(
-    original: torch.Tensor, reconstruction: torch.Tensor, data_range: float
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    for name, t in (("original", original), ("reconstruction", reconstruction)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be one image [C, H, W], got {shape}")
-    if original.shape != reconstruction.shape:
-        raise ValueError(
-            f"original and reconstruction shapes differ: {tuple(original.shape)} vs "
-            f"{tuple(reconstruction.shape)}"
-        )
-    data_range = _check_number("data_range", data_range, minimum=0.0, strict=True)
-    return original.detach().double(), reconstruction.detach().double(), data_range
-
-
-# ---- image quality ---------------------------------------------------------------
-
-
-def psnr(original: torch.Tensor, reconstruction: torch.Tensor, data_range: float) -> float:
-    """Peak signal-to-noise ratio ``10 log10(data_range^2 / MSE)`` of one image, in dB.
-
-    Parameters
-    ----------
-    original, reconstruction : torch.Tensor
-        Images ``[C, H, W]`` of the same shape, in pixel space (e.g. ``[0, 1]``,
-        see :func:`to_pixels`).
-    data_range : float
-        Span of valid pixel values (1.0 for ``[0, 1]`` pixels), > 0.
-
-    Returns
-    -------
-    float
-        PSNR in dB, computed in float64; ``inf`` for identical images.
-
-    Raises
-    ------
-    ValueError
-        If an image is not ``[C, H, W]``, the shapes differ or ``data_range <= 0``.
-    """
-    x, y, data_range = _check_image_pair(original, reconstruction, data_range)
-    mse = float(torch.mean((x - y) ** 2))
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(data_range**2 / mse)
-
-
-def _local_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over the ``SSIM_WINDOW``-square window around every pixel, reflect-padded."""
-    pad = SSIM_WINDOW // 2
-    padded = F.pad(t.unsqueeze(0), (pad, pad, pad, pad), mode="reflect")
-    return F.avg_pool2d(padded, SSIM_WINDOW, stride=1).squeeze(0)
-
-
-def ssim(original: torch.Tensor, reconstruction: torch.Tensor, data_range: float) -> float:
-    """Structural similarity index (Wang et al. 2004) of one image, in ``[-1, 1]``.
-
-    The SSIM map of Wang et al. [8]_ (their eq. 13),
-    ``(2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))``
-    with ``C1 = (0.01 L)^2`` and ``C2 = (0.03 L)^2`` (``L = data_range``),
-    averaged over all pixels and channels (each channel on its own).
-
-    Window: the paper's 11x11 Gaussian (sigma 1.5) is wider than an 8x8 digit, so
-    the local statistics are taken over a **3x3 uniform window** instead, with
-    **reflect padding** so that every pixel, border included, has a full window
-    and the map is as large as the image; the (co)variances are the window's
-    population moments (divided by 9, not 8). Images must be at least 2x2.
-
-    Parameters
-    ----------
-    original, reconstruction : torch.Tensor
-        Images ``[C, H, W]`` of the same shape, in pixel space.
-    data_range : float
-        Span of valid pixel values (1.0 for ``[0, 1]`` pixels), > 0.
-
-    Returns
-    -------
-    float
-        Mean SSIM, computed in float64; 1.0 for identical images.
-
-    Raises
-    ------
-    ValueError
-        If an image is not ``[C, H, W]`` with ``H, W >= 2``, the shapes differ or
-        ``data_range <= 0``.
-    """
-    x, y, data_range = _check_image_pair(original, reconstruction, data_range)
-    if x.shape[1] < 2 or x.shape[2] < 2:
-        raise ValueError(f"ssim needs images of at least 2x2 pixels, got {tuple(x.shape)}")
-    c1 = (SSIM_K1 * data_range) ** 2
-    c2 = (SSIM_K2 * data_range) ** 2
-    mu_x, mu_y = _local_mean(x), _local_mean(y)
-    var_x = _local_mean(x * x) - mu_x**2
-    var_y = _local_mean(y * y) - mu_y**2
-    cov = _local_mean(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    )
-    return float(ssim_map.mean())
-
-
-def _pixel_stats(
-    info: DatasetInfo, t: torch.Tensor, what: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    channels = info.input_shape[0]
-    if not isinstance(t, torch.Tensor) or t.dim() < 3 or t.shape[-3] != channels:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(
-            f"{what} must be [..., {channels}, H, W] for dataset '{info.name}', got {shape}"
-        )
-    for field, values in (("pixel_mean", info.pixel_mean), ("pixel_std", info.pixel_std)):
-        if len(values) not in (1, channels):
-            raise ValueError(
-                f"{field} of dataset '{info.name}' needs 1 or {channels} values, got {values}"
-            )
-    if not all(s > 0 for s in info.pixel_std):
-        raise ValueError(f"pixel_std of dataset '{info.name}' must be > 0, got {info.pixel_std}")
-    dtype = t.dtype if t.is_floating_point() else torch.float32
-    mean = torch.tensor(info.pixel_mean, dtype=dtype, device=t.device)
-    std = torch.tensor(info.pixel_std, dtype=dtype, device=t.device)
-    shape = (channels, 1, 1)
-    return mean.expand(channels).reshape(shape), std.expand(channels).reshape(shape)
-
-
-def to_pixels(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    """Map normalised inputs to ``[0, 1]`` pixels: ``x * pixel_std + pixel_mean``.
-
-    The inverse of the loaders' ``(pixel - mean) / std``; no clamping, so
-    inputs outside :func:`fedsec.data.datasets.pixel_bounds` map outside
-    ``[0, 1]``.
-
-    Parameters
-    ----------
-    x : torch.Tensor
-        Inputs ``[..., C, H, W]`` (one image or a batch) of data set ``info``.
-    info : DatasetInfo
-        Supplies ``pixel_mean``/``pixel_std`` (one value or one per channel).
-
-    Returns
-    -------
-    torch.Tensor
-        Pixels, same shape.
-
-    Raises
-    ------
-    ValueError
-        If ``x`` does not have ``info``'s channel count in dimension -3, or the
-        statistics are malformed.
-    """
-    mean, std = _pixel_stats(info, x, "x")
-    return x * std + mean
-
-
-def from_pixels(p: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    """Map ``[0, 1]`` pixels to the model's inputs: ``(p - pixel_mean) / pixel_std``.
-
-    The inverse of :func:`to_pixels`; parameters and errors as there.
-    """
-    mean, std = _pixel_stats(info, p, "p")
-    return (p - mean) / std
-
-
-def random_guess_psnr(original: torch.Tensor, pool: torch.Tensor, info: DatasetInfo) -> float:
-    """PSNR of a random guess: the mean PSNR of ``original`` against other images of the set.
-
-    The reference level of a reconstruction attack: an attacker who knows the
-    data distribution but learned nothing about the client's example can still
-    output *some* image of the data set. This is the expected PSNR of such a
-    draw -- the mean, over the images of ``pool``, of ``psnr(original, image)``
-    in ``[0, 1]`` pixel space. Pool images identical to ``original`` are skipped
-    (a draw that happens to be a duplicate says nothing about the attack). A
-    reconstruction that scores no better than this has not revealed the image.
-
-    Parameters
-    ----------
-    original : torch.Tensor
-        The client's image ``[C, H, W]``, normalised as the data set's inputs.
-    pool : torch.Tensor
-        Other images of the same data set ``[N, C, H, W]``, normalised (e.g.
-        the server's held-out test split).
-    info : DatasetInfo
-        The data set, for :func:`to_pixels`.
-
-    Returns
-    -------
-    float
-        Mean PSNR in dB.
-
-    Raises
-    ------
-    ValueError
-        On mismatched shapes, or if the pool holds no image other than ``original``.
-    """
-    if not isinstance(original, torch.Tensor) or original.dim() != 3:
-        raise ValueError("original must be one image [C, H, W]")
-    if not isinstance(pool, torch.Tensor) or pool.dim() != 4 or pool.shape[1:] != original.shape:
-        shape = tuple(pool.shape) if isinstance(pool, torch.Tensor) else type(pool).__name__
-        raise ValueError(f"pool must be [N, {', '.join(map(str, original.shape))}], got {shape}")
-    target = to_pixels(original.detach().double(), info)
-    images = to_pixels(pool.detach().double(), info)
-    values = [psnr(target, img, 1.0) for img in images if not torch.equal(img, target)]
-    if not values:
-        raise ValueError("pool holds no image other than the original")
-    return sum(values) / len(values)
-
-
-# ---- updates the server sees -----------------------------------------------------
-
-
-def client_update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float) -> Update:
-    """The update of one local SGD step on ``(x, y)``: ``new - old = -lr * grad``.
-
-    The gradient is that of the mean cross-entropy over the batch, for every
-    trainable parameter. It is computed with :func:`torch.autograd.grad`, so
-    the model's weights, ``.grad`` fields and mode are left unchanged.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Classifier returning logits (the global model the client received).
-    x : torch.Tensor
-        Inputs ``[B, ...]`` on the model's device.
-    y : torch.Tensor
-        ``int64`` labels ``[B]``.
-    lr : float
-        SGD learning rate, > 0.
-
-    Returns
-    -------
-    dict of str to torch.Tensor
-        ``{parameter name: update}`` for every trainable parameter, in
-        ``model.named_parameters()`` order.
-
-    Raises
-    ------
-    ValueError
-        On a malformed batch or ``lr <= 0``.
-    """
-    lr = _check_number("lr", lr, minimum=0.0, strict=True)
-    _check_batch(x, y)
-    named = _trainable(model)
-    loss = F.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-    return {
-        name: torch.zeros_like(p) if g is None else (-lr * g).detach()
-        for (name, p), g in zip(named, grads, strict=True)
-    }
-
-
-def dp_sgd_update(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    lr: float,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    generator: torch.Generator | None = None,
-) -> Update:
-    """The update of one DP-SGD step (Abadi et al. 2016) on the whole batch ``(x, y)``.
-
-    Each example's gradient (all trainable parameters together) is clipped to
-    L2 norm ``C = max_grad_norm``, the clipped gradients are summed
-    (:func:`fedsec.privacy.dpsgd.clipped_gradient_sum`, the computation of
-    :func:`fedsec.privacy.dpsgd.dp_train`), ``N(0, (noise_multiplier * C)^2)``
-    noise is added to every coordinate, the result is divided by the batch size
-    ``B`` and the update is ``-lr`` times that. This is one step at sample rate
-    1 (the whole batch takes part), for which :func:`noise_multiplier_for`
-    gives the noise multiplier of a privacy target.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Classifier returning logits; left unchanged.
-    x : torch.Tensor
-        Inputs ``[B, ...]`` on the model's device.
-    y : torch.Tensor
-        ``int64`` labels ``[B]``.
-    lr : float
-        SGD learning rate, > 0.
-    noise_multiplier : float
-        Noise std divided by ``max_grad_norm``, >= 0 (0 only clips).
-    max_grad_norm : float
-        Per-example clipping bound, > 0.
-    generator : torch.Generator, optional
-        Source of the noise (on the model's device); the global RNG otherwise.
-
-    Returns
-    -------
-    dict of str to torch.Tensor
-        ``{parameter name: update}`` for every trainable parameter.
-
-    Raises
-    ------
-    ValueError
-        On a malformed batch or a bad hyper-parameter.
-    """
-    lr = _check_number("lr", lr, minimum=0.0, strict=True)
-    sigma = _check_number("noise_multiplier", noise_multiplier, minimum=0.0, strict=False)
-    clip = _check_number("max_grad_norm", max_grad_norm, minimum=0.0, strict=True)
-    _check_batch(x, y)
-    sums = clipped_gradient_sum(model, x, y, max_grad_norm=clip)
-    batch = x.shape[0]
-    out: Update = {}
-    for name, total in sums.items():
-        noisy = total.detach().clone()
-        if sigma > 0:
-            noisy += torch.empty_like(noisy).normal_(0.0, sigma * clip, generator=generator)
-        out[name] = noisy.mul_(-lr / batch)
-    return out
-
-
-def noise_multiplier_for(
-    epsilon: float, delta: float, steps: int = 1, sample_rate: float = 1.0
-) -> float:
-    """Noise multiplier of DP-SGD that spends at most ``(epsilon, delta)``.
-
-    :func:`fedsec.privacy.accounting.solve_noise_multiplier` with the RDP
-    accountant (Mironov 2017; Opacus's ``get_noise_multiplier``) for ``steps``
-    steps of the sampled Gaussian mechanism at ``sample_rate``. The defaults
-    describe :func:`dp_sgd_update`: a single step on the whole batch, with no
-    amplification by sampling. Examples: epsilon 8 at delta 1e-5 needs about
-    0.64, epsilon 1 about 4.06.
-
-    Raises
-    ------
-    ValueError
-        For invalid parameters or an unreachable target.
-    """
-    return solve_noise_multiplier(
-        target_epsilon=epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        accountant="rdp",
-    )
-
-
-def sum_updates(updates: Sequence[Mapping[str, torch.Tensor]]) -> Update:
-    """The sum of several clients' updates: all a secure-aggregation server learns.
-
-    With secure aggregation (Bonawitz et al. 2017) the server decrypts only
-    ``sum_i update_i`` of the k clients of a round, never an individual one.
-
-    Parameters
-    ----------
-    updates : sequence of dict of str to torch.Tensor
-        At least one update, all with the same keys and shapes.
-
-    Returns
-    -------
-    dict of str to torch.Tensor
-        The element-wise sum, with the keys in the first update's order.
-
-    Raises
-    ------
-    ValueError
-        If ``updates`` is empty or the updates do not match.
-    """
-    if isinstance(updates, Mapping) or len(updates) == 0:
-        raise ValueError("updates must be a non-empty sequence of updates")
-    first = updates[0]
-    total: Update = {name: value.detach().clone() for name, value in first.items()}
-    for i, update in enumerate(updates[1:], start=1):
-        if set(update) != set(first) or any(update[n].shape != first[n].shape for n in first):
-            raise ValueError(f"update {i} does not have the keys and shapes of update 0")
-        for name in total:
-            total[name] += update[name].detach()
-    return total
-
-
-def bucket_sums(updates: Sequence[Mapping[str, torch.Tensor]], bucket_size: int) -> list[Update]:
-    """Per-bucket sums: what a server running secure aggregation per bucket learns.
-
-    Consecutive runs of ``bucket_size`` updates form ``ceil(k / bucket_size)``
-    buckets (the last may be smaller, as in
-    :class:`fedsec.aggregation.wrappers.Bucketing`; shuffle beforehand for
-    random buckets), and the server sees one :func:`sum_updates` per bucket.
-    ``bucket_size = 1`` reveals every individual update.
-
-    Raises
-    ------
-    ValueError
-        If ``updates`` is empty or mismatched, or ``bucket_size < 1``.
-    """
-    size = _check_int("bucket_size", bucket_size, minimum=1)
-    if isinstance(updates, Mapping) or len(updates) == 0:
-        raise ValueError("updates must be a non-empty sequence of updates")
-    return [sum_updates(updates[i : i + size]) for i in range(0, len(updates), size)]
 
 
 # ---- label recovery --------------------------------------------------------------
