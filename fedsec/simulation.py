@@ -37,6 +37,7 @@ on each malicious client alone: :func:`fedsec.client.attack_mods.attack_mod`.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,9 +45,11 @@ from flwr.clientapp.typing import Mod
 
 from fedsec.aggregation import Rule
 from fedsec.attacks.base import ModelPoisoningAttack
-from fedsec.attacks.threat import KNOWLEDGE, build_attack, is_colluding
+from fedsec.attacks.threat import KNOWLEDGE, build_attack, is_colluding, simulated_adversary
 from fedsec.client.collusion import Malicious, _membership, collusion_mod
 from fedsec.strategies.adversary import AdversaryFilter
+
+logger = logging.getLogger("fedsec")
 
 __all__ = ["Collusion"]
 
@@ -104,6 +107,14 @@ class Collusion:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         _membership(malicious)  # refuses a malformed set now, not in the first round
+        if not simulated_adversary():
+            # Not an error: the ClientApps may run in workers that set it themselves.
+            logger.warning(
+                "Collusion(%s): the simulated-adversary switch is off in this process; "
+                "colluders act only where enable_simulated_adversary() ran before the "
+                "ClientApps started (fedsec's engines set it)",
+                attack if isinstance(attack, str) else type(attack).__name__,
+            )
         self.attack = _resolve(attack, params, omniscient=knowledge == "omniscient")
         self.malicious = malicious
         self.knowledge = knowledge

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (once) and run the checks: ruff, ruff format, mypy, the docs build
 # (mkdocs --strict: a broken link fails), the default test suite, then the
+# worked Flower app against FedAvg on Ray (a minute or two), the
 # deployment integration tests (separate processes, a few minutes) and the
 # container image test (docker/build.sh and a deployment in podman: root only,
 # skipped otherwise; minutes). Arguments go to the default pytest run and skip
@@ -15,6 +16,7 @@ echo "== mypy";        mypy
 echo "== docs";        mkdocs build --strict --quiet   # broken links fail; site in build/docs
 echo "== pytest";      pytest "$@"
 if [[ $# -eq 0 ]]; then
+    echo "== pytest -m example"; pytest -m example
     echo "== pytest -m deployment"; pytest -m deployment
     echo "== pytest -m images"; pytest -m images
 fi

@@ -139,10 +139,12 @@ class FedSecStrategy(Strategy):
 
     Parameters
     ----------
-    rule : Rule
+    rule : Rule, optional
         An aggregation rule over stacked updates [n, d] (see
         :mod:`fedsec.aggregation`, e.g. ``make("krum", f=1)``). Logs and
         :attr:`rule_name` name it from the object (:func:`rule_label`).
+        Default: the weighted mean (FedAvg), e.g. for secure aggregation or
+        filters alone.
     rule_name : str, optional
         Kept for callers that pass the configured name: it must be the name of
         the rule or of a rule it wraps, else ``ValueError``. Never used for logs.
@@ -194,7 +196,7 @@ class FedSecStrategy(Strategy):
     def __init__(
         self,
         *,
-        rule: Rule,
+        rule: Rule | None = None,
         rule_name: str | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 0.0,
@@ -233,6 +235,8 @@ class FedSecStrategy(Strategy):
                 )
         if isinstance(max_examples, bool) or not 1 <= max_examples <= MAX_EXAMPLES_CEILING:
             raise ValueError(f"max_examples must be in [1, 2**31], got {max_examples!r}")
+        if rule is None:  # FedAvg's weighted mean, so filters or SecAgg alone need no rule
+            rule = Mean()
         if not isinstance(rule, Rule):
             raise TypeError(
                 f"rule must be an aggregation Rule (e.g. fedsec.aggregation.make('krum', f=1)), "

@@ -59,19 +59,23 @@ def test_the_api_reference_lists_every_public_name() -> None:
     assert listed == set(fedsec.__all__)
 
 
+def _is_fedsec(module: str) -> bool:
+    return module == "fedsec" or module.startswith("fedsec.")
+
+
 def _fedsec_imports(path: Path) -> set[str]:
     """The fedsec modules a file imports (``from fedsec.x import y`` -> ``fedsec.x``)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedsec"):
+        if isinstance(node, ast.ImportFrom) and node.module and _is_fedsec(node.module):
             found.add(node.module)
         elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("fedsec"))
+            found.update(a.name for a in node.names if _is_fedsec(a.name))
     return found
 
 
 def test_the_worked_example_uses_only_the_public_api() -> None:
-    files = sorted((ROOT / "simulations" / "example").glob("*.py"))
+    files = sorted((ROOT / "simulations" / "example").rglob("*.py"))
     assert files, "the worked example is missing"
     used = set().union(*(_fedsec_imports(f) for f in files))
     assert used, "the worked example imports nothing from fedsec"

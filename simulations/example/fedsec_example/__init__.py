@@ -1,0 +1,1 @@
+"""fedsec_example: a Flower / PyTorch app that adopts fedsec's defenses part by part."""
