@@ -78,7 +78,7 @@ KEYS: dict[str, str] = {
     "evasion.alpha": "PGD step size in pixel units (0 = 2.5 x eps / steps)",
     "evasion.eval_samples": "test images used for robust accuracy (0 = all)",
     "evasion.adversarial_training": "clients train on PGD examples (Madry et al. 2018)",
-    "privacy.mode": "`none`, `dp-sgd`, `local`, `central` or `distributed` (see [Differential privacy](../privacy.md))",
+    "privacy.mode": "where the noise is added: on each client, on the server or inside secure aggregation (see [Differential privacy](../privacy.md))",
     "privacy.noise_multiplier": "sigma; give this or `target_epsilon`",
     "privacy.target_epsilon": "epsilon for the whole run; sigma is solved before training",
     "privacy.delta": "delta",

@@ -18,7 +18,11 @@ the training set, timeouts within 30 days). A config file that sets nothing
 
 Sections ``[aggregation]``, ``[attack]``, ``[privacy]`` and ``[secagg]``
 configure the defenses, the threat model, differential privacy and secure
-aggregation.
+aggregation. Each ``privacy.mode`` is a registered object
+(:mod:`fedsec.privacy.modes`) that validates its own part of the config.
+
+This module is the schema only; :mod:`fedsec.assembly` builds the objects a
+run uses (the rule, the attack, derived sizes) from a config that passed it.
 
 The user's own code: ``model.name``, ``data.dataset``, ``data.partition`` and
 ``client.train_fn`` take fedsec's names, names registered in this process
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import math
 import re
 import tomllib
@@ -42,16 +45,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, get_origin, get_type_hints
 
+from fedsec.assembly import (
+    build_aggregator,
+    build_configured_attack,
+    dataset_info_of,
+    largest_sum,
+    sampled_clients,
+    secure_bucket_size,
+)
 from fedsec.registry import USER_CODE_HINT, DottedNameError, UnknownNameError
+from fedsec.wire import WIRE_CONFIG_KEY as WIRE_CONFIG_KEY
 
 if TYPE_CHECKING:
+    from fedsec.privacy.modes import PrivacyMode
     from fedsec.secagg.server import SecAggParams
 
 EVASION_ATTACKS = ("none", "fgsm", "pgd")
 
-#: ConfigRecord key under which the server sends the validated config (JSON) to clients.
-WIRE_CONFIG_KEY = "fedsec-config"
-PRIVACY_MODES = ("none", "dp-sgd", "local", "central", "distributed")
+# WIRE_CONFIG_KEY (the ConfigRecord entry of the config sent to clients) is in fedsec.wire.
 ACCOUNTANTS = ("rdp", "prv")
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -484,18 +495,8 @@ def _resolve(
         raise ConfigError(where, f"{err}; {USER_CODE_HINT}" if user_code else str(err)) from None
 
 
-def dataset_info_of(cfg: ExperimentConfig) -> Any:
-    """The :class:`~fedsec.data.DatasetInfo` of the configured data set.
-
-    Built-in data sets are not read; a user's is loaded (cached per process).
-    """
-    from fedsec.data.datasets import dataset_info
-
-    return dataset_info(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
-
-
 def _checked_dataset_info(cfg: ExperimentConfig) -> Any:
-    """:func:`dataset_info_of`, every failure a :class:`ConfigError` on ``data.dataset``."""
+    """``dataset_info_of`` (:mod:`fedsec.assembly`); a failure is a ConfigError on the key."""
     try:
         return dataset_info_of(cfg)
     except DottedNameError as err:
@@ -585,7 +586,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
     )
     if client.train_fn:
         _check_train_fn(cfg)
-    if client.precision == "fp16" and cfg.privacy.mode == "dp-sgd":
+    mode = _known_privacy_mode(cfg)
+    if client.precision == "fp16" and mode is not None and mode.private_training:
         raise ConfigError(
             "client.precision",
             "fp16 cannot be used with DP-SGD (its loss scaling skips steps depending on "
@@ -631,10 +633,11 @@ def _check_train_fn(cfg: ExperimentConfig) -> None:
     from fedsec.registry import TRAIN_FNS
 
     _resolve("client.train_fn", TRAIN_FNS.get, cfg.client.train_fn, user_code=True)
-    if cfg.privacy.mode == "dp-sgd":
+    mode = _known_privacy_mode(cfg)
+    if mode is not None and mode.private_training:
         raise ConfigError(
             "client.train_fn",
-            "privacy.mode 'dp-sgd' trains with fedsec's private loop; with your own loop "
+            f"privacy.mode '{mode.name}' trains with fedsec's private loop; with your own loop "
             "use fedsec.privacy.make_private inside it and leave privacy.mode off",
         )
     if cfg.evasion.adversarial_training:
@@ -645,159 +648,15 @@ def _check_train_fn(cfg: ExperimentConfig) -> None:
         )
 
 
-def sampled_clients(cfg: ExperimentConfig) -> int:
-    """Clients sampled per training round (what a rule sees when all of them reply)."""
-    return max(1, round(cfg.client.fraction * cfg.data.num_clients))
+def _known_privacy_mode(cfg: ExperimentConfig) -> PrivacyMode | None:
+    """The configured privacy mode, or None while its name is unknown.
 
-
-def secure_bucket_size(cfg: ExperimentConfig) -> int:
-    """``s`` when the config runs bucketed secure aggregation, else 0.
-
-    Bucketed mode is secure aggregation with ``aggregation.pre`` starting with
-    ``"bucketing"``: the buckets are then formed by the protocol, not the rule.
+    For checks that run before :func:`_check_privacy` refuses an unknown name.
     """
-    if cfg.secagg.enabled and cfg.aggregation.pre[:1] == ("bucketing",):
-        return cfg.aggregation.bucket_size
-    return 0
+    from fedsec.privacy.modes import PRIVACY_MODES
 
-
-def secure_norm_bound(cfg: ExperimentConfig) -> float:
-    """The L2 bound clients apply under secure aggregation (0: none).
-
-    ``secagg.norm_bound``, or under distributed DP ``privacy.update_clip``.
-    """
-    if cfg.privacy.mode == "distributed":
-        return cfg.privacy.update_clip
-    return cfg.secagg.norm_bound
-
-
-def distributed_noise_multiplier(cfg: ExperimentConfig) -> float:
-    """Distributed DP's noise multiplier: given, or solved for ``target_epsilon`` over the run.
-
-    The sum of the fewest clients ever unmasked (the bucket size, or the
-    round's sampled clients less the tolerated dropouts) carries Skellam noise
-    of std ``noise_multiplier`` times the update's sensitivity
-    (:func:`fedsec.privacy.distributed.plan_skellam`); a client may take part
-    in every round.
-    """
-    from fedsec.privacy.distributed import skellam_noise_multiplier_for
-
-    dp = cfg.privacy
-    if dp.noise_multiplier:
-        return dp.noise_multiplier
-    return skellam_noise_multiplier_for(
-        target_epsilon=dp.target_epsilon,
-        delta=dp.delta,
-        rounds=cfg.experiment.rounds,
-        **_skellam_setting(cfg),
-    )
-
-
-def _skellam_setting(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What the Skellam plan of the run's largest secure sum depends on, but the noise."""
-    n, least = _largest_sum(cfg)
-    return {
-        "norm_bound": cfg.privacy.update_clip,
-        "clip": cfg.secagg.clip,
-        "dim": model_dim(cfg),
-        "num_clients": n,
-        "min_clients": least,
-        "modulus_bits": cfg.secagg.modulus_bits,
-        "bits": cfg.secagg.bits,
-    }
-
-
-def model_dim(cfg: ExperimentConfig) -> int:
-    """Number of values in the configured model's state (the length of an update)."""
-    from fedsec.models import make_model
-
-    info = dataset_info_of(cfg)
-    model = make_model(cfg.model.name, info.input_shape, info.num_classes)
-    return sum(value.numel() for value in model.state_dict().values())
-
-
-def _largest_sum(cfg: ExperimentConfig) -> tuple[int, int]:
-    """Clients in the largest secure sum of a round, and the fewest it may unmask."""
-    n = sampled_clients(cfg)
-    s = secure_bucket_size(cfg)
-    if s:
-        buckets = max(1, n // s)
-        return n // buckets + (n % buckets > 0), s
-    return n, unmask_floor(cfg.secagg, n)
-
-
-def unmask_floor(sa: SecAggSection, n: int) -> int:
-    """Fewest clients an unbucketed sum of ``n`` may unmask under distributed DP.
-
-    ``n`` less the tolerated dropouts: the noise is sized for that many.
-    """
-    return max(2, n - math.floor(sa.dropout_rate * n))
-
-
-def build_aggregator(cfg: ExperimentConfig) -> Any:
-    """The configured rule with its pre-aggregation wrappers (a fresh, stateless-so-far object).
-
-    ``aggregation.f`` is passed to every rule or wrapper that takes ``f``;
-    ``bucket_size`` and the experiment seed go to bucketing. Under bucketed
-    secure aggregation the leading bucketing is the protocol's, so the rule
-    returned is what the server applies across the bucket means.
-    """
-    from fedsec.aggregation import PRE_AGGREGATORS, RULES, make_pipeline
-    from fedsec.aggregation.registry import parameters_of
-
-    agg = cfg.aggregation
-    params = dict(agg.params)
-    rule_cls = RULES.get(agg.rule)
-    if "f" in parameters_of(rule_cls):
-        # Rules whose f defaults to None (trimmed mean: use beta) only get an explicit f.
-        f_default = inspect.signature(rule_cls).parameters["f"].default
-        if agg.f > 0 or f_default is not None:
-            params["f"] = agg.f
-    pre = agg.pre[1:] if secure_bucket_size(cfg) else agg.pre
-    pre_params: dict[str, dict[str, Any]] = {}
-    for step in pre:
-        accepted = parameters_of(PRE_AGGREGATORS.get(step), skip=1)
-        pre_params[step] = {
-            key: value
-            for key, value in {
-                "f": agg.f,
-                "s": agg.bucket_size,
-                "seed": cfg.experiment.seed,
-            }.items()
-            if key in accepted
-        }
-    rule = make_pipeline(agg.rule, params, pre, pre_params)
-    if cfg.privacy.mode == "central":
-        from fedsec.privacy.client_level import CentralDPFedAvg
-
-        rule = CentralDPFedAvg(
-            rule,
-            clip=cfg.privacy.update_clip,
-            noise_multiplier=central_noise_multiplier(cfg),
-            seed=cfg.experiment.seed,
-        )
-    return rule
-
-
-def central_noise_multiplier(cfg: ExperimentConfig) -> float:
-    """DP-FedAvg's noise multiplier: given, or solved for ``target_epsilon`` over the run.
-
-    Client-level accounting (McMahan et al., ICLR 2018): sampling rate =
-    clients per round / clients, one Gaussian mechanism per round.
-    """
-    from fedsec.privacy.accounting import solve_client_level_noise_multiplier
-
-    dp = cfg.privacy
-    if dp.noise_multiplier:
-        return dp.noise_multiplier
-    return solve_client_level_noise_multiplier(
-        target_epsilon=dp.target_epsilon,
-        target_delta=dp.delta,
-        clients_per_round=sampled_clients(cfg),
-        total_clients=cfg.data.num_clients,
-        rounds=cfg.experiment.rounds,
-        accountant=dp.accountant,  # type: ignore[arg-type]
-    )
+    name = cfg.privacy.mode
+    return PRIVACY_MODES.get(name) if name in PRIVACY_MODES else None
 
 
 def _check_aggregation(cfg: ExperimentConfig) -> None:
@@ -903,22 +762,18 @@ def _check_secagg(cfg: ExperimentConfig) -> None:
             )
     if sa.signed and not sa.key_dir:
         raise ConfigError("secagg.key_dir", "signed secure aggregation needs the clients' key dir")
-    if cfg.privacy.mode == "distributed" and sa.norm_bound:
-        raise ConfigError(
-            "secagg.norm_bound",
-            "distributed DP bounds updates by privacy.update_clip; leave secagg.norm_bound at 0",
-        )
-    largest, _ = _largest_sum(cfg)
+    _privacy_mode(cfg).check_secure(cfg)
+    largest, _ = largest_sum(cfg)
     try:
         for size in range(s, 2 * s) if s else (largest,):  # every sum size a round can make
-            secagg_sum_params(sa, size, 1, bucket_size=s)
+            _secagg_sum_params(sa, size, 1, bucket_size=s)
     except ValueError as err:
         # A threshold at or below k / 2 (or the signed floor) is the configured threshold's fault.
         field = "secagg.threshold" if sa.threshold and "threshold >" in str(err) else "secagg"
         raise ConfigError(field, f"{err} ({n} clients sampled per round)") from None
 
 
-def secagg_sum_params(
+def _secagg_sum_params(
     sa: SecAggSection,
     n: int,
     dim: int,
@@ -929,7 +784,9 @@ def secagg_sum_params(
 ) -> SecAggParams:
     """The :class:`~fedsec.secagg.server.SecAggParams` of one secure sum of ``n`` clients.
 
-    A bucket (``bucket_size`` > 0) uses the complete graph and is never
+    Validation only: every sum size a round can make must have parameters (the
+    server's :class:`~fedsec.strategies.secagg.SecureAggregation` builds its
+    own). A bucket (``bucket_size`` > 0) uses the complete graph and is never
     unmasked below ``bucket_size``; otherwise ``k`` and ``t`` come from the
     section (derived or given). ``encoding`` overrides ``bits`` and adds
     ``norm_bound``, ``noise_variance`` and ``headroom``.
@@ -956,18 +813,6 @@ def secagg_sum_params(
         signed=sa.signed,
         min_survivors=min_survivors,
         **encoding,
-    )
-
-
-def build_configured_attack(cfg: ExperimentConfig) -> Any:
-    """The configured attack object (data or model poisoning), or None for ``"none"``."""
-    from fedsec.attacks.threat import build_attack
-
-    attack = cfg.attack
-    if attack.name == "none":
-        return None
-    return build_attack(
-        attack.name, attack.params, attack.knowledge == "omniscient", cfg.data.dataset
     )
 
 
@@ -1024,9 +869,20 @@ def _check_attack(cfg: ExperimentConfig) -> None:
         )
 
 
+def _privacy_mode(cfg: ExperimentConfig) -> PrivacyMode:
+    """The configured privacy mode; an unknown name is a one-line error on ``privacy.mode``."""
+    from fedsec.privacy.modes import PRIVACY_MODES
+
+    try:
+        return PRIVACY_MODES.get(cfg.privacy.mode)
+    except UnknownNameError as err:
+        raise ConfigError("privacy.mode", str(err)) from None
+
+
 def _check_privacy(cfg: ExperimentConfig) -> None:
+    """The common ``privacy.*`` ranges, then the mode's own checks (:mod:`fedsec.privacy.modes`)."""
     dp = cfg.privacy
-    _check_choice("privacy.mode", dp.mode, PRIVACY_MODES, "privacy mode")
+    mode = _privacy_mode(cfg)
     _check_choice("privacy.accountant", dp.accountant, ACCOUNTANTS, "accountant")
     _require("privacy.noise_multiplier", dp.noise_multiplier, lambda v: v >= 0, ">= 0")
     _require("privacy.target_epsilon", dp.target_epsilon, lambda v: v >= 0, ">= 0")
@@ -1034,84 +890,7 @@ def _check_privacy(cfg: ExperimentConfig) -> None:
     _require("privacy.max_grad_norm", dp.max_grad_norm, lambda v: v > 0, "> 0")
     _require("privacy.update_clip", dp.update_clip, lambda v: v > 0, "> 0")
     _require("privacy.epsilon_budget", dp.epsilon_budget, lambda v: v >= 0, ">= 0 (0 = target)")
-    if dp.mode == "none":
-        return
-    if (dp.noise_multiplier > 0) == (dp.target_epsilon > 0):
-        raise ConfigError(
-            "privacy.noise_multiplier",
-            f"privacy mode '{dp.mode}' needs exactly one of privacy.noise_multiplier "
-            "and privacy.target_epsilon",
-        )
-    if dp.mode == "distributed":
-        _check_distributed(cfg)
-    if dp.mode == "central":
-        if cfg.secagg.enabled:
-            raise ConfigError(
-                "privacy.mode",
-                "central DP adds noise on the server, so it cannot protect updates from the "
-                "server that secure aggregation guards against; use 'local' or 'dp-sgd'",
-            )
-        agg = cfg.aggregation
-        if agg.rule != "mean" or agg.pre:
-            raise ConfigError(
-                "privacy.mode",
-                f"central DP-FedAvg bounds the sensitivity of the mean only; got rule "
-                f"'{agg.rule}' with pre {list(agg.pre)} (use aggregation.rule = \"mean\")",
-            )
-    if dp.target_epsilon and dp.mode != "distributed":
-        try:
-            _solve_for_validation(cfg)
-        except ValueError as err:
-            raise ConfigError("privacy.target_epsilon", str(err)) from None
-    if cfg.evasion.adversarial_training and dp.mode == "dp-sgd":
-        raise ConfigError("evasion.adversarial_training", "is not supported together with DP-SGD")
-
-
-def _check_distributed(cfg: ExperimentConfig) -> None:
-    if not cfg.secagg.enabled:
-        raise ConfigError(
-            "privacy.mode",
-            "distributed DP adds its noise inside secure aggregation; set secagg.enabled = true",
-        )
-    if cfg.secagg.weight_cap:
-        raise ConfigError(
-            "secagg.weight_cap",
-            "distributed DP needs equal weights (secagg.weight_cap = 0): a weight rides in the "
-            f"sum without noise and would reveal the client's example count (got "
-            f"{cfg.secagg.weight_cap})",
-        )
-    from fedsec.privacy.distributed import plan_skellam
-
-    try:  # the solver already checks that its plan fits; a given noise is checked here
-        plan_skellam(noise_multiplier=distributed_noise_multiplier(cfg), **_skellam_setting(cfg))
-    except ValueError as err:
-        raise ConfigError("privacy", f"distributed DP: {err}") from None
-
-
-def _solve_for_validation(cfg: ExperimentConfig) -> None:
-    """Solve the noise for ``target_epsilon`` now, so an unreachable target fails early."""
-    from fedsec.privacy.accounting import solve_noise_multiplier
-    from fedsec.privacy.dpsgd import dp_sgd_steps
-
-    dp = cfg.privacy
-    if dp.mode == "central":
-        central_noise_multiplier(cfg)
-        return
-    if dp.mode == "dp-sgd":  # a client of average size; each client solves its own
-        average = dataset_info_of(cfg).num_train / cfg.data.num_clients
-        rate = min(1.0, cfg.client.batch_size / average)
-        steps = dp_sgd_steps(
-            average, cfg.client.batch_size, cfg.client.local_epochs, cfg.client.local_steps or None
-        )
-    else:
-        rate, steps = 1.0, 1
-    solve_noise_multiplier(
-        target_epsilon=dp.target_epsilon,
-        target_delta=dp.delta,
-        sample_rate=rate,
-        steps=steps * cfg.experiment.rounds,
-        accountant=dp.accountant,  # type: ignore[arg-type]
-    )
+    mode.check(cfg)
 
 
 def _check_evasion(cfg: ExperimentConfig) -> None:

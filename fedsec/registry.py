@@ -128,7 +128,9 @@ _ALLOWED_MODULES: ContextVar[tuple[str, ...] | None] = ContextVar(
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
-def check_module_prefixes(prefixes: Iterable[str], *, where: str = "user-modules") -> tuple[str, ...]:
+def check_module_prefixes(
+    prefixes: Iterable[str], *, where: str = "user-modules"
+) -> tuple[str, ...]:
     """Validate module prefixes for :func:`restrict_user_code`.
 
     Raises
@@ -208,7 +210,9 @@ def _check_object_allowed(name: str, kind: str, obj: Any, path: list[Any]) -> No
         raise _refusal(kind, name, "the attribute path reaches into another module", allowed)
     defined_in = getattr(obj, "__module__", None)
     if not isinstance(defined_in, str) or not _under(defined_in, allowed):
-        raise _refusal(kind, name, f"it is defined in '{defined_in}', not an allowed module", allowed)
+        raise _refusal(
+            kind, name, f"it is defined in '{defined_in}', not an allowed module", allowed
+        )
 
 
 def import_dotted(name: str, *, kind: str = "object") -> Callable[..., Any]:

@@ -186,6 +186,7 @@ def _registered_names() -> dict[str, list[str]]:
     from fedsec.attacks.model_poisoning import MODEL_ATTACKS
     from fedsec.data import DATASETS, PARTITIONERS
     from fedsec.models import MODELS
+    from fedsec.privacy.modes import PRIVACY_MODES
     from fedsec.training import OPTIMIZERS
 
     return {
@@ -196,6 +197,7 @@ def _registered_names() -> dict[str, list[str]]:
         "aggregation.rule": RULES.names(),
         "aggregation.pre": PRE_AGGREGATORS.names(),
         "attack.name": ["none", *DATA_ATTACKS.names(), *MODEL_ATTACKS.names()],
+        "privacy.mode": PRIVACY_MODES.names(),
     }
 
 

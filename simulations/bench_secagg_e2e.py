@@ -37,12 +37,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedsec.client.app import app as client_app
-from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
+from fedsec.config import ExperimentConfig, parse_config
 from fedsec.data import load_dataset
 from fedsec.models import make_model
 from fedsec.strategies.pipeline import pipeline
 from fedsec.strategies.server_app import build_strategy, make_secagg_workflow
 from fedsec.strategies.transport import send_and_receive
+from fedsec.wire import WIRE_CONFIG_KEY
 
 
 def bench_config(clients: int, seed: int, degree: int = 0, threshold: int = 0) -> ExperimentConfig:

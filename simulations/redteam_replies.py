@@ -572,7 +572,7 @@ def secure_config() -> ExperimentConfig:
 
 def secure_stage(reply: Message) -> str:
     """Which SecAgg stage a client's reply answers (the workflow's message layout)."""
-    from fedsec.client.secagg_mod import MASKED_KEY, SECAGG_KEY
+    from fedsec.wire import MASKED_KEY, SECAGG_KEY
 
     if reply.has_error():
         return "error"
@@ -607,7 +607,7 @@ def at_stage(stage: str, rewrite: Callable[[Message], Replies]) -> Tamper:
 
 def set_fields(**fields: object) -> Callable[[Message], Replies]:
     """Set fields of the reply's protocol record (bypassing ConfigRecord's type checks)."""
-    from fedsec.client.secagg_mod import SECAGG_KEY
+    from fedsec.wire import SECAGG_KEY
 
     def rewrite(msg: Message) -> Replies:
         record = msg.content.config_records[SECAGG_KEY]
@@ -620,7 +620,7 @@ def set_fields(**fields: object) -> Callable[[Message], Replies]:
 
 def masked_payload(make: Callable[[Array], Array]) -> Callable[[Message], Replies]:
     """Replace the masked vector (built from the honest one)."""
-    from fedsec.client.secagg_mod import MASKED_KEY
+    from fedsec.wire import MASKED_KEY
 
     def rewrite(msg: Message) -> Replies:
         arrays = msg.content.array_records[MASKED_KEY]

@@ -42,9 +42,17 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 
 from fedsec.aggregation import Rule
 from fedsec.attacks.base import AdversaryView, ModelPoisoningAttack
-from fedsec.attacks.threat import MALICIOUS_TAG, TRUTH_TAG, effective_boost, round_generator
-from fedsec.client.collusion import ADVERSARY_KEY, MASKED_INPUT_STAGE, NUM_EXAMPLES_ARRAY
-from fedsec.client.secagg_mod import SECAGG_KEY, SECAGG_NEXT_KEY
+from fedsec.attacks.threat import effective_boost, round_generator
+from fedsec.wire import (
+    ADVERSARY_KEY,
+    ARRAYS_KEY,
+    MALICIOUS_TAG,
+    MASKED_INPUT_STAGE,
+    NUM_EXAMPLES_ARRAY,
+    SECAGG_KEY,
+    SECAGG_NEXT_KEY,
+    TRUTH_TAG,
+)
 
 from .arrays import ArraySpec
 from .pipeline import Exchange
@@ -52,9 +60,6 @@ from .pipeline import Exchange
 __all__ = ["AdversaryFilter"]
 
 logger = logging.getLogger("fedsec")
-
-#: Key of the model's ArrayRecord in training requests and replies.
-ARRAYS_KEY = "arrays"
 
 
 class AdversaryFilter:

@@ -65,7 +65,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsec.client.secagg_mod import IDENTIFY_STAGE, MASKED_KEY, SECAGG_KEY, SECAGG_NEXT_KEY
 from fedsec.privacy.distributed import SkellamPlan, plan_skellam
 from fedsec.secagg.messages import (
     MAX_IDENTITY_CHARS,
@@ -78,15 +77,24 @@ from fedsec.secagg.messages import (
     UnmaskReply,
 )
 from fedsec.secagg.server import SecAggAbortedError, SecAggParams, SecAggResult, SecAggServer
+from fedsec.wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    IDENTIFY_STAGE,
+    MASKED_KEY,
+    SECAGG_KEY,
+    SECAGG_NEXT_KEY,
+)
+from fedsec.wire import DP_EPSILON_MAX_KEY as EPSILON_KEY
 
 from .arrays import payload_view, short_repr
 from .pipeline import Exchange
-from .strategy import ARRAYS_KEY, CONFIG_KEY, FedSecStrategy, first_per_node
+from .strategy import FedSecStrategy, first_per_node
 
 __all__ = ["SecureAggregation"]
 
-#: The client-side DP metric reported under secure aggregation (largest over clients).
-EPSILON_KEY = "dp_epsilon_max"
+# EPSILON_KEY: the client-side DP metric reported under secure aggregation (fedsec.wire);
+# the round keeps the largest over clients.
 
 logger = logging.getLogger("fedsec")
 

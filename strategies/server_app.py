@@ -32,28 +32,24 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsec.aggregation import Rule
+from fedsec.assembly import (
+    build_aggregator,
+    build_configured_attack,
+    secure_bucket_size,
+    secure_norm_bound,
+)
 from fedsec.attacks.threat import is_colluding, simulated_adversary
 from fedsec.checkpoint import CheckpointError
 from fedsec.client.app import local_train
 from fedsec.client.privacy import simulation_ledger_config
-from fedsec.config import (
-    WIRE_CONFIG_KEY,
-    ExperimentConfig,
-    build_aggregator,
-    build_configured_attack,
-    central_noise_multiplier,
-    default_config,
-    distributed_noise_multiplier,
-    load_config,
-    sampled_clients,
-    secure_bucket_size,
-    secure_norm_bound,
-)
+from fedsec.config import ExperimentConfig, default_config, load_config
 from fedsec.data import SplitData, load_dataset
 from fedsec.models import make_model
 from fedsec.params import flatten_state
+from fedsec.privacy.modes import mode_of
 from fedsec.runs import EngineStoppedError, RoundMetrics, RunDirectory
 from fedsec.training import evaluate, resolve_device
+from fedsec.wire import WIRE_CONFIG_KEY
 
 from .pipeline import Filter, pipeline
 from .secagg import SecureAggregation
@@ -380,7 +376,6 @@ def make_secagg_workflow(cfg: ExperimentConfig) -> SecureAggregation:
     in ``secagg.key_dir`` when the server has that folder.
     """
     sa = cfg.secagg
-    distributed = cfg.privacy.mode == "distributed"
     return SecureAggregation(
         clip=sa.clip,
         bits=sa.bits,
@@ -395,36 +390,20 @@ def make_secagg_workflow(cfg: ExperimentConfig) -> SecureAggregation:
         trusted_keys=sa.key_dir if sa.signed and sa.key_dir else None,
         bucket_size=secure_bucket_size(cfg),
         norm_bound=secure_norm_bound(cfg),
-        noise_multiplier=distributed_noise_multiplier(cfg) if distributed else 0.0,
+        noise_multiplier=mode_of(cfg).secure_noise_multiplier(cfg),
         delta=cfg.privacy.delta,
         seed=cfg.experiment.seed,
     )
 
 
 def _privacy_metrics(cfg: ExperimentConfig, server_round: int) -> dict[str, object]:
-    """The round's privacy bookkeeping: delta and accountant; epsilon for central DP.
+    """The round's privacy bookkeeping, from the privacy mode (:mod:`fedsec.privacy.modes`).
 
+    Delta and accountant; the epsilon where the server accounts (central DP).
     With client-side DP each client reports its own ledger's epsilon
     (``dp_epsilon_max``: the largest among the round's clients).
     """
-    dp = cfg.privacy
-    if dp.mode == "none":
-        return {}
-    out: dict[str, object] = {"dp_delta": dp.delta, "dp_accountant": dp.accountant}
-    if dp.mode == "distributed":  # the workflow reports dp_distributed_epsilon
-        out["dp_accountant"] = "skellam-rdp"
-    if dp.mode == "central":
-        from fedsec.privacy.accounting import client_level_epsilon
-
-        out["dp_epsilon"] = client_level_epsilon(
-            noise_multiplier=central_noise_multiplier(cfg),
-            clients_per_round=sampled_clients(cfg),
-            total_clients=cfg.data.num_clients,
-            rounds=server_round,
-            delta=dp.delta,
-            accountant=dp.accountant,  # type: ignore[arg-type]
-        )
-    return out
+    return mode_of(cfg).round_metrics(cfg, server_round)
 
 
 def _detection(

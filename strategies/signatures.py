@@ -45,9 +45,10 @@ from typing import NamedTuple
 from flwr.app import Message
 
 from fedsec.attacks.threat import simulated_adversary
-from fedsec.client.signing_mod import SIGNATURE_KEY, content_digest
+from fedsec.client.signing_mod import content_digest
 from fedsec.config import ConfigError, ExperimentConfig
 from fedsec.deploy.signatures import SignatureError, load_registry, verify_reply
+from fedsec.wire import SIGNATURE_KEY
 
 from .pipeline import Exchange
 

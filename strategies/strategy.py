@@ -69,6 +69,11 @@ from flwr.supercore import log
 from fedsec.aggregation import Rule
 from fedsec.aggregation.base import Mean
 from fedsec.params import prefixed, unprefixed
+from fedsec.wire import ARRAYS_KEY as ARRAYS_KEY
+from fedsec.wire import CONFIG_KEY as CONFIG_KEY
+from fedsec.wire import METRICS_KEY as METRICS_KEY
+from fedsec.wire import NUM_EXAMPLES_KEY as NUM_EXAMPLES_KEY
+from fedsec.wire import PARTITION_ID_KEY as PARTITION_KEY
 
 from .arrays import ArraySpec, short_repr
 from .pipeline import Exchange, Filter, pipeline
@@ -78,12 +83,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("fedsec")
 
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
-NUM_EXAMPLES_KEY = "num-examples"
-#: A client's claim of which data partition it trains on (recorded, never trusted).
-PARTITION_KEY = "partition-id"
+# ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY (Flower's record keys, the defaults
+# of FedSecStrategy's keys) and PARTITION_KEY (a client's claim of which data partition it
+# trains on: recorded, never trusted) are defined in fedsec.wire.
 
 #: Ceiling of ``max_examples``: no data set here has 2**31 training examples, and
 #: n * 2**31 stays far inside float32's range (3.4e38) for any n.

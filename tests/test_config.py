@@ -184,7 +184,7 @@ def test_aggregation_section(aggregation: dict[str, object], expected: str) -> N
 
 
 def test_aggregation_f_reaches_rule_and_wrappers() -> None:
-    from fedsec.config import build_aggregator
+    from fedsec.assembly import build_aggregator
 
     raw = {
         "data": {"num_clients": 20},
@@ -205,7 +205,7 @@ def test_bucketing_shrinks_what_the_rule_sees() -> None:
 
 
 def test_f_only_overrides_beta_when_set() -> None:
-    from fedsec.config import build_aggregator
+    from fedsec.assembly import build_aggregator
 
     default = build_aggregator(
         parse_config({"aggregation": {"rule": "trimmed-mean", "params": {"beta": 0.2}}})

@@ -36,12 +36,16 @@ from typing import Any
 import torch
 
 from fedsec.attacks.base import ModelPoisoningAttack
+from fedsec.wire import MALICIOUS_TAG as MALICIOUS_TAG
+from fedsec.wire import TRUTH_TAG as TRUTH_TAG
 
 KNOWLEDGE = ("colluders", "omniscient")
 
-#: Reply metric by which a colluding client identifies itself to the simulation's
-#: adversary component (which removes it before the server sees the reply).
-MALICIOUS_TAG = "fedsec.malicious"
+# MALICIOUS_TAG (the reply metric by which a colluding client identifies itself to the
+# simulation's adversary component) and TRUTH_TAG (the referee's ground truth; removed
+# before the strategy sees the reply, never sent under secure aggregation) are defined in
+# fedsec.wire (re-exported here).
+
 #: Environment variable that puts ClientApps in the simulation's adversary mode. Only
 #: then do malicious clients tag their replies and hand colluders' plain updates to
 #: the adversary component: in a deployment there is no such component between the
@@ -62,12 +66,6 @@ def enable_simulated_adversary() -> dict[str, str]:
     """
     os.environ[SIMULATED_ADVERSARY_ENV] = "1"
     return {SIMULATED_ADVERSARY_ENV: "1"}
-
-
-#: Reply metric by which every malicious client (any attack) tells the simulation's
-#: referee the ground truth, for detection precision and recall; removed before the
-#: strategy sees the reply, and never sent under secure aggregation.
-TRUTH_TAG = "fedsec.truth.malicious"
 
 
 def num_malicious(num_clients: int, count: int, fraction: float) -> int:

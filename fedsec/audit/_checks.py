@@ -8,28 +8,16 @@ easy is it to break privacy in federated learning?", NeurIPS 2020).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from fedsec.checks import check_int, check_number
 
-def _check_number(name: str, value: float, *, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    ok = value > minimum if strict else value >= minimum
-    if not math.isfinite(value) or not ok:
-        relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be finite and {relation} {minimum:g}, got {value!r}")
-    return value
-
-
-def _check_int(name: str, value: int, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+# fedsec's shared number checks, under the names the audit modules import.
+_check_int = check_int
+_check_number = check_number
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:

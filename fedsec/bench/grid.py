@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsec.config import ConfigError, ExperimentConfig, parse_config, sampled_clients
+from fedsec.assembly import sampled_clients
+from fedsec.config import ConfigError, ExperimentConfig, parse_config
 
 __all__ = ["Cell", "Grid", "GridError", "load_grid", "parse_grid"]
 

@@ -52,8 +52,9 @@ from flwr.clientapp import ClientApp
 from fedsec.client.collusion import collusion_mod
 from fedsec.client.secagg_mod import secagg_mod
 from fedsec.client.signing_mod import signing_mod
-from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
+from fedsec.config import ExperimentConfig, parse_config
 from fedsec.registry import check_module_prefixes, restrict_user_code
+from fedsec.wire import USER_MODULES_KEY, WIRE_CONFIG_KEY
 
 if TYPE_CHECKING:
     from fedsec.client.handlers import (
@@ -85,9 +86,9 @@ _TRAINING_SIDE = frozenset(
     {"Hardware", "batch_cap", "client_partition", "local_train", "node_hardware"}
 )
 
-#: Node config key: comma-separated module prefixes in which this node resolves the
-#: dotted names of a config the server sends (outside a simulation; none by default).
-USER_MODULES_KEY = "user-modules"
+# USER_MODULES_KEY (node config: comma-separated module prefixes in which this node
+# resolves the dotted names of a config the server sends; none by default) is defined in
+# fedsec.wire (re-exported here).
 
 app = ClientApp()
 
@@ -127,8 +128,7 @@ def user_modules(context: Context | None) -> tuple[str, ...] | None:
     value = "" if context is None else context.node_config.get(USER_MODULES_KEY, "")
     if not isinstance(value, str):
         raise ValueError(
-            f"node config '{USER_MODULES_KEY}' must be comma-separated module names, "
-            f"got {value!r}"
+            f"node config '{USER_MODULES_KEY}' must be comma-separated module names, got {value!r}"
         )
     prefixes = [part.strip() for part in value.split(",") if part.strip()]
     return check_module_prefixes(prefixes, where=f"node config '{USER_MODULES_KEY}'")
@@ -179,8 +179,8 @@ def is_colluding_client(msg: Message, context: Context) -> bool:
     Never outside a simulation's adversary mode: the round's config comes from
     the server, which must not be able to make an honest node act as a colluder.
     """
+    from fedsec.assembly import build_configured_attack
     from fedsec.attacks.threat import is_colluding, simulated_adversary
-    from fedsec.config import build_configured_attack
 
     if not simulated_adversary():
         return False

@@ -53,13 +53,11 @@ from fedsec.attacks.base import ModelPoisoningAttack
 from fedsec.attacks.data_poisoning import DATA_ATTACKS, DataPoisoningAttack
 from fedsec.attacks.model_poisoning import MODEL_ATTACKS, PerClientAttack, Scaling
 from fedsec.attacks.threat import SIMULATED_ADVERSARY_ENV, build_attack, simulated_adversary
+from fedsec.wire import PARTITION_ID_KEY
 
 __all__ = ["attack_mod"]
 
 logger = logging.getLogger("fedsec")
-
-#: Node config key of a simulated node's partition id (set by Flower's simulation).
-PARTITION_ID_KEY = "partition-id"
 
 Malicious = Collection[int] | Callable[[Context], bool]
 

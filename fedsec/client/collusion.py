@@ -57,7 +57,17 @@ from flwr.app import (
 )
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedsec.client.secagg_mod import SECAGG_KEY, SECAGG_NEXT_KEY
+from fedsec.wire import (  # the wire names this module's __all__ re-exports
+    ADVERSARY_KEY,
+    COLLUSION_REFUSED,
+    MALICIOUS_TAG,
+    MASKED_INPUT_STAGE,
+    NUM_EXAMPLES_ARRAY,
+    PARTITION_ID_KEY,
+    SECAGG_KEY,
+    SECAGG_NEXT_KEY,
+    TRUTH_TAG,
+)
 
 __all__ = [
     "ADVERSARY_KEY",
@@ -69,17 +79,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("fedsec")
-
-#: ArrayRecord (and Array) key of a colluder's crafted update in the resent request.
-ADVERSARY_KEY = "fedsec-adversary"
-#: Array (in the :data:`ADVERSARY_KEY` record) of the colluder's own example count.
-NUM_EXAMPLES_ARRAY = "num-examples"
-#: SecAgg stage at which clients send their (masked) updates.
-MASKED_INPUT_STAGE = "masked-input"
-#: Error code of a crafted update this node refuses to mask.
-COLLUSION_REFUSED = 4611
-#: Node config key of the partition a node holds (set by Flower's simulation).
-PARTITION_ID_KEY = "partition-id"
 
 Malicious: TypeAlias = Collection[int] | Callable[[Message, Context], bool]
 """Partition ids of the colluders, or ``(msg, context) -> bool`` for the round ``msg`` opens."""
@@ -173,8 +172,6 @@ def _secagg_stage(msg: Message) -> str | None:
 
 def _tag(reply: Message) -> Message:
     """Mark a colluder's training reply for the adversary filter and the referee."""
-    from fedsec.attacks.threat import MALICIOUS_TAG, TRUTH_TAG
-
     if reply.has_error():
         return reply
     metrics = reply.content.metric_records.get("metrics")

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
+from fedsec.assembly import build_configured_attack, sampled_clients
 from fedsec.attacks.data_poisoning import DataPoisoningAttack
 from fedsec.attacks.model_poisoning import PerClientAttack
 from fedsec.attacks.threat import (
-    TRUTH_TAG,
     effective_boost,
     is_colluding,
     num_malicious,
@@ -30,23 +30,19 @@ from fedsec.attacks.threat import (
 )
 from fedsec.client.app import _is_malicious, config_from_message, partition_id_of
 from fedsec.client.privacy import (
-    DELTA_CAP_KEY,
-    EPSILON_CAP_KEY,
-    LEDGER_MODES,
-    PRIVACY_BUDGET_EXHAUSTED,
-    PRIVACY_LEDGER_UNUSABLE,
     LedgerUnavailableError,
     NodeLedger,
     node_requires_client_dp,
     open_node_ledger,
     plan_round,
 )
-from fedsec.config import ExperimentConfig, build_configured_attack, sampled_clients
+from fedsec.config import ExperimentConfig
 from fedsec.data import SplitData, client_dataset, load_dataset
 from fedsec.models import make_model
 from fedsec.params import flatten_state, unflatten_state
 from fedsec.privacy.client_level import privatize_update
 from fedsec.privacy.dpsgd import dp_step_probe, dp_train
+from fedsec.privacy.modes import ledger_mode_names, mode_of
 from fedsec.training import (
     PRECISIONS,
     TrainResult,
@@ -60,6 +56,13 @@ from fedsec.training import (
 )
 from fedsec.training import (
     train as train_model,
+)
+from fedsec.wire import (
+    DELTA_CAP_KEY,
+    EPSILON_CAP_KEY,
+    PRIVACY_BUDGET_EXHAUSTED,
+    PRIVACY_LEDGER_UNUSABLE,
+    TRUTH_TAG,
 )
 
 __all__ = [
@@ -147,7 +150,7 @@ def batch_cap(
     probe_x, probe_y = x[:64].to(hardware.device), y[:64].to(hardware.device, dtype=torch.long)
     if len(probe_y) < 16:  # too little data to measure, and too little to need a cap
         return None
-    probe = dp_step_probe if cfg.privacy.mode == "dp-sgd" else train_step_probe
+    probe = dp_step_probe if mode_of(cfg).private_training else train_step_probe
     cap = measure_batch_cap(
         probe(model, probe_x, probe_y, precision=hardware.precision),
         hardware.device,
@@ -243,12 +246,12 @@ def train(msg: Message, context: Context) -> Message:
     server_round = round_config.get("server-round", 0)
     if not isinstance(server_round, int):
         raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
-    if cfg.privacy.mode not in LEDGER_MODES:
+    if not mode_of(cfg).keeps_ledger:
         if node_requires_client_dp(context):
             # A server must not turn a node's DP off: its caps would then cap nothing.
             reason = (
                 f"this node caps its privacy spend ({EPSILON_CAP_KEY}/{DELTA_CAP_KEY}) and "
-                f"trains only with client-side DP ({', '.join(LEDGER_MODES)}), not privacy "
+                f"trains only with client-side DP ({', '.join(ledger_mode_names())}), not privacy "
                 f"mode '{cfg.privacy.mode}'"
             )
             return Message(Error(code=PRIVACY_LEDGER_UNUSABLE, reason=reason), reply_to=msg)
@@ -291,7 +294,8 @@ def _train(
             return Message(Error(code=PRIVACY_BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     max_batch = batch_cap(cfg, hardware, model, x, y)
-    if cfg.privacy.mode == "dp-sgd":
+    mode = mode_of(cfg)
+    if mode.private_training:
         assert ledger is not None and plan is not None
         dp_result = dp_train(
             model,
@@ -336,7 +340,7 @@ def _train(
         }
     )
     state = model.state_dict()
-    if cfg.privacy.mode == "local":
+    if mode.noises_update:
         # Clip and noise the whole update on the device, before anything leaves it.
         assert ledger is not None and plan is not None
         update = privatize_update(

@@ -16,7 +16,10 @@ creation (a value, or a function of the Flower ``Context`` where it differs
 from node to node).
 
 * :func:`signing` signs every reply as fedsec's server checks it
-  (:class:`fedsec.strategies.signatures.SignatureFilter`).
+  (:class:`fedsec.strategies.signatures.SignatureFilter`); defined in
+  :mod:`fedsec.client.reply_signing`, it is also the mod fedsec's own ClientApp
+  runs, configured with fedsec's key source
+  (:data:`fedsec.client.signing_mod.signing_mod`).
 * :func:`local_dp` applies client-level local differential privacy to the
   model update the user's ``train`` returns, with a durable privacy ledger that
   refuses rounds beyond the budget.
@@ -38,13 +41,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedsec.client.signing_mod import SIGNING_REFUSED, sign_message
-from fedsec.deploy.signatures import SignatureError, load_signing_key
+# The one signing mod (fedsec's own ClientApp uses it too), exported here for users.
+from fedsec.client.reply_signing import KeySource, Signing, signing
 from fedsec.privacy.accounting import check_accountant, check_delta
+from fedsec.wire import (  # LOCAL_DP_REFUSED, LOCAL_DP_STATE_KEY: re-exported (__all__)
+    LOCAL_DP_REFUSED,
+    LOCAL_DP_STATE_KEY,
+    PRIVACY_BUDGET_EXHAUSTED,
+    PRIVACY_LEDGER_UNUSABLE,
+)
 
 if TYPE_CHECKING:
     from fedsec.client.privacy import LedgerUnavailableError
@@ -62,175 +70,18 @@ __all__ = [
 
 logger = logging.getLogger("fedsec")
 
-#: What :func:`signing` accepts as ``key``: a PEM path, a key, or a function of the context.
-KeySource: TypeAlias = (
-    str
-    | os.PathLike[str]
-    | Ed25519PrivateKey
-    | Callable[[Context], "str | os.PathLike[str] | Ed25519PrivateKey"]
-)
 #: What :func:`local_dp` accepts as ``state_dir``: a folder, or a function of the context.
 StateDirSource: TypeAlias = str | os.PathLike[str] | Callable[[Context], "str | os.PathLike[str]"]
 
-#: Error code of a training reply :func:`local_dp` will not send: its arrays cannot be
-#: privatized (no ArrayRecord to diff against, other keys or shapes, a non-finite update).
-LOCAL_DP_REFUSED = 4003
-#: ``context.state`` key of the histories :func:`local_dp` committed, per ledger file: checked
-#: against the file, so a file that lost recorded rounds while the node ran is refused.
-LOCAL_DP_STATE_KEY = "fedsec.local-dp-ledger"
-
-# Keys read once per process, by absolute path (a SuperNode runs many messages).
-_KEYS: dict[Path, Ed25519PrivateKey] = {}
+# LOCAL_DP_REFUSED (a training reply local_dp will not send: its arrays cannot be
+# privatized) and LOCAL_DP_STATE_KEY (the context.state record of the histories local_dp
+# committed, per ledger file: checked against the file, so a file that lost recorded
+# rounds while the node ran is refused) are defined in fedsec.wire.
 
 
 def _error(msg: Message, code: int, reason: str, what: str) -> Message:
     logger.warning("%s: refused to reply: %s", what, reason)
     return Message(Error(code=code, reason=reason), reply_to=msg)
-
-
-# ---- signing --------------------------------------------------------------------------
-
-
-class Signing:
-    """The Flower mod :func:`signing` returns (see there)."""
-
-    def __init__(
-        self,
-        key: KeySource,
-        identity: str | Callable[[Context], str] | None = None,
-    ) -> None:
-        if not (callable(key) or isinstance(key, str | os.PathLike | Ed25519PrivateKey)):
-            raise TypeError(
-                "signing: key must be a PEM path, an Ed25519PrivateKey or a function of "
-                f"the Context, got {type(key).__name__}"
-            )
-        if isinstance(key, Ed25519PrivateKey) and identity is None:
-            raise ValueError("signing: identity= is required when key is a key object, not a file")
-        if isinstance(identity, str) and not identity:
-            raise ValueError("signing: identity must not be empty")
-        if identity is not None and not (isinstance(identity, str) or callable(identity)):
-            raise TypeError(
-                f"signing: identity must be a str or a function of the Context, got "
-                f"{type(identity).__name__}"
-            )
-        self.key = key
-        self.identity = identity
-
-    def signer(self, context: Context) -> tuple[str, Ed25519PrivateKey]:
-        """This node's identity and key.
-
-        Raises
-        ------
-        SignatureError
-            If the key (or identity) function fails or returns something
-            unusable, or the PEM is missing or not an unencrypted Ed25519 key.
-        """
-        source = self.key
-        if callable(source) and not isinstance(source, Ed25519PrivateKey):
-            try:
-                source = source(context)
-            except Exception as err:  # the user's function: report it in one line
-                raise SignatureError(f"key function raised {type(err).__name__}: {err}") from None
-        stem = ""
-        if isinstance(source, Ed25519PrivateKey):
-            key = source
-        elif isinstance(source, str | os.PathLike) and str(source):
-            path = Path(source).expanduser().absolute()
-            if path not in _KEYS:
-                _KEYS[path] = load_signing_key(path)
-            key = _KEYS[path]
-            stem = path.stem
-        else:
-            raise SignatureError(
-                f"key function returned {type(source).__name__}, not a PEM path or an "
-                "Ed25519PrivateKey"
-            )
-        identity = self.identity
-        if callable(identity):
-            try:
-                identity = identity(context)
-            except Exception as err:
-                raise SignatureError(
-                    f"identity function raised {type(err).__name__}: {err}"
-                ) from None
-        identity = stem if identity is None else identity
-        if not isinstance(identity, str) or not identity:
-            raise SignatureError(
-                "no identity: pass identity= when the key function returns a key object"
-            )
-        return identity, key
-
-    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        """Answer ``msg`` through ``call_next`` and sign the reply.
-
-        A node whose key cannot be used answers with the error
-        :data:`~fedsec.client.signing_mod.SIGNING_REFUSED` before running the
-        handler; error replies pass unsigned (they carry no content).
-        """
-        try:
-            identity, key = self.signer(context)
-        except SignatureError as err:
-            return _error(msg, SIGNING_REFUSED, f"signing key: {err}", "signing")
-        reply = call_next(msg, context)
-        if reply.has_error():
-            return reply
-        sign_message(reply, msg, identity, key)
-        return reply
-
-
-def signing(key: KeySource, identity: str | Callable[[Context], str] | None = None) -> Signing:
-    """A Flower mod that signs every reply of the node with its Ed25519 key.
-
-    Each reply gets the ConfigRecord ``fedsec-signature`` (``identity``,
-    ``signature``): an Ed25519 signature over the domain ``fedsec/v1/reply``,
-    the run id, the id of the instruction answered, its message type and group
-    id, the identity, and a digest of every other record of the reply
-    (:func:`fedsec.client.signing_mod.sign_message`, the same payload fedsec's
-    own ClientApp signs). On the server,
-    :class:`fedsec.strategies.signatures.SignatureFilter` passes on only replies
-    signed by a registered identity (``<identity>.pub``), so a reply altered
-    after it left the node, replayed into another round or another message,
-    or sent under another node's name is dropped.
-
-    Parameters
-    ----------
-    key : str, os.PathLike, Ed25519PrivateKey or callable
-        The node's key: the path of an unencrypted PKCS#8 PEM (as
-        ``fedsec certs`` writes), the key itself, or a function of the Flower
-        ``Context`` returning either (for a key named per node, e.g.
-        ``lambda ctx: ctx.node_config["signing-key"]``). A path is read on
-        first use and kept for the process.
-    identity : str, callable or None
-        The registered identity the node signs as, or a function of the
-        ``Context`` returning it; by default the key file's stem
-        (``keys/client-0.pem`` signs as ``client-0``). Required for a key
-        object.
-
-    Returns
-    -------
-    Signing
-        The mod; put it first in ``ClientApp(mods=[...])`` so it signs what
-        the other mods produced.
-
-    Raises
-    ------
-    TypeError, ValueError
-        At creation, for a ``key`` or ``identity`` of the wrong kind, or a key
-        object without an identity.
-
-    Notes
-    -----
-    The key is only ever the one given here: there is no fallback to a folder
-    named by the server (which would hold every node's keys) or by fedsec's
-    config. A key that cannot be loaded makes the node answer each message
-    with the error ``SIGNING_REFUSED`` (4602) instead of replying unsigned.
-
-    Examples
-    --------
-    >>> from flwr.clientapp import ClientApp
-    >>> app = ClientApp(mods=[signing(key="keys/client-0.pem")])  # doctest: +SKIP
-    """
-    return Signing(key, identity)
 
 
 # ---- local differential privacy -------------------------------------------------------
@@ -364,8 +215,6 @@ class LocalDP:
 
     def _train(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         from fedsec.client.privacy import (
-            PRIVACY_BUDGET_EXHAUSTED,
-            PRIVACY_LEDGER_UNUSABLE,
             LedgerUnavailableError,
             locked_stored_ledger,
             tighten_ledger,

@@ -65,33 +65,27 @@ from flwr.app import ConfigRecord, Context
 
 from fedsec.config import ExperimentConfig
 from fedsec.privacy.accounting import solve_noise_multiplier
-from fedsec.privacy.dpsgd import dp_sgd_steps
 from fedsec.privacy.ledger import LedgerFile, LedgerFileError, PrivacyLedger
+from fedsec.privacy.modes import mode_of
+from fedsec.wire import DELTA_CAP_KEY as DELTA_CAP_KEY
+from fedsec.wire import EPSILON_CAP_KEY as EPSILON_CAP_KEY
+from fedsec.wire import LEDGER_DIR_KEY as LEDGER_DIR_KEY
+from fedsec.wire import LEDGER_KEY as LEDGER_KEY
+from fedsec.wire import PRIVACY_BUDGET_EXHAUSTED as PRIVACY_BUDGET_EXHAUSTED
+from fedsec.wire import PRIVACY_LEDGER_UNUSABLE as PRIVACY_LEDGER_UNUSABLE
+from fedsec.wire import STATE_DIR_KEY as STATE_DIR_KEY
 
 logger = logging.getLogger(__name__)
 
-LEDGER_KEY = "fedsec.privacy-ledger"
-#: Error code of a reply refused for privacy (any code Flower leaves free).
-PRIVACY_BUDGET_EXHAUSTED = 4001
-#: Error code of a reply refused because the node's ledger cannot be used.
-PRIVACY_LEDGER_UNUSABLE = 4002
-#: Node config key of the folder holding the node's durable state.
-STATE_DIR_KEY = "state-dir"
-#: Node config key of the node's own epsilon cap: the budget is never above it,
-#: whatever the run's config (which the server sends) says.
-EPSILON_CAP_KEY = "epsilon-budget"
-#: Node config key of the node's own delta cap; with an epsilon cap and no delta cap
-#: the node's delta is :data:`DEFAULT_NODE_DELTA`, so that a server-sent delta
-#: (say 0.5, which makes every epsilon small) cannot stretch the epsilon cap.
-DELTA_CAP_KEY = "delta-budget"
-#: Delta of a node that caps epsilon but names no delta (the config's default).
+# LEDGER_KEY, the error codes PRIVACY_BUDGET_EXHAUSTED / PRIVACY_LEDGER_UNUSABLE and the
+# keys STATE_DIR_KEY, EPSILON_CAP_KEY, DELTA_CAP_KEY, LEDGER_DIR_KEY are defined in
+# fedsec.wire (re-exported here).
+#: Delta of a node that caps epsilon (``epsilon-budget``) but names no delta cap
+#: (``delta-budget``): the config's default, so that a server-sent delta (say 0.5,
+#: which makes every epsilon small) cannot stretch the epsilon cap.
 DEFAULT_NODE_DELTA = 1e-5
-#: Round config key naming a simulation's ledger folder (honoured in simulations only).
-LEDGER_DIR_KEY = "privacy-ledger-dir"
 #: Sub-folder of the state folder, and of a simulation's run folder, holding ledgers.
 LEDGER_SUBDIR = "privacy"
-#: Privacy modes in which each client keeps a ledger.
-LEDGER_MODES = ("dp-sgd", "local")
 
 
 class LedgerUnavailableError(Exception):
@@ -122,7 +116,7 @@ def simulation_ledger_config(
     """
     from fedsec.attacks.threat import simulated_adversary
 
-    if cfg.privacy.mode not in LEDGER_MODES or not simulated_adversary():
+    if not mode_of(cfg).keeps_ledger or not simulated_adversary():
         return {}
     folder = Path(run_path).resolve() / LEDGER_SUBDIR
     if fresh:
@@ -205,23 +199,16 @@ def _solve(target: float, delta: float, sample_rate: float, steps: int, accounta
 def plan_round(cfg: ExperimentConfig, num_examples: int) -> RoundPlan:
     """The round's noise multiplier, sampling rate and steps.
 
-    DP-SGD: Poisson sampling at ``q = batch_size / n`` and ``1 / q`` expected
-    steps per epoch. Local DP: one Gaussian mechanism on the whole update.
+    The sampling rate and steps come from the privacy mode
+    (:meth:`~fedsec.privacy.modes.PrivacyMode.client_round`). DP-SGD: Poisson
+    sampling at ``q = batch_size / n`` and ``1 / q`` expected steps per epoch.
+    Local DP: one Gaussian mechanism on the whole update.
     With ``target_epsilon`` the noise is solved for the whole run (every
     round, as if the client took part in all of them), before training.
     """
     dp = cfg.privacy
     rounds = cfg.experiment.rounds
-    if dp.mode == "dp-sgd":
-        rate = min(1.0, cfg.client.batch_size / num_examples)
-        steps = dp_sgd_steps(
-            num_examples,
-            cfg.client.batch_size,
-            cfg.client.local_epochs,
-            cfg.client.local_steps or None,
-        )
-    else:
-        rate, steps = 1.0, 1
+    rate, steps = mode_of(cfg).client_round(cfg, num_examples)
     sigma = dp.noise_multiplier or _solve(
         dp.target_epsilon, dp.delta, rate, steps * rounds, dp.accountant
     )

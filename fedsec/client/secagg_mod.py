@@ -74,7 +74,6 @@ from flwr.app import (
 )
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedsec.config import WIRE_CONFIG_KEY
 from fedsec.secagg.client import (
     DEFAULT_MAX_DEGREE,
     DEFAULT_MAX_NODES,
@@ -91,6 +90,16 @@ from fedsec.secagg.messages import (
     ShareKeysRequest,
     UnmaskRequest,
     request_from_record,
+)
+from fedsec.wire import (  # the wire names this module's __all__ re-exports
+    DP_EPSILON_MAX_KEY,
+    IDENTIFY_STAGE,
+    MASKED_KEY,
+    SECAGG_KEY,
+    SECAGG_NEXT_KEY,
+    SECAGG_REFUSED,
+    SECAGG_REQUIRED_KEY,
+    WIRE_CONFIG_KEY,
 )
 
 if TYPE_CHECKING:
@@ -111,20 +120,10 @@ __all__ = [
 
 logger = logging.getLogger("fedsec")
 
-#: RecordDict key of the protocol payload, both ways.
-SECAGG_KEY = "fedsec-secagg"
-#: RecordDict key of the next round's set-up stage riding along (pipelining).
-SECAGG_NEXT_KEY = "fedsec-secagg-next"
-#: ArrayRecord (and Array) key of the masked vector in the masked-input reply.
-MASKED_KEY = "masked"
-#: Error code of a refused secagg request.
-SECAGG_REFUSED = 4601
-#: Stage asking a node for its long-term identity (signed mode, once per node).
-IDENTIFY_STAGE = "identify"
-#: Node config key (bool): this node trains in secure aggregation rounds only.
-SECAGG_REQUIRED_KEY = "secagg-required"
+# SECAGG_KEY, SECAGG_NEXT_KEY, MASKED_KEY, SECAGG_REFUSED, IDENTIFY_STAGE and
+# SECAGG_REQUIRED_KEY are defined in fedsec.wire (re-exported here).
 #: Metrics a client may reveal under secure aggregation (they are not about its data).
-PUBLIC_METRICS = ("dp_epsilon_max",)
+PUBLIC_METRICS = (DP_EPSILON_MAX_KEY,)
 
 
 def _refuse(msg: Message, reason: str) -> Message:

@@ -1,12 +1,15 @@
-"""Signed client replies: a Flower mod that signs every reply a node sends.
+"""fedsec's signing mod: the public signing mod configured with fedsec's key source.
 
-The mod wraps the ``train`` and ``evaluate`` handlers (outermost, so SecAgg
-stage replies are signed too). It lets the handler answer, then adds the
-ConfigRecord ``fedsec-signature`` (``identity``: str, ``signature``: bytes)
-holding an Ed25519 signature (:func:`fedsec.deploy.signatures.sign_reply`)
-over the run id, the id of the instruction it answers, the message type, the
-group id, the node's identity and :func:`content_digest` of every other
-record of the reply. Error replies carry no content and stay unsigned.
+:data:`signing_mod` is :func:`fedsec.client.reply_signing.signing` (the
+:class:`~fedsec.client.reply_signing.Signing` mod a Flower user adopts as
+:func:`fedsec.client.mods.signing`) given :func:`node_key`, fedsec's key
+source, and :func:`node_identity`. fedsec's ClientApp lists it outermost on
+``train`` and ``evaluate``, so SecAgg stage replies are signed too. Each reply
+gets the ConfigRecord ``fedsec-signature`` (``identity``: str, ``signature``:
+bytes) holding an Ed25519 signature over the run id, the id of the
+instruction it answers, the message type, the group id, the node's identity
+and :func:`content_digest` of every other record of the reply. Error replies
+carry no content and stay unsigned.
 
 The node's key, first match wins:
 
@@ -40,89 +43,30 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import Context, Message
 
-from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, SignaturesSection
-from fedsec.deploy.signatures import ContentHasher, SignatureError, load_signing_key, sign_reply
+from fedsec.client.reply_signing import Signing, content_digest, sign_message, signing
+from fedsec.config import ExperimentConfig, SignaturesSection
+from fedsec.deploy.signatures import SignatureError
+from fedsec.wire import SIGNATURE_KEY, SIGNING_REFUSED, WIRE_CONFIG_KEY
 
 __all__ = [
     "SIGNATURE_KEY",
     "SIGNING_REFUSED",
     "content_digest",
+    "node_identity",
+    "node_key",
     "resolve_signer",
     "sign_message",
     "signing_mod",
 ]
 
-logger = logging.getLogger("fedsec")
-
-#: RecordDict key of the reply signature (a ConfigRecord: ``identity``, ``signature``).
-SIGNATURE_KEY = "fedsec-signature"
-#: Error code of a reply the node refuses to send unsigned (no key, unusable key).
-SIGNING_REFUSED = 4602
-
-_KEYS: dict[Path, Ed25519PrivateKey] = {}
-
-
-def content_digest(content: RecordDict) -> bytes:
-    """SHA-256 over every record of ``content`` but the signature record.
-
-    Records in sorted name order, each tagged with its kind and name; an
-    ArrayRecord's arrays in sorted key order with key, dtype, shape, stype
-    and data bytes; MetricRecord and ConfigRecord entries in sorted key order
-    with their typed values (:class:`~fedsec.deploy.signatures.ContentHasher`).
-
-    Raises
-    ------
-    TypeError
-        If a record or value is of a type Flower's records do not hold.
-    """
-    hasher = ContentHasher()
-    names = sorted(name for name in content if name != SIGNATURE_KEY)
-    hasher.update(len(names))
-    for name in names:
-        record = content[name]
-        if isinstance(record, ArrayRecord):
-            keys = sorted(record)
-            hasher.update_all(("array", name, len(keys)))
-            for key in keys:
-                array = record[key]
-                hasher.update_all((key, array.dtype, list(array.shape), array.stype, array.data))
-        elif isinstance(record, MetricRecord | ConfigRecord):
-            kind = "metric" if isinstance(record, MetricRecord) else "config"
-            keys = sorted(record)
-            hasher.update_all((kind, name, len(keys)))
-            for key in keys:
-                hasher.update(key).update(record[key])
-        else:
-            raise TypeError(f"record {name!r} is a {type(record).__name__}, not a Flower record")
-    return hasher.digest()
-
-
-def sign_message(reply: Message, request: Message, identity: str, key: Ed25519PrivateKey) -> None:
-    """Add the ``fedsec-signature`` record to ``reply``, the answer to ``request`` (in place).
-
-    The metadata bound are the instruction's as this node received it: run
-    id, message id, message type and group id. Flower copies them into a
-    reply made with ``Message(content, reply_to=request)`` (the message id
-    as ``reply_to_message_id``), which is where the server reads them.
-    """
-    meta = request.metadata
-    signature = sign_reply(
-        key,
-        run_id=meta.run_id,
-        message_id=meta.message_id,
-        message_type=meta.message_type,
-        group_id=meta.group_id,
-        identity=identity,
-        content_digest=content_digest(reply.content),
-    )
-    reply.content[SIGNATURE_KEY] = ConfigRecord({"identity": identity, "signature": signature})
+# SIGNATURE_KEY (the reply's signature record) and SIGNING_REFUSED are defined in
+# fedsec.wire, content_digest and sign_message in fedsec.client.reply_signing (all
+# re-exported here).
 
 
 def resolve_signer(
@@ -138,41 +82,65 @@ def resolve_signer(
     SignatureError
         If ``signing-key`` names an unusable key, or a found key is unreadable.
     """
-    return _resolve(context, None if cfg is None else cfg.signatures)
+    path = _key_path(context, None if cfg is None else cfg.signatures)
+    if path is None:
+        return None
+    return Signing(path, node_identity).signer(context)
 
 
-def _resolve(
-    context: Context, signatures: SignaturesSection | None
-) -> tuple[str, Ed25519PrivateKey] | None:
-    """:func:`resolve_signer` given only the server config's ``signatures`` section."""
+def node_identity(context: Context) -> str | None:
+    """The identity this node signs as (None: the key file's stem; see the module docstring)."""
     node = context.node_config
-    named = str(node.get("signing-key", ""))
-    if named:
-        path = Path(named).expanduser()
-        identity = str(node.get("signing-identity", "")) or path.stem
-        return identity, _load(path)
+    if node.get("signing-key", ""):
+        return str(node.get("signing-identity", "")) or None
     partition = node.get("partition-id")
     default = "" if partition is None else f"client-{partition}"
     if node.get("secagg-key-dir"):
-        identity = str(node.get("secagg-identity", "")) or default
+        return str(node.get("secagg-identity", "")) or default
+    return default
+
+
+def node_key(msg: Message, context: Context) -> Path | None:
+    """fedsec's key source: this node's PEM for answering ``msg``, or None (reply unsigned).
+
+    Raises
+    ------
+    SignatureError
+        If the node has no key while the server's config sent with ``msg``
+        says ``signatures.required``: the node refuses before training.
+    """
+    signatures = _server_signatures(msg)
+    path = _key_path(context, signatures)
+    if path is None and signatures is not None and signatures.required:
+        raise SignatureError(
+            "none, and the server's signatures.required is set (set the node config "
+            "'signing-key' to this node's Ed25519 PEM)"
+        )
+    return path
+
+
+def _key_path(context: Context, signatures: SignaturesSection | None) -> Path | None:
+    """The PEM of this node's key, first match wins (see the module docstring); None: no key.
+
+    A named key (``signing-key``) is returned whether or not it exists: the
+    mod then refuses with the reason, where a folder without this node's file
+    means the node has no key.
+    """
+    node = context.node_config
+    named = str(node.get("signing-key", ""))
+    if named:
+        return Path(named).expanduser()
+    identity = node_identity(context)
+    if node.get("secagg-key-dir"):
         folder = Path(str(node["secagg-key-dir"])).expanduser()
     elif signatures is not None and signatures.key_dir and _simulated():
-        identity, folder = default, Path(signatures.key_dir).expanduser()
+        folder = Path(signatures.key_dir).expanduser()
     else:
         return None
     path = folder / f"{identity}.pem"
     if not identity or not path.exists():
         return None
-    return identity, _load(path)
-
-
-def _load(path: Path) -> Ed25519PrivateKey:
-    """The key at ``path``, read once per process."""
-    path = path.absolute()
-    key = _KEYS.get(path)
-    if key is None:
-        key = _KEYS[path] = load_signing_key(path)
-    return key
+    return path
 
 
 def _simulated() -> bool:
@@ -211,32 +179,7 @@ def _signatures_of(text: str) -> SignaturesSection | None:
     return SignaturesSection(required=required, key_dir=key_dir)
 
 
-def _refuse(msg: Message, reason: str) -> Message:
-    logger.warning("signing: refused to reply: %s", reason)
-    return Message(Error(code=SIGNING_REFUSED, reason=reason), reply_to=msg)
-
-
-def signing_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Answer ``msg`` through ``call_next`` and sign the reply (see the module docstring).
-
-    Never raises for a missing or bad key: the node answers with an error
-    (code :data:`SIGNING_REFUSED`), which the server counts as a failure.
-    """
-    signatures = _server_signatures(msg)
-    try:
-        signer = _resolve(context, signatures)
-    except SignatureError as err:
-        return _refuse(msg, f"signing key: {err}")
-    if signer is None:
-        if signatures is not None and signatures.required:
-            return _refuse(
-                msg,
-                "signatures.required is set but this node has no signing key "
-                "(set the node config 'signing-key' to its Ed25519 PEM)",
-            )
-        return call_next(msg, context)
-    reply = call_next(msg, context)
-    if reply.has_error():
-        return reply
-    sign_message(reply, msg, *signer)
-    return reply
+#: fedsec's signing mod: the public one, with fedsec's key source (see the module docstring).
+#: Never raises for a missing or bad key: the node answers with an error (code
+#: :data:`SIGNING_REFUSED`), which the server counts as a failure.
+signing_mod: Signing = signing(key=node_key, identity=node_identity, allow_unsigned=True)

@@ -41,6 +41,8 @@ from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
+from fedsec.checks import check_number
+
 # Opacus (about 1.3 s to import: it pulls in torch.distributed and scipy) is imported
 # where an accountant is used, not here: a SuperNode starts a fresh process per
 # message, and most messages never account for anything.
@@ -82,14 +84,7 @@ def check_accountant(accountant: str) -> Accountant:
 
 
 def _check_finite(name: str, value: float, *, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    low_ok = value > minimum if strict else value >= minimum
-    if not math.isfinite(value) or not low_ok:
-        relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be finite and {relation} {minimum:g}, got {value!r}")
-    return value
+    return check_number(name, value, minimum=minimum, strict=strict)
 
 
 def check_delta(delta: float, name: str = "delta") -> float:

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from fedsec.checks import check_int, check_number
 from fedsec.privacy.accounting import MAX_NOISE_MULTIPLIER, RDP_ORDERS, check_delta
 
 __all__ = [
@@ -101,21 +102,12 @@ class _NoFitError(ValueError):
 
 def _number(name: str, value: float, *, minimum: float, strict: bool) -> float:
     """``value`` as a finite float ``> minimum`` (``>=`` unless strict), else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    number = float(value)
-    ok = number > minimum if strict else number >= minimum
-    if not math.isfinite(number) or not ok:
-        relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be finite and {relation} {minimum:g}, got {value!r}")
-    return number
+    return check_number(name, value, minimum=minimum, strict=strict)
 
 
 def _integer(name: str, value: int, *, minimum: int) -> int:
     """``value`` as an int ``>= minimum``, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum=minimum)
 
 
 def _sensitivities(l2_sensitivity: float, l1_sensitivity: float) -> tuple[float, float]:

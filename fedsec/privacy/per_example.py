@@ -22,7 +22,6 @@ computation for tests against Opacus's ``GradSampleModule`` and
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 -- the conventional alias
 from torch import nn
 
+from fedsec.checks import check_number
 from fedsec.privacy.grad_sample import GradSampler, PerSampleGrads, sampler_for
 from fedsec.training import _autocast, _check_data, autocast_dtype
 
@@ -237,13 +237,7 @@ def _named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    ok = value >= 0 if allow_zero else value > 0
-    if not math.isfinite(value) or not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-    return float(value)
+    return check_number(name, value, minimum=0.0, strict=not allow_zero)
 
 
 def per_sample_gradients(

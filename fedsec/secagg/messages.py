@@ -34,6 +34,16 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from fedsec.wire import (
+    ADVERTISE_KEYS_STAGE,
+    CONSISTENCY_CHECK_STAGE,
+    MASKED_INPUT_STAGE,
+    SHARE_KEYS_STAGE,
+    UNMASK_STAGE,
+)
+from fedsec.wire import SECAGG_STAGES as STAGES
+from fedsec.wire import STAGE_KEY as STAGE_KEY
+
 __all__ = [
     "STAGES",
     "AdvertiseKeysReply",
@@ -65,8 +75,7 @@ RecordValue = (
 )
 Record = dict[str, RecordValue]
 
-STAGES = ("advertise-keys", "share-keys", "masked-input", "consistency-check", "unmask")
-STAGE_KEY = "stage"
+# STAGES and STAGE_KEY (the record entry naming a message's stage) are defined in fedsec.wire.
 SESSION_BYTES = (16, 64)
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -188,7 +197,7 @@ class AdvertiseKeysRequest(_Request):
     clipped to ``headroom``.
     """
 
-    stage: ClassVar[str] = "advertise-keys"
+    stage: ClassVar[str] = ADVERTISE_KEYS_STAGE
     client_id: int
     num_clients: int
     degree: int
@@ -346,7 +355,7 @@ class PeerKeys:
 class ShareKeysRequest(_Request):
     """Stage 1: the keys of the client's neighbours that advertised theirs."""
 
-    stage: ClassVar[str] = "share-keys"
+    stage: ClassVar[str] = SHARE_KEYS_STAGE
     peers: tuple[PeerKeys, ...] = ()
 
     def to_record(self) -> Record:
@@ -407,7 +416,7 @@ class MaskedInputRequest(_Request):
     needs no application config to take part.
     """
 
-    stage: ClassVar[str] = "masked-input"
+    stage: ClassVar[str] = MASKED_INPUT_STAGE
     ciphertexts: dict[int, bytes] = field(default_factory=dict)
     weight_cap: int = 0
 
@@ -458,7 +467,7 @@ class MaskedInputReply:
 class ConsistencyCheckRequest(_Request):
     """Stage 3 (signed mode): the clients whose masked inputs the server holds."""
 
-    stage: ClassVar[str] = "consistency-check"
+    stage: ClassVar[str] = CONSISTENCY_CHECK_STAGE
     survivors: tuple[int, ...] = ()
 
     def to_record(self) -> Record:
@@ -498,7 +507,7 @@ class ConsistencyCheckReply:
 class UnmaskRequest(_Request):
     """Stage 4: the survivor set (plus, signed mode, the survivors' signatures on it)."""
 
-    stage: ClassVar[str] = "unmask"
+    stage: ClassVar[str] = UNMASK_STAGE
     survivors: tuple[int, ...] = ()
     signatures: dict[int, bytes] = field(default_factory=dict)
 

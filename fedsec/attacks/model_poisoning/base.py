@@ -17,13 +17,13 @@ malicious client's own update alone (no collusion), usable on the client.
 
 from __future__ import annotations
 
-import math
 from typing import TypeVar
 
 import torch
 
 from fedsec.aggregation.base import AggregationResult, Rule
 from fedsec.attacks.base import AdversaryView, ModelPoisoningAttack
+from fedsec.checks import check_finite_number
 from fedsec.registry import Registry
 
 #: Default and largest number of evaluations of the server's rule in one adaptive craft.
@@ -48,13 +48,7 @@ def check_number(
     attack: str, param: str, value: object, *, low: float = 0.0, strict: bool = True
 ) -> float:
     """``value`` as a float if it is a finite number > low (>= low unless ``strict``)."""
-    bound = ">" if strict else ">="
-    error = ValueError(f"{attack}: {param} must be a finite number {bound} {low:g}, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise error
-    if value < low or (strict and value == low):
-        raise error
-    return float(value)
+    return check_finite_number(f"{attack}: {param}", value, minimum=low, strict=strict)
 
 
 def check_choice(attack: str, param: str, value: object, choices: tuple[str, ...]) -> str:
