@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import pkgutil
 import re
 import sys
 import types
@@ -495,3 +496,22 @@ def register_partitioner(name: str) -> Callable[[Callable[..., Any]], Callable[.
 
     _check_registered_name("partitioner", name)
     return PARTITIONERS.register(name)
+
+
+def import_package_modules(package: str, path: Iterable[str]) -> list[str]:
+    """Import every module of ``package`` (its ``__path__``), so each registers itself.
+
+    The extension point of the packages whose modules register by import
+    (model-poisoning attacks, privacy modes): a new module is picked up with no
+    edit elsewhere. Modules already imported are skipped (Python caches them),
+    so calling this again only picks up modules added to the path since.
+
+    Returns
+    -------
+    list of str
+        The package's module names, in ``pkgutil`` order.
+    """
+    names = [info.name for info in pkgutil.iter_modules(path) if not info.ispkg]
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names

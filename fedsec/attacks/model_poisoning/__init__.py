@@ -43,9 +43,6 @@ Build attacks by config name through :data:`MODEL_ATTACKS`::
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from fedsec.attacks.model_poisoning.base import (
     MAX_RULE_CALLS,
     MODEL_ATTACKS,
@@ -54,6 +51,7 @@ from fedsec.attacks.model_poisoning.base import (
     probe,
     register,
 )
+from fedsec.registry import import_package_modules
 
 # Import order is registration order, the order of MODEL_ATTACKS.names() (and of
 # the config's list of valid attacks): per-client attacks first. Keep it sorted
@@ -89,10 +87,7 @@ def discover() -> list[str]:
     list of str
         The package's module names (``base`` included), in ``pkgutil`` order.
     """
-    names = [info.name for info in pkgutil.iter_modules(__path__) if not info.ispkg]
-    for name in names:
-        importlib.import_module(f"{__name__}.{name}")
-    return names
+    return import_package_modules(__name__, __path__)
 
 
 discover()

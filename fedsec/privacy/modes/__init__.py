@@ -18,9 +18,6 @@ its name. Call sites ask the mode, never compare its name::
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from fedsec.privacy.modes.base import (
     PRIVACY_MODES,
     ClientSideMode,
@@ -31,6 +28,7 @@ from fedsec.privacy.modes.base import (
     register,
     require_one_noise_source,
 )
+from fedsec.registry import import_package_modules
 
 # Import order is registration order, the order of PRIVACY_MODES.names() (and of the
 # config's list of valid modes). discover() below appends any other module.
@@ -54,10 +52,7 @@ def discover() -> list[str]:
     list of str
         The package's module names (``base`` included), in ``pkgutil`` order.
     """
-    names = [info.name for info in pkgutil.iter_modules(__path__) if not info.ispkg]
-    for name in names:
-        importlib.import_module(f"{__name__}.{name}")
-    return names
+    return import_package_modules(__name__, __path__)
 
 
 discover()
