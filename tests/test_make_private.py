@@ -267,3 +267,72 @@ def test_bad_arguments_raise_one_line_value_errors() -> None:
         )  # type: ignore[arg-type]
     opt.detach()
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_dp_train_is_a_user_of_the_private_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dp_train builds its DP-SGD step with make_private's private_optimizer (one
+    implementation) and steps it once per Poisson batch."""
+    import fedsec.privacy.dpsgd as dpsgd
+    from fedsec.privacy import dp_loop
+
+    built: list[DPOptimizer] = []
+    real = dp_loop.private_optimizer
+
+    def spy(*args: object, **kwargs: object) -> DPOptimizer:
+        opt = real(*args, **kwargs)  # type: ignore[arg-type]
+        built.append(opt)
+        return opt
+
+    monkeypatch.setattr(dpsgd, "private_optimizer", spy)
+    x, y = _digits(100)
+    res = dp_train(_tiny_cnn(inplace=False), x, y, epochs=2, batch_size=20, lr=0.1,
+                   noise_multiplier=1.0, max_grad_norm=1.0, seed=1)  # fmt: skip
+    assert len(built) == 1
+    assert built[0].accountant.steps == res.steps == 10
+    assert built[0].expected_batch_size == 20
+
+
+def test_backward_outputs_equals_backward_and_refuses_modified_outputs() -> None:
+    """backward_outputs (no parameter gradients) steps to the same weights as
+    loss.backward(); an in-place op on a layer's output is refused in one line."""
+    x, y = _digits(120)
+    from fedsec.privacy.dp_loop import private_optimizer
+
+    weights = []
+    for fast in (False, True):
+        model = _tiny_cnn(seed=2, inplace=False)
+        opt = private_optimizer(
+            model, torch.optim.SGD(model.parameters(), lr=0.2), num_samples=120, batch_size=30,
+            noise_multiplier=0.5, max_grad_norm=1.0, loss_reduction="sum",
+            generator=torch.Generator().manual_seed(5), keep_outputs=fast,
+        )  # fmt: skip
+        for first in range(0, 120, 30):
+            loss = F.cross_entropy(
+                model(x[first : first + 30]), y[first : first + 30], reduction="sum"
+            )
+            if fast:
+                opt.backward_outputs(loss)
+            else:
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+        opt.detach()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    model = _tiny_cnn(inplace=True)  # ReLU(inplace=True) right after GroupNorm's output
+    opt = private_optimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.2), num_samples=120, batch_size=30,
+        noise_multiplier=0.5, max_grad_norm=1.0, keep_outputs=True,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="in-place") as info:
+        opt.backward_outputs(F.cross_entropy(model(x[:30]), y[:30]))
+    assert "\n" not in str(info.value)
+    linear = nn.Linear(64, 10)
+    plain = private_optimizer(
+        linear, torch.optim.SGD(linear.parameters(), lr=0.1), num_samples=10, batch_size=5,
+        noise_multiplier=1.0, max_grad_norm=1.0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="keep_outputs"):
+        plain.backward_outputs(linear(x[:5].flatten(1)).sum())

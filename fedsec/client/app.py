@@ -1,11 +1,14 @@
 """The fedsec ClientApp: local training and evaluation on the client's partition.
 
 A client in the configured malicious set (see :mod:`fedsec.attacks.threat`)
-poisons its training data (data-poisoning attacks), perturbs or boosts its own
-update (attacks that need no collusion), or colludes through the simulation's
+poisons its training data (data-poisoning attacks, in the handler), perturbs or
+boosts its own update (attacks that need no collusion: the public
+:func:`~fedsec.client.attack_mods.attack_mod`, configured from the round's
+config by :func:`configured_attack_mod`), or colludes through the simulation's
 adversary (colluding attacks: :func:`~fedsec.client.collusion.collusion_mod`
-around ``secagg_mod``, acting only in a simulation's adversary mode), from
-``attack.start_round`` on.
+around ``secagg_mod``), from ``attack.start_round`` on, and only in a
+simulation's adversary mode. The app is built from the same public mods a user
+composes: ``signing_mod`` outermost, then secure aggregation, then the attack.
 
 The server sends the validated experiment config with every message (as JSON
 under ``fedsec-config``), so a client needs nothing but its node config:
@@ -48,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedsec.client.collusion import collusion_mod
 from fedsec.client.secagg_mod import secagg_mod
@@ -72,6 +76,7 @@ __all__ = [
     "batch_cap",
     "client_partition",
     "config_from_message",
+    "configured_attack_mod",
     "evaluate_handler",
     "is_colluding_client",
     "local_train",
@@ -193,12 +198,73 @@ def is_colluding_client(msg: Message, context: Context) -> bool:
     return is_colluding(build_configured_attack(cfg))
 
 
+def configured_attack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The config's non-colluding model attack and boost, through the public :func:`attack_mod`.
+
+    fedsec's own ClientApp composes the same mods a user would write
+    (:func:`fedsec.client.attack_mods.attack_mod`), built from the round's
+    config: the attack's ``perturb`` inside, then the boost (``scaling`` with
+    ``gamma`` = the effective boost, Bagdasaryan et al., AISTATS 2020) around
+    it. Data-poisoning attacks change the training data in the handler and may
+    be boosted here; colluding attacks are left to ``collusion_mod``. Honest
+    nodes, other messages and anything outside a simulation pass through.
+    """
+    from fedsec.attacks.threat import simulated_adversary
+
+    if msg.metadata.message_type.split(".")[0] != "train" or not simulated_adversary():
+        return call_next(msg, context)
+    cfg = config_from_message(msg, context)
+    server_round = msg.content.config_records["config"].get("server-round", 0)
+    if not isinstance(server_round, int) or not _is_malicious(
+        cfg, partition_id_of(context, cfg), server_round
+    ):
+        return call_next(msg, context)
+    from fedsec.assembly import build_configured_attack, sampled_clients
+    from fedsec.attacks.model_poisoning import PerClientAttack, Scaling
+    from fedsec.attacks.threat import effective_boost, is_colluding, num_malicious
+    from fedsec.client.attack_mods import attack_mod
+
+    attack = build_configured_attack(cfg)
+    if is_colluding(attack):
+        return call_next(msg, context)
+    sampled = sampled_clients(cfg)
+    expected_attackers = (
+        num_malicious(cfg.data.num_clients, cfg.attack.num_malicious, cfg.attack.fraction)
+        * sampled
+        / cfg.data.num_clients
+    )
+    boost = effective_boost(cfg.attack.boost, sampled, cfg.server.lr, expected_attackers)
+    chosen: list[PerClientAttack] = [] if boost == 1 else [Scaling(gamma=boost)]
+    if isinstance(attack, PerClientAttack):
+        chosen.append(attack)
+    # Innermost last: the attack perturbs the trained update, the boost scales the result.
+    handler = call_next
+    for each in reversed(chosen):
+        mod = attack_mod(each, malicious=_always, seed=cfg.experiment.seed, num_clients=sampled)
+        handler = _wrapped(mod, handler)
+    return handler(msg, context)
+
+
+def _wrapped(mod: Mod, inner: ClientAppCallable) -> ClientAppCallable:
+    """``mod`` around ``inner``, as Flower chains a ClientApp's mods."""
+
+    def call(msg: Message, context: Context) -> Message:
+        return mod(msg, context, inner)
+
+    return call
+
+
+def _always(context: Context) -> bool:
+    # The round's membership was decided by configured_attack_mod (start_round included).
+    return True
+
+
 #: SecAgg's mod inside the colluders' mod, which acts only in a simulation's adversary
 #: mode and only on the configured colluders; elsewhere it is ``secagg_mod`` alone.
 _secagg_or_collude = collusion_mod(secagg_mod, malicious=is_colluding_client)
 
 
-@app.train(mods=[signing_mod, _secagg_or_collude])
+@app.train(mods=[signing_mod, _secagg_or_collude, configured_attack_mod])
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition.
 

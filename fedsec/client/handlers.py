@@ -18,16 +18,9 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from fedsec.assembly import build_configured_attack, sampled_clients
+from fedsec.assembly import build_configured_attack
 from fedsec.attacks.data_poisoning import DataPoisoningAttack
-from fedsec.attacks.model_poisoning import PerClientAttack
-from fedsec.attacks.threat import (
-    effective_boost,
-    is_colluding,
-    num_malicious,
-    round_generator,
-    simulated_adversary,
-)
+from fedsec.attacks.threat import round_generator, simulated_adversary
 from fedsec.client.app import _is_malicious, config_from_message, partition_id_of
 from fedsec.client.privacy import (
     LedgerUnavailableError,
@@ -292,9 +285,10 @@ def _train(
         if ledger.would_exceed(plan.noise_multiplier, plan.sample_rate, plan.steps)[0]:
             reason = ledger.refusal_reason(plan.noise_multiplier, plan.sample_rate, plan.steps)
             return Message(Error(code=PRIVACY_BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
+    mode = mode_of(cfg)
+    # The received model, to privatize the update against (local DP only).
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     max_batch = batch_cap(cfg, hardware, model, x, y)
-    mode = mode_of(cfg)
     if mode.private_training:
         assert ledger is not None and plan is not None
         dp_result = dp_train(
@@ -362,43 +356,13 @@ def _train(
         # Durable before the update leaves: a crash from here on over-counts, never under.
         node_ledger.commit()
         metrics["dp_epsilon_max"] = node_ledger.ledger.spent()
-    if malicious:
-        state = _poison_update(cfg, attack, global_state, state, seed, server_round)
-        if simulated_adversary():  # the referee's tag (colluders: collusion_mod tags)
-            metrics[TRUTH_TAG] = 1
+    if malicious and simulated_adversary():
+        # The referee's tag. The update itself is poisoned outside this handler, by
+        # the public attack_mod (fedsec.client.app.configured_attack_mod) or, for
+        # colluders, collusion_mod, which also tags.
+        metrics[TRUTH_TAG] = 1
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
     return Message(content=content, reply_to=msg)
-
-
-def _poison_update(
-    cfg: ExperimentConfig,
-    attack: Any,
-    global_state: dict[str, torch.Tensor],
-    state: dict[str, torch.Tensor],
-    seed: int,
-    server_round: int,
-) -> dict[str, torch.Tensor]:
-    """Apply a non-colluding model attack and the boost to this client's own update.
-
-    Colluding attacks leave the update to the adversary component, which also
-    applies the boost after crafting.
-    """
-    if is_colluding(attack):
-        return state
-    update = flatten_state(state) - flatten_state(global_state)
-    if isinstance(attack, PerClientAttack):
-        generator = round_generator(seed, server_round, salt=2)
-        update = attack.perturb(update, generator, num_clients=sampled_clients(cfg))
-    sampled = sampled_clients(cfg)
-    expected_attackers = (
-        num_malicious(cfg.data.num_clients, cfg.attack.num_malicious, cfg.attack.fraction)
-        * sampled
-        / cfg.data.num_clients
-    )
-    boost = effective_boost(cfg.attack.boost, sampled, cfg.server.lr, expected_attackers)
-    if boost != 1:
-        update = boost * update
-    return unflatten_state(flatten_state(global_state) + update, global_state)
 
 
 def evaluate(msg: Message, context: Context) -> Message:

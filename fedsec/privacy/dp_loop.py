@@ -35,8 +35,11 @@ al., "Deep Learning with Differential Privacy", CCS 2016, Alg. 1):
   :func:`~fedsec.privacy.accounting.epsilon_spent` with ``(sigma, q, steps)``,
   the history ``dp_train``'s ledger records.
 
-Unlike ``dp_train`` the user's ``backward()`` also computes the ordinary
-parameter gradients, which ``step()`` discards; the model is not wrapped (no
+``dp_train`` is a user of this module: it builds the same optimizer
+(:func:`private_optimizer`) and replaces ``loss.backward()`` with
+:meth:`DPOptimizer.backward_outputs`, which skips the ordinary parameter
+gradients a user's ``backward()`` also computes and ``step()`` discards. The
+model is not wrapped (no
 ``_module.`` prefix in its ``state_dict``), and
 :meth:`DPOptimizer.detach` removes the hooks.
 
@@ -65,15 +68,14 @@ from fedsec.privacy.accounting import (
     check_accountant,
     epsilon_spent,
 )
-from fedsec.privacy.dpsgd import (
+from fedsec.privacy.per_example import (
     _add_clipped_sums,
     _check_positive,
     _clip_factors,
-    _fill_noise,
     _Recorder,
     _StepGrads,
-    poisson_sample,
 )
+from fedsec.privacy.poisson import _fill_noise, poisson_sample
 
 __all__ = [
     "DPOptimizer",
@@ -260,6 +262,9 @@ class _LoopRecorder:
     enabled: bool = True
     arrived: list[_Call] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
+    #: Keep the layer outputs of pending forward passes, for :meth:`DPOptimizer.backward_outputs`.
+    keep_outputs: bool = False
+    outputs: list[tuple[nn.Module, torch.Tensor, int]] = field(default_factory=list)
 
     def attach(self) -> None:
         self.handles = [self.module.register_forward_pre_hook(self._new_forward)]
@@ -270,6 +275,7 @@ class _LoopRecorder:
             handle.remove()
         self.handles = []
         self.arrived = []
+        self.outputs = []
 
     def _new_forward(self, module: nn.Module, args: Any) -> None:
         self.forward_id += 1
@@ -293,10 +299,13 @@ class _LoopRecorder:
                 )
 
         out.register_hook(arrive)  # type: ignore[no-untyped-call]
+        if self.keep_outputs:
+            self.outputs.append((layer, out, out._version))
 
     def take(self, loss_reduction: str) -> list[_StepGrads]:
         """Per-example gradient terms of every forward call since the last take."""
         arrived, self.arrived = self.arrived, []
+        self.outputs = []
         by_forward: dict[int, list[_Call]] = {}
         for call in arrived:
             by_forward.setdefault(call.forward_id, []).append(call)
@@ -397,6 +406,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._noise_generator = noise_generator
         self._secure = secure_mode
         self.accountant = accountant
+        #: CPU generator of the Poisson sampling (None in secure mode); set by the builder.
+        self.sampling_generator: torch.Generator | None = None
         # One flat buffer whose slices are the parameters' gradients: noise is one draw.
         self._flat = torch.zeros(
             sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device
@@ -432,6 +443,29 @@ class DPOptimizer(torch.optim.Optimizer):
         for p in self._params:
             p.grad = self._grads[p]
 
+    def backward_outputs(self, loss: torch.Tensor) -> None:
+        """The backward pass DP-SGD needs, in place of ``loss.backward()``.
+
+        Computes the gradients of ``loss`` with respect to the outputs of the
+        recorded layers only: the per-example terms ``step()`` uses. The
+        parameter gradients of an ordinary backward pass, which ``step()``
+        discards, are never computed (``dp_train`` saves that work this way).
+        Needs an optimizer built with ``keep_outputs=True``.
+        """
+        if not self._recorder.keep_outputs:
+            raise ValueError("backward_outputs needs a DPOptimizer built with keep_outputs=True")
+        outputs, self._recorder.outputs = self._recorder.outputs, []
+        for layer, out, version in outputs:
+            # The gradient of a modified output is not the layer's own output gradient.
+            if out._version != version:
+                raise ValueError(
+                    f"an in-place operation modified the output of a {type(layer).__name__} "
+                    f"layer; per-example gradients need out-of-place ops "
+                    f"(e.g. nn.ReLU(inplace=False))"
+                )
+        if outputs:  # no trainable layer ran: every gradient is zero
+            torch.autograd.grad(loss, [out for _, out, _ in outputs], allow_unused=True)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Privatise the gradients, step the wrapped optimizer, count the step.
 
@@ -451,6 +485,7 @@ class DPOptimizer(torch.optim.Optimizer):
         """Clear the gradients and whatever the hooks recorded since the last step."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         self._recorder.arrived = []
+        self._recorder.outputs = []
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused: the privatised parameters are fixed by :func:`make_private`."""
@@ -506,6 +541,76 @@ def _layer_rules(module: nn.Module) -> _Recorder:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def private_optimizer(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    num_samples: int,
+    batch_size: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    loss_reduction: str = "mean",
+    generator: torch.Generator | None = None,
+    noise_generator: torch.Generator | None = None,
+    secure_mode: bool = False,
+    accountant: Accountant = "rdp",
+    keep_outputs: bool = False,
+) -> DPOptimizer:
+    """The private optimizer of :func:`make_private`, for a loop that samples its own batches.
+
+    The caller draws Poisson batches at rate ``batch_size / num_samples``
+    (:func:`~fedsec.privacy.poisson.poisson_sample`, from
+    :attr:`DPOptimizer.sampling_generator`); :func:`fedsec.privacy.dpsgd.dp_train`
+    does so on in-memory tensors, with ``keep_outputs=True`` and
+    :meth:`DPOptimizer.backward_outputs`. The numbers are checked by the callers.
+    """
+    _check_layers(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the module has no trainable parameters")
+    if len({(p.dtype, p.device) for p in params}) > 1:
+        raise ValueError("all trainable parameters must share one dtype and device")
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    names = {id(p): name for name, p in module.named_parameters()}
+    if not in_optimizer <= names.keys():
+        raise ValueError("the optimizer holds a parameter that is not the module's")
+    missing = [names[id(p)] for p in params if id(p) not in in_optimizer]
+    if missing:
+        raise ValueError(
+            f"trainable parameter {missing[0]!r} is not in the optimizer; "
+            f"add it or freeze it (requires_grad=False)"
+        )
+
+    layers = _layer_rules(module)
+    device = params[0].device
+    if not secure_mode and generator is None:
+        generator = torch.Generator().manual_seed(_os_seed())
+    if not secure_mode and noise_generator is None:
+        if device.type == "cpu":
+            noise_generator = generator
+        else:
+            assert generator is not None
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            noise_generator = torch.Generator(device=device).manual_seed(seed)
+    recorder = _LoopRecorder(module, layers, keep_outputs=keep_outputs)
+    recorder.attach()
+    module.__dict__["_fedsec_private"] = True
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        recorder,
+        params,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=batch_size,
+        loss_reduction=loss_reduction,
+        noise_generator=noise_generator,
+        secure_mode=secure_mode,
+        accountant=DPSGDAccountant(noise_multiplier, batch_size / num_samples, accountant),
+    )
+    dp_optimizer.sampling_generator = generator
+    return dp_optimizer
 
 
 def make_private(
@@ -607,49 +712,20 @@ def make_private(
             f"data_loader's batch_size ({batch_size}) must be <= its data set's size ({n})"
         )
 
-    _check_layers(module)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the module has no trainable parameters")
-    if len({(p.dtype, p.device) for p in params}) > 1:
-        raise ValueError("all trainable parameters must share one dtype and device")
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    names = {id(p): name for name, p in module.named_parameters()}
-    if not in_optimizer <= names.keys():
-        raise ValueError("the optimizer holds a parameter that is not the module's")
-    missing = [names[id(p)] for p in params if id(p) not in in_optimizer]
-    if missing:
-        raise ValueError(
-            f"trainable parameter {missing[0]!r} is not in the optimizer; "
-            f"add it or freeze it (requires_grad=False)"
-        )
-
-    layers = _layer_rules(module)
-    device = params[0].device
-    if not secure_mode and generator is None:
-        generator = torch.Generator().manual_seed(_os_seed())
-    if not secure_mode and noise_generator is None:
-        if device.type == "cpu":
-            noise_generator = generator
-        else:
-            assert generator is not None
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            noise_generator = torch.Generator(device=device).manual_seed(seed)
-    recorder = _LoopRecorder(module, layers)
-    recorder.attach()
-    module.__dict__["_fedsec_private"] = True
-    dp_optimizer = DPOptimizer(
+    dp_optimizer = private_optimizer(
+        module,
         optimizer,
-        recorder,
-        params,
+        num_samples=n,
+        batch_size=batch_size,
         noise_multiplier=sigma,
         max_grad_norm=clip,
-        expected_batch_size=batch_size,
         loss_reduction=loss_reduction,
+        generator=generator,
         noise_generator=noise_generator,
         secure_mode=secure_mode,
-        accountant=DPSGDAccountant(sigma, batch_size / n, kind),
+        accountant=kind,
     )
+    generator = dp_optimizer.sampling_generator
     loader = _poisson_loader(
         data_loader, batch_size, None if secure_mode else generator, secure_mode
     )

@@ -67,12 +67,19 @@ prefix).
 
 Modules
 -------
-This module holds the training loop; its parts live along their seams:
+This module holds the training loop, and the loop is a user of
+:func:`fedsec.privacy.make_private`'s private optimizer
+(:func:`fedsec.privacy.dp_loop.private_optimizer`): the DP-SGD step -- clip,
+sum, noise, divide, count -- has one implementation, which a user's own loop
+and ``dp_train`` share. ``dp_train`` adds what a loop over in-memory tensors
+allows: index batches instead of a ``DataLoader``, and
+:meth:`~fedsec.privacy.dp_loop.DPOptimizer.backward_outputs` instead of
+``loss.backward()``. The parts live along their seams:
 :mod:`fedsec.privacy.grad_sample` (per-example gradients of single layers),
-:mod:`fedsec.privacy.per_example` (recording, one step's per-example terms,
-clipping and clipped sums, :func:`per_sample_gradients`,
-:func:`clipped_gradient_sum`) and :mod:`fedsec.privacy.poisson` (Poisson
-sampling and the noise). Their names stay importable from here.
+:mod:`fedsec.privacy.per_example` (one step's per-example terms, clipping and
+clipped sums, :func:`per_sample_gradients`, :func:`clipped_gradient_sum`),
+:mod:`fedsec.privacy.poisson` (Poisson sampling and the noise) and
+:mod:`fedsec.privacy.dp_loop` (the hooks, the optimizer and the accountant).
 
 Secure mode
 -----------
@@ -93,44 +100,21 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F  # noqa: N812 -- the conventional alias
 from torch import nn
 
-# Re-exported: this module was the single home of DP-SGD, and callers (the
-# make_private loop among them) import these names from here.
-from fedsec.privacy.grad_sample import GradSampler as GradSampler
-from fedsec.privacy.grad_sample import PerSampleGrads as PerSampleGrads
+from fedsec.privacy.dp_loop import private_optimizer
 from fedsec.privacy.per_example import (
-    _NORM_EPS as _NORM_EPS,
-)
-from fedsec.privacy.per_example import (
-    _add_clipped_sums as _add_clipped_sums,
-)
-from fedsec.privacy.per_example import (
-    _check_positive as _check_positive,
-)
-from fedsec.privacy.per_example import (
-    _clip_factors as _clip_factors,
-)
-from fedsec.privacy.per_example import (
+    _check_positive,
     _named_trainable,
-    _step_grads,
     clipped_gradient_sum,
     dp_step_probe,
     per_sample_gradients,
 )
-from fedsec.privacy.per_example import (
-    _Record as _Record,
-)
-from fedsec.privacy.per_example import (
-    _Recorder as _Recorder,
-)
-from fedsec.privacy.per_example import (
-    _StepGrads as _StepGrads,
-)
-from fedsec.privacy.poisson import _fill_noise as _fill_noise
 from fedsec.privacy.poisson import poisson_sample
 from fedsec.training import (
     TrainResult,
+    _autocast,
     _check_data,
     _to_device,
     autocast_dtype,
@@ -323,10 +307,8 @@ def dp_train(
     params = [p for _, p in named]
     if len({p.dtype for p in params}) > 1:
         raise ValueError("all trainable parameters must have the same dtype")
-    recorder = _Recorder(model)
     x, y, dev = _to_device(model, x, y, device)
     half = autocast_dtype(precision, dev)
-    chunk = batch_size if max_batch is None else max_batch
     opt = make_optimizer(optimizer, params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     q = batch_size / n
@@ -338,53 +320,52 @@ def dp_train(
     noise_gen = gen
     if not secure_mode and dev.type != "cpu":
         noise_gen = torch.Generator(device=dev).manual_seed(seed)
-    # Opacus computes (sum_i c_i g_i + N(0, (sigma C)^2)) / batch_size; folding
-    # the division into the clip factors and the noise std lets each step write
-    # noise and clipped sum straight into one flat gradient buffer whose views
-    # are the parameters' .grad.
-    std = sigma * clip / batch_size
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=dev)
-    grads: dict[torch.Tensor, torch.Tensor] = {}
-    offset = 0
-    for p in params:
-        grads[p] = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-        p.grad = grads[p]
-
+    # The private optimizer of make_private (one implementation of the DP-SGD step:
+    # clip, noise, divide by the expected batch size, count), fed by index batches
+    # of the in-memory tensors and a backward pass to the layer outputs only.
+    dp_opt = private_optimizer(
+        model,
+        opt,
+        num_samples=n,
+        batch_size=batch_size,
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        loss_reduction="sum",
+        generator=gen,
+        noise_generator=noise_gen,
+        secure_mode=secure_mode,
+        keep_outputs=True,
+    )
     model.train()
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
     seen = 0
     try:
-        with recorder.attached():
-            for step in range(total):
-                if step in epoch_starts:  # only the last epoch is reported
-                    loss_sum.zero_()
-                    correct.zero_()
-                    seen = 0
-                idx = poisson_sample(n, q, generator=gen, secure=secure_mode)
-                if std > 0:
-                    _fill_noise(flat, std, generator=noise_gen, secure=secure_mode)
-                else:
-                    flat.zero_()
-                idx = idx.to(dev)
-                # An empty batch takes a noise-only step; a large one goes in chunks.
-                for first in range(0, idx.numel(), chunk):
-                    part = idx[first : first + chunk]
-                    xb, yb = x[part], y[part]
-                    terms, logits, batch_loss = _step_grads(
-                        model, recorder, xb, yb, materialize=False, half=half
-                    )
-                    factors = _clip_factors(terms, clip, flat).mul_(1.0 / batch_size)
-                    _add_clipped_sums(terms, factors, grads)
-                    seen += terms.batch
-                    loss_sum += batch_loss.float()
-                    correct += (logits.detach().argmax(dim=1) == yb).sum()
-                    # Free this chunk's activations and per-example terms before the
-                    # next forward pass, or the peak is two chunks' worth.
-                    del terms, logits, factors
-                opt.step()
+        for step in range(total):
+            if step in epoch_starts:  # only the last epoch is reported
+                loss_sum.zero_()
+                correct.zero_()
+                seen = 0
+            idx = poisson_sample(n, q, generator=gen, secure=secure_mode).to(dev)
+            # An empty batch takes a noise-only step. Only a memory cap splits a
+            # batch: each pass is clipped on its own and the sums add up before the
+            # step's single noise draw (Opacus's BatchMemoryManager semantics).
+            chunk = max(1, idx.numel()) if max_batch is None else max_batch
+            for first in range(0, idx.numel(), chunk):
+                part = idx[first : first + chunk]
+                xb, yb = x[part], y[part]
+                with _autocast(dev, half):
+                    logits = model(xb)
+                    batch_loss = F.cross_entropy(logits, yb, reduction="sum")
+                dp_opt.backward_outputs(batch_loss)
+                seen += int(yb.numel())
+                loss_sum += batch_loss.detach().float()
+                correct += (logits.detach().argmax(dim=1) == yb).sum()
+                # Free this pass's activations before the next forward pass.
+                del logits, batch_loss
+            dp_opt.step()
     finally:
+        dp_opt.detach()
         for p in params:
             p.grad = None
     nan = float("nan")
