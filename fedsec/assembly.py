@@ -19,11 +19,10 @@ here imports torch or Flower at module level.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fedsec.config import ExperimentConfig, SecAggSection
+    from fedsec.config import ExperimentConfig
     from fedsec.data import DatasetInfo
 
 
@@ -80,15 +79,9 @@ def largest_sum(cfg: ExperimentConfig) -> tuple[int, int]:
     if s:
         buckets = max(1, n // s)
         return n // buckets + (n % buckets > 0), s
-    return n, unmask_floor(cfg.secagg, n)
+    from fedsec.privacy.distributed import unmask_floor
 
-
-def unmask_floor(sa: SecAggSection, n: int) -> int:
-    """Fewest clients an unbucketed sum of ``n`` may unmask under distributed DP.
-
-    ``n`` less the tolerated dropouts: the noise is sized for that many.
-    """
-    return max(2, n - math.floor(sa.dropout_rate * n))
+    return n, unmask_floor(n, cfg.secagg.dropout_rate)
 
 
 def build_aggregator(cfg: ExperimentConfig) -> Any:

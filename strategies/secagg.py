@@ -65,7 +65,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsec.privacy.distributed import SkellamPlan, plan_skellam
+from fedsec.privacy.distributed import SkellamPlan, plan_skellam, unmask_floor
 from fedsec.secagg.messages import (
     MAX_IDENTITY_CHARS,
     MAX_WEIGHT_CAP,
@@ -798,20 +798,13 @@ class SecureAggregation:
             **base,
         )
 
-    def unmask_floor(self, n: int) -> int:
-        """Fewest clients an unbucketed sum of ``n`` may unmask under distributed DP.
-
-        ``n`` less the tolerated dropouts: the noise is sized for that many.
-        """
-        return max(2, n - math.floor(self.dropout_rate * n))
-
     def _params(self, n: int, dim: int) -> SecAggParams:
         """One sum's parameters: ``n`` members, bucketed or not, with or without noise."""
         min_survivors = self.bucket_size
         noise_variance, headroom, bits = 0.0, 0, self.bits
         if self.noise_multiplier > 0:
             if not min_survivors:  # the fewest clients a plain round may unmask
-                min_survivors = self.unmask_floor(n)
+                min_survivors = unmask_floor(n, self.dropout_rate)
             plan = self._plan(n, min_survivors, dim)
             noise_variance, headroom, bits = plan.client_variance, plan.headroom, plan.bits
         return self.sum_params(

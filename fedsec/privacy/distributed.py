@@ -70,6 +70,7 @@ __all__ = [
     "skellam_epsilon",
     "skellam_noise_multiplier_for",
     "skellam_rdp",
+    "unmask_floor",
 ]
 
 #: Largest quantisation depth and bound on a code: the encoder computes codes in
@@ -257,6 +258,15 @@ def skellam_epsilon(
 
 
 # ---- planning ------------------------------------------------------------------------
+
+
+def unmask_floor(n: int, dropout_rate: float) -> int:
+    """Fewest clients an unbucketed secure sum of ``n`` may unmask under distributed DP.
+
+    ``n`` less the tolerated dropouts (``floor(dropout_rate * n)``), at least
+    2: each client's Skellam noise is sized for a sum of that many.
+    """
+    return max(2, n - math.floor(dropout_rate * n))
 
 
 @dataclass(frozen=True)
