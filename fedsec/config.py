@@ -824,6 +824,26 @@ def attack_names() -> tuple[str, ...]:
     return ("none", *DATA_ATTACKS.names(), *MODEL_ATTACKS.names())
 
 
+def _check_attack_context(cfg: ExperimentConfig, needed: list[str]) -> None:
+    """An attack that needs the server rule's context (FLTrust's root update) gets it only
+    when adaptive and against a rule that has it."""
+    from fedsec.assembly import build_aggregator
+
+    name = cfg.attack.name
+    if not cfg.attack.adaptive:
+        raise ConfigError(
+            "attack.adaptive", f"'{name}' needs the server rule's {', '.join(needed)}: set it true"
+        )
+    rule = build_aggregator(cfg)
+    missing = [key for key in needed if key not in getattr(rule, "requires", frozenset())]
+    if missing:
+        raise ConfigError(
+            "attack.name",
+            f"'{name}' targets a rule with a server {', '.join(missing)} (fltrust), "
+            f"not '{cfg.aggregation.rule}'",
+        )
+
+
 def _check_attack(cfg: ExperimentConfig) -> None:
     from fedsec.attacks.base import ModelPoisoningAttack
     from fedsec.attacks.threat import KNOWLEDGE, num_malicious
@@ -863,6 +883,8 @@ def _check_attack(cfg: ExperimentConfig) -> None:
             built.check(expected, sampled)
         except ValueError as err:
             raise ConfigError("attack", f"{err} ({sampled} clients sampled per round)") from None
+        if built.requires_context:
+            _check_attack_context(cfg, sorted(built.requires_context))
     elif attack.adaptive:
         raise ConfigError(
             "attack.adaptive", f"'{attack.name}' is data poisoning; it cannot target the rule"

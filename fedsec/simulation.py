@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+from flwr.app import ArrayRecord
 from flwr.clientapp.typing import Mod
 
 from fedsec.aggregation import Rule
@@ -130,17 +132,25 @@ class Collusion:
         """
         return collusion_mod(inner, malicious=self.malicious)
 
-    def server_filter(self, rule: Rule | None = None) -> AdversaryFilter:
+    def server_filter(
+        self,
+        rule: Rule | None = None,
+        reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
+    ) -> AdversaryFilter:
         """A fresh adversary filter for the server's pipeline.
 
         ``rule``: the server's aggregation rule, for an adaptive attack (it
-        probes a copy, so the server's rule keeps its state). The filter's
-        ``malicious_nodes`` is the ground truth of the last training exchange.
+        probes a copy, so the server's rule keeps its state). ``reference_fn``:
+        the server's root update of a global model, for an adaptive attack on
+        a rule that requires a ``reference`` (FLTrust; pass an instance of its
+        own, not the strategy's). The filter's ``malicious_nodes`` is the
+        ground truth of the last training exchange.
         """
         return AdversaryFilter(
             self.attack,
             omniscient=self.knowledge == "omniscient",
             rule=copy.deepcopy(rule) if rule is not None else None,
+            reference_fn=reference_fn,
             boost=self.boost,
             server_lr=self.server_lr,
             seed=self.seed,

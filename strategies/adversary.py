@@ -35,6 +35,8 @@ makes the adversary see verified replies, as colluders' own would be.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +77,13 @@ class AdversaryFilter:
     rule : Rule or None
         The server's aggregation rule, for adaptive attacks (give it a copy:
         the attack may probe it).
+    reference_fn : callable, optional
+        The server's root update for the round's global arrays, for an
+        adaptive attack on a rule that requires a ``reference`` (FLTrust):
+        the FLTrust paper's adaptive attacker knows the root data (Cao et
+        al., NDSS 2021). Give it its own instance (the strategy's counts its
+        calls to seed the root training). Called once per attacked round,
+        only when ``rule`` requires it.
     boost : float
         Factor on the crafted updates (0: n / server_lr, model replacement,
         Bagdasaryan et al. 2020).
@@ -98,6 +107,7 @@ class AdversaryFilter:
         *,
         omniscient: bool = False,
         rule: Rule | None = None,
+        reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None,
         boost: float = 1.0,
         server_lr: float = 1.0,
         seed: int = 0,
@@ -106,9 +116,22 @@ class AdversaryFilter:
             raise TypeError(
                 f"attack must be a ModelPoisoningAttack or None, got {type(attack).__name__}"
             )
+        if attack is not None and attack.requires_context:
+            # Refused before round 1, not when the first round's craft fails.
+            known = (rule.requires if rule is not None else frozenset()) & (
+                {"reference"} if reference_fn is not None else set()
+            )
+            missing = sorted(attack.requires_context - known)
+            if missing:
+                raise ValueError(
+                    f"attack '{attack.name}' needs the server's rule and its "
+                    f"{', '.join(missing)} (an adaptive attack on a rule that uses it, "
+                    "e.g. fltrust, with its reference_fn)"
+                )
         self.attack = attack
         self.omniscient = omniscient
         self.rule = rule
+        self.reference_fn = reference_fn
         self.boost = boost
         self.server_lr = server_lr
         self.seed = seed
@@ -214,10 +237,17 @@ class AdversaryFilter:
             num_clients=n,
             rule=self.rule,
             generator=round_generator(self.seed, server_round, salt=3),
+            context=self._context(request),
         )
         self.rounds_attacked += 1
         boost = effective_boost(self.boost, n, self.server_lr, len(own))
         return self.attack.craft(view) * boost
+
+    def _context(self, request: Message) -> dict[str, Any] | None:
+        """The rule's context the adaptive adversary knows this round (FLTrust's reference)."""
+        if self.rule is None or "reference" not in self.rule.requires or self.reference_fn is None:
+            return None
+        return {"reference": self.reference_fn(request.content.array_records[ARRAYS_KEY])}
 
     @staticmethod
     def _updates(

@@ -228,7 +228,14 @@ def run_experiment(
     # The adversary (simulations only) is outside the verifier: it must see verified
     # replies, and its crafted updates are simulated attackers' (under SecAgg the
     # colluders mask and sign them; in plain rounds it rewrites verified replies).
-    adversary = _with_adversary(cfg)
+    # An adaptive adversary against FLTrust knows the root data (Cao et al., NDSS 2021):
+    # its own reference function, so the server's seeds stay as without an attack.
+    adversary_reference = (
+        make_reference_fn(cfg, data, device)
+        if cfg.attack.adaptive and "reference" in rule.requires
+        else None
+    )
+    adversary = _with_adversary(cfg, adversary_reference)
     filters: list[Filter] = [f for f in (adversary, verifier) if f is not None]
     strategy = build_strategy(
         cfg, rule, reference_fn, train_size=len(data.train_y), filters=filters
@@ -466,8 +473,12 @@ def _decisions(strategy: FedSecStrategy, server_round: int) -> dict[str, object]
     }
 
 
-def _with_adversary(cfg: ExperimentConfig) -> AdversaryFilter | None:
+def _with_adversary(
+    cfg: ExperimentConfig, reference_fn: Callable[[ArrayRecord], torch.Tensor] | None = None
+) -> AdversaryFilter | None:
     """The adversary component (and referee) as a filter when an attack is configured.
+
+    ``reference_fn`` gives an adaptive adversary the server's root update (FLTrust).
 
     Only in a simulation's adversary mode: the component rewrites replies
     after the server received them, so a deployment must never run it, whatever
@@ -494,6 +505,7 @@ def _with_adversary(cfg: ExperimentConfig) -> AdversaryFilter | None:
         built,
         omniscient=attack.knowledge == "omniscient",
         rule=rule,
+        reference_fn=reference_fn if rule is not None else None,
         boost=attack.boost,
         server_lr=cfg.server.lr,
         seed=cfg.experiment.seed,

@@ -95,6 +95,7 @@ def test_registry_has_all_attacks() -> None:
         "fang-krum",
         "fang-trimmed-mean",
         "mimic",
+        "fltrust-adaptive",  # discovered: appended after the built-in ones
     ]
     for name in MODEL_ATTACKS:
         cls = MODEL_ATTACKS.get(name)
@@ -367,7 +368,9 @@ def test_adaptive_probing_leaves_a_stateful_rule_unchanged() -> None:
 
 @pytest.mark.parametrize(
     ("rule", "omniscient"),
-    [(make("fltrust"), True), (make("krum", f=3), False)],
+    # The stack has n = 12 rows (colluders model the n - m honest ones): Krum with
+    # f = 5 needs n > 12.
+    [(make("fltrust"), True), (make("krum", f=5), False)],
     ids=["needs-context", "rejects-stack-size"],
 )
 def test_adaptive_falls_back_to_agnostic_when_the_rule_cannot_be_probed(

@@ -13,8 +13,9 @@ inside the ClientApp, so they work unchanged in a real deployment.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -39,6 +40,12 @@ class AdversaryView:
         The server's aggregation rule, given only to an adaptive adversary.
     generator : torch.Generator
         Source of randomness (seeded by the experiment seed and round).
+    context : mapping or None
+        The context the rule needs besides the updates (``rule.requires``),
+        where the adaptive adversary can know it: FLTrust's ``reference``, the
+        server's update on its root data set, which the FLTrust paper's
+        adaptive attacker knows (Cao et al., NDSS 2021, Section VI). None
+        otherwise; a rule whose context is missing is not probed.
     """
 
     own: torch.Tensor
@@ -46,6 +53,7 @@ class AdversaryView:
     num_clients: int
     rule: Rule | None
     generator: torch.Generator
+    context: Mapping[str, Any] | None = None
 
     @property
     def num_malicious(self) -> int:
@@ -70,6 +78,9 @@ class ModelPoisoningAttack:
     collusion: ClassVar[bool] = True
     #: Fewest malicious clients the attack is defined for.
     min_malicious: ClassVar[int] = 1
+    #: Rule context the attack cannot do without (``AdversaryView.context`` keys, e.g.
+    #: FLTrust's ``reference``): it needs an adaptive adversary against a rule using it.
+    requires_context: ClassVar[frozenset[str]] = frozenset()
 
     def check(self, num_malicious: int, num_clients: int) -> None:
         """Raise ``ValueError`` (one line, with the numbers) if the attack cannot run."""

@@ -13,13 +13,16 @@ estimate honest behaviour from ``view.reference``: all honest updates when the
 adversary is omniscient, else the colluders' own honest updates.
 
 Adaptive attacks (:class:`MinMax`, :class:`MinSum`, :class:`FangKrum` when
-``view.rule`` is set) evaluate the server's rule on the stack
-``[malicious x m; reference]``. Each evaluation starts from the rule's current
-state (``state_dict``), which is restored afterwards, so probing never
-changes the server's rule. A rule that cannot be evaluated on that stack
-(it needs context the view lacks, such as FLTrust's ``reference`` or
-FoolsGold's ``client_ids``, or it rejects the stack's size) is not probed:
-the attack falls back to its rule-agnostic version.
+``view.rule`` is set, and ``fltrust-adaptive``, which needs it) evaluate the
+server's rule on the stack ``[malicious x m; honest]``, the n - m honest
+updates being the real ones (omniscient) or the colluders' model of them
+(:func:`~fedsec.attacks.model_poisoning.base.modelled_honest`), with the
+rule's context where the view has it (``view.context``: FLTrust's
+``reference``). Each evaluation starts from the rule's current state
+(``state_dict``), which is restored afterwards, so probing never changes the
+server's rule. A rule that cannot be evaluated on that stack (it needs
+context the view lacks, such as FoolsGold's ``client_ids``, or it rejects n)
+is not probed: the attack falls back to its rule-agnostic version.
 
 One module per attack (or per family sharing its maths), each citing its
 paper: :mod:`.sign_flip`, :mod:`.gaussian` (Blanchard et al., NeurIPS 2017),

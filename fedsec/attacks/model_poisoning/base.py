@@ -10,14 +10,18 @@ Adaptive attacks evaluate the server's rule with :func:`probe`, which restores
 the rule's state afterwards, after :func:`can_probe` says the rule can be
 evaluated on the adversary's stack (the AGR-tailored setting of Shejwalkar,
 Houmansadr, "Manipulating the Byzantine: Optimizing Model Poisoning Attacks
-and Defenses for Federated Learning", NDSS 2021, Section 4.1).
+and Defenses for Federated Learning", NDSS 2021, Section 4.1). That stack is
+the round as the adversary models it: the m crafted updates and the n - m
+honest ones of :func:`modelled_honest`, so that a rule's parameters (Krum's f,
+the trimming count) act on as many rows as on the server.
 :class:`PerClientAttack` is the base of the attacks that act on each
 malicious client's own update alone (no collusion), usable on the client.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import torch
 
@@ -120,13 +124,36 @@ def repeat_rows(update: torch.Tensor, m: int) -> torch.Tensor:
 # ---- probing the server's rule ------------------------------------------------
 
 
-def can_probe(rule: Rule, rows: int) -> bool:
+def modelled_honest(view: AdversaryView) -> torch.Tensor:
+    """[n - m, d]: the round's honest updates as the adversary models them.
+
+    The omniscient adversary's are the real ones (``view.benign``). Colluders
+    see only their own m honest updates: they draw n - m per coordinate from
+    N(mean, std^2) of their own updates (unbiased std, from
+    ``view.generator``), the normal model of honest updates of Baruch et al.
+    (NeurIPS 2019) and Fang et al. (USENIX Security 2020, partial knowledge).
+    Rules whose outcome depends on n (Krum's n - f - 2 neighbours, a trimming
+    count) then see a stack of the server's size, not the colluders' 2m rows.
+    The own updates themselves are not reused: they lie closer to their own
+    mean (around which the attacks craft) than fresh honest updates do, which
+    made Krum look easier to fool than it is.
+    """
+    if view.benign is not None:
+        return view.benign
+    own = view.own
+    honest = view.num_clients - view.num_malicious
+    drawn = normal_draws((honest, own.shape[1]), own, view.generator)
+    return drawn.mul_(unbiased_std(own)).add_(own.mean(dim=0))
+
+
+def can_probe(rule: Rule, rows: int, context: Mapping[str, Any] | None = None) -> bool:
     """Whether ``rule`` can be evaluated on an adversary's stack of ``rows`` updates.
 
-    False when the rule needs context the adversary view lacks (``rule.requires``)
-    or rejects ``rows`` clients (``rule.check``).
+    False when the rule needs context (``rule.requires``) that ``context``
+    lacks (an :class:`~fedsec.attacks.base.AdversaryView`'s ``context``) or
+    rejects ``rows`` clients (``rule.check``).
     """
-    if rule.requires:
+    if rule.requires - (context or {}).keys():
         return False
     try:
         rule.check(rows)
@@ -135,15 +162,17 @@ def can_probe(rule: Rule, rows: int) -> bool:
     return True
 
 
-def probe(rule: Rule, stacked: torch.Tensor) -> AggregationResult:
-    """Evaluate ``rule`` on ``stacked`` and restore the rule's state afterwards.
+def probe(
+    rule: Rule, stacked: torch.Tensor, context: Mapping[str, Any] | None = None
+) -> AggregationResult:
+    """Evaluate ``rule`` on ``stacked`` (with ``context``) and restore its state afterwards.
 
     The server's next call therefore sees the rule exactly as it was (same
     momentum, history and random-stream counters).
     """
     saved = {key: value.clone() for key, value in rule.state_dict().items()}
     try:
-        return rule(stacked)
+        return rule(stacked, **dict(context or {}))
     finally:
         rule.load_state_dict(saved)
 

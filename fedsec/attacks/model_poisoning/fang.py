@@ -20,6 +20,7 @@ from fedsec.attacks.model_poisoning.base import (
     can_probe,
     check_number,
     check_rule_calls,
+    modelled_honest,
     probe,
     register,
     uniform_draws,
@@ -43,22 +44,31 @@ class FangKrum(ModelPoisoningAttack):
     generator).
 
     lambda starts at the paper's upper bound, with the global model at the
-    origin of update space and the reference updates x_i standing in for the
+    origin of update space and the honest updates x_i standing in for the
     benign models (their Eq. for lambda):
 
         1 / ((n - 2m - 1) sqrt(d)) * min_i sum_{l in N_i} ||x_l - x_i||
             + 1 / sqrt(d) * max_i ||x_i||,
 
-    N_i the min(n - m - 2, h - 1) reference updates nearest to x_i, and is
-    halved until Krum with f = m on the stack ``[malicious; reference]``
-    selects a malicious update, or lambda drops below ``threshold``; then
-    lambda = ``threshold``. Krum's selection is computed from distances
-    expanded in lambda (Krum's scoring, :func:`~fedsec.aggregation.krum.krum_scores`,
-    without the n > 2f + 2 check, which the colluders' smaller stack fails).
-    With ``view.rule`` set (adaptive) the server's rule is probed instead and
-    "selected" means a positive weight on a malicious row (at most
-    ``max_rule_calls`` probes, then lambda = threshold); a rule that cannot
-    be probed falls back to Krum.
+    N_i the min(n - m - 2, h - 1) honest updates nearest to x_i, and is
+    halved until Krum with f = m on the round ``[malicious; honest]`` selects a
+    malicious update, or lambda drops below ``threshold``; then lambda =
+    ``threshold``. The honest updates are the real ones when omniscient, else
+    the colluders' model of the round
+    (:func:`~fedsec.attacks.model_poisoning.base.modelled_honest`: n - m
+    updates drawn from their own updates' mean and std), so Krum scores n rows
+    with its real n - m - 2 neighbours. (Scoring only the colluders' m own
+    updates, the crafted copies were each other's nearest neighbours, every
+    first lambda passed and Krum on the server never chose them.) Krum's
+    selection is computed from distances expanded in lambda (Krum's scoring,
+    :func:`~fedsec.aggregation.krum.krum_scores`). With ``view.rule`` set
+    (adaptive) the server's rule is probed on the same stack instead (with
+    ``view.context``) and "selected" means a positive weight on a malicious
+    row (at most ``max_rule_calls`` probes, then lambda = threshold); a rule
+    that cannot be probed falls back to Krum.
+
+    Knowledge: the colluders' own updates (default) or all honest updates
+    (omniscient); adaptive: the server's rule and its parameters.
 
     Requires n > 2m + 2 (Krum's requirement with f = m, and a positive bound).
 
@@ -122,20 +132,21 @@ class FangKrum(ModelPoisoningAttack):
         def malicious(lam: float) -> torch.Tensor:
             return offsets - lam * s
 
+        honest = modelled_honest(view)  # n - m rows: Krum's real neighbour count
         selected: Callable[[float], bool] | None = None
         limit = MAX_HALVINGS
-        if view.rule is not None and can_probe(view.rule, m + reference.shape[0]):
-            rule = view.rule
+        rule, context = view.rule, view.context
+        if rule is not None and can_probe(rule, m + honest.shape[0], context):
 
             def selected_by_rule(lam: float) -> bool:
-                stacked = torch.cat([malicious(lam), reference])
-                return bool((probe(rule, stacked).weights[:m] > 0).any())
+                stacked = torch.cat([malicious(lam), honest])
+                return bool((probe(rule, stacked, context).weights[:m] > 0).any())
 
             selected, limit = selected_by_rule, self.max_rule_calls
         if selected is None:
-            selected = self._krum_test(offsets, reference, s, m)
+            selected = self._krum_test(offsets, honest, s, m)
 
-        lam, found = self.lambda_bound(reference, view.num_clients, m), False
+        lam, found = self.lambda_bound(honest, view.num_clients, m), False
         for _ in range(limit):
             if lam < self.threshold:
                 break
@@ -150,16 +161,16 @@ class FangKrum(ModelPoisoningAttack):
 
     @staticmethod
     def _krum_test(
-        offsets: torch.Tensor, reference: torch.Tensor, s: torch.Tensor, m: int
+        offsets: torch.Tensor, honest: torch.Tensor, s: torch.Tensor, m: int
     ) -> Callable[[float], bool]:
-        """Does Krum (f = m) on [offsets - lambda s; reference] pick a malicious row?
+        """Does Krum (f = m) on [offsets - lambda s; honest] pick a malicious row?
 
-        With Y = [offsets; reference] and a_r = 1 for malicious rows,
+        With Y = [offsets; honest] and a_r = 1 for malicious rows,
         ||(Y_r - a_r lam s) - (Y_q - a_q lam s)||^2 =
         D0_rq - 2 lam (a_r - a_q) <s, Y_r - Y_q> + lam^2 (a_r - a_q)^2 ||s||^2,
         so one Gram pass serves every lambda.
         """
-        stacked = torch.cat([offsets, reference])
+        stacked = torch.cat([offsets, honest])
         base = pairwise_sq_distances(stacked)
         t = dot_products(stacked, s[None, :])[:, 0]
         a = torch.zeros_like(t)

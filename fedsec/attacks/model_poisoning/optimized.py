@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from fedsec.aggregation.base import Rule, column_blocks, pairwise_sq_distances
+from fedsec.aggregation.base import column_blocks, pairwise_sq_distances
 from fedsec.attacks.base import AdversaryView, ModelPoisoningAttack
 from fedsec.attacks.model_poisoning.base import (
     MAX_RULE_CALLS,
@@ -23,6 +23,7 @@ from fedsec.attacks.model_poisoning.base import (
     check_choice,
     check_number,
     check_rule_calls,
+    modelled_honest,
     probe,
     register,
     repeat_rows,
@@ -187,7 +188,7 @@ class _OptimizedAttack(ModelPoisoningAttack):
         p = self.perturbation(reference, mu)
         gamma = None
         if view.rule is not None:
-            gamma = self._adaptive_gamma(view.rule, view.num_malicious, reference, mu, p)
+            gamma = self._adaptive_gamma(view, mu, p)
         if gamma is None:
             a, b, c = _distance_terms(reference, mu, p)
             accept = self.satisfied(a, b, c, pairwise_sq_distances(reference))
@@ -198,22 +199,28 @@ class _OptimizedAttack(ModelPoisoningAttack):
         return repeat_rows(malicious.to(reference.dtype), view.num_malicious)
 
     def _adaptive_gamma(
-        self, rule: Rule, m: int, reference: torch.Tensor, mu: torch.Tensor, p: torch.Tensor
+        self, view: AdversaryView, mu: torch.Tensor, p: torch.Tensor
     ) -> float | None:
-        """AGR-tailored gamma: maximise ||rule([mal x m; reference]) - mu|| (Section 4.1).
+        """AGR-tailored gamma: maximise ||rule([mal x m; honest]) - mu|| (Section 4.1).
 
-        The deviation is maximised by :func:`scan_and_refine` with at most
-        ``max_rule_calls`` rule evaluations. None if the rule cannot be
-        probed on the stack.
+        ``honest`` is the round's n - m honest updates as the adversary models
+        them (:func:`~fedsec.attacks.model_poisoning.base.modelled_honest`);
+        the rule gets ``view.context`` (FLTrust's reference). The deviation is
+        maximised by :func:`scan_and_refine` with at most ``max_rule_calls``
+        rule evaluations. None if the rule cannot be probed on the stack.
         """
-        if not can_probe(rule, m + reference.shape[0]):
+        rule, context, m = view.rule, view.context, view.num_malicious
+        assert rule is not None
+        honest_rows = view.num_clients - m
+        if not can_probe(rule, m + honest_rows, context):
             return None
+        honest = modelled_honest(view)
         mu64, p64 = mu.to(torch.float64), p.to(torch.float64)
 
         def deviation(gamma: float) -> float:
-            malicious = (mu64 + gamma * p64).to(reference.dtype)
-            stacked = torch.cat([malicious.expand(m, -1), reference])
-            shift = probe(rule, stacked).aggregate.to(torch.float64) - mu64
+            malicious = (mu64 + gamma * p64).to(honest.dtype)
+            stacked = torch.cat([malicious.expand(m, -1), honest])
+            shift = probe(rule, stacked, context).aggregate.to(torch.float64) - mu64
             return float(torch.linalg.vector_norm(shift))
 
         return scan_and_refine(deviation, self.gamma_init, self.tau, self.max_rule_calls)
@@ -235,9 +242,15 @@ class MinMax(_OptimizedAttack):
     so each candidate costs O(h). gamma is searched in (0, 2 * gamma_init).
 
     With ``view.rule`` set the attack is AGR-tailored (Section 4.1): gamma
-    maximises the deviation ||rule([mal x m; reference]) - mu|| instead,
-    found by :func:`scan_and_refine` with at most ``max_rule_calls`` probes of
-    the rule (the distance bound then does not apply).
+    maximises the deviation ||rule([mal x m; honest]) - mu|| instead, found
+    by :func:`scan_and_refine` with at most ``max_rule_calls`` probes of the
+    rule (the distance bound then does not apply). ``honest`` is the real
+    round when omniscient, else the colluders' model of it (their own updates
+    modelled by draws from their mean and std); the rule gets ``view.context``, so
+    FLTrust is targeted when the adversary knows the root update.
+
+    Knowledge: the colluders' own updates (default) or all honest updates
+    (omniscient); adaptive: the server's rule, its parameters and context.
 
     Parameters
     ----------
