@@ -239,3 +239,147 @@ def test_a_cell_runs_all_its_rounds_unless_the_grid_says_otherwise() -> None:
     raw["defense"][1]["server"] = {"max_failed_rounds": 1}
     limits = {c.defense: c.config.server.max_failed_rounds for c in parse_grid(raw).cells}
     assert limits == {"fedavg": 2, "median": 1}
+
+
+# ---- regimes (issue 19) --------------------------------------------------------------------
+
+REGIMES = [
+    {
+        "label": "fedsgd",
+        "alphas": [0.1],
+        "fractions": [0.125, 0.25],
+        "client": {"local_steps": 1},
+        "server": {"momentum": 0.9, "lr": 0.5},
+    },
+    {"label": "cross-device", "data": {"num_clients": 40}, "client": {"fraction": 0.25}},
+]
+
+
+def test_regimes_deep_merge_over_base_and_name_their_cells() -> None:
+    raw = _grid(regime=REGIMES)
+    raw["base"]["client"] = {"local_epochs": 1, "batch_size": 16}
+    raw["base"]["server"] = {"round_timeout": 60.0}
+    grid = parse_grid(raw)
+    fedsgd = [c for c in grid.cells if c.regime == "fedsgd"]
+    cross = [c for c in grid.cells if c.regime == "cross-device"]
+    # fedsgd: clean 2 defenses x 2 seeds + ipm 2 x 2 fractions x 2 seeds; cross-device:
+    # the grid's one fraction and alpha: 4 clean + 4 attacked.
+    assert (len(fedsgd), len(cross), len(grid.cells)) == (12, 8, 20)
+    for cell in fedsgd:
+        client, server = cell.config.client, cell.config.server
+        # The regime's keys replace base's; base's other keys in the same table stay.
+        assert (client.local_steps, client.local_epochs, client.batch_size) == (1, 1, 16)
+        assert (server.momentum, server.lr, server.round_timeout) == (0.9, 0.5, 60.0)
+        assert cell.alpha == cell.config.data.alpha == 0.1
+        assert "__fedsgd__" in cell.id and cell.describe()["regime"] == "fedsgd"
+    assert {c.fraction for c in fedsgd if c.attack == "ipm"} == {0.125, 0.25}
+    for cell in cross:
+        assert (cell.config.data.num_clients, cell.config.client.fraction) == (40, 0.25)
+        assert cell.config.client.local_steps == 0 and cell.alpha == 0.5
+        assert "__cross-device__" in cell.id and cell.describe()["num_clients"] == 40
+    # f = "auto" counts the malicious clients among the 10 sampled of 40 (10 malicious).
+    assert {c.config.aggregation.f for c in cross if c.attack == "ipm"} == {2}
+    # The clean baseline runs once per defense x regime x alpha x seed.
+    clean = [(c.defense, c.regime, c.alpha, c.seed) for c in grid.cells if c.attack == "none"]
+    assert len(clean) == len(set(clean)) == 2 * 2 * 2
+    assert all(c.fraction == 0.0 for c in grid.cells[:8])  # baselines first
+    assert len({c.id for c in grid.cells}) == len(grid.cells)
+
+
+def test_grids_without_regimes_keep_their_cell_ids() -> None:
+    # Results folders match their grid by cell ids: adding regimes must not rename
+    # the cells of existing grids (ids computed before regimes existed).
+    cells = load_grid(STANDARD).cells
+    ids = [c.id for c in cells]
+    assert len(ids) == 143
+    assert ids[0] == "none__fedavg__m0_a0.5_s0__6a6b4b2e"
+    assert ids[5] == "none__bulyan__m0_a0.5_s0__196a3d6c"
+    assert ids[77] == "ipm__dnc__m0.2_a0.5_s0__03100dba"
+    assert ids[-1] == "backdoor__dnc__m0.2_a0.5_s0__0e900eea"
+    assert {c.regime for c in cells} == {""}
+
+
+def test_attack_entries_set_knowledge_and_adaptive() -> None:
+    raw = _grid()
+    raw["attack"].append(
+        {
+            "label": "min-max-tailored",
+            "name": "min-max",
+            "adaptive": True,
+            "knowledge": "omniscient",
+        }
+    )
+    raw["attack"].append({"name": "min-max"})
+    attacked = {
+        c.attack: c.config.attack for c in parse_grid(raw).cells if c.attack.startswith("min")
+    }
+    assert (attacked["min-max-tailored"].adaptive, attacked["min-max-tailored"].knowledge) == (
+        True,
+        "omniscient",
+    )
+    assert (attacked["min-max"].adaptive, attacked["min-max"].knowledge) == (False, "colluders")
+
+
+@pytest.mark.parametrize(
+    ("regimes", "words"),
+    [
+        ([{"client": {"local_steps": 1}}], "regime[0].label"),
+        ([{"label": "a b"}], "regime[0].label"),
+        ([{"label": "x"}, {"label": "x"}], "regime x: label is used twice"),
+        ([{"label": "x", "colour": 1}], "regime x: unknown key(s) ['colour']"),
+        ([{"label": "x", "attack": {"name": "ipm"}}], "the attack comes from [[attack]]"),
+        ([{"label": "x", "client": 1}], "regime x: client must be a table"),
+        ([{"label": "x", "client": {"local_stepz": 1}}], "regime x: client.local_stepz"),
+        ([{"label": "x", "client": {"local_steps": -1}}], "regime x: client.local_steps"),
+        ([{"label": "x", "data": {"alpha": 0.1}}], "regime x: data.alpha is set per cell"),
+        ([{"label": "x", "experiment": {"seed": 3}}], "regime x: experiment.seed"),
+        ([{"label": "x", "fractions": [1.2]}], "regime x: fractions"),
+        ([{"label": "x", "alphas": []}], "regime x: alphas"),
+        ([{"label": "x", "data": {"num_clients": 2}}], "in regime x"),
+        ([], "regime: must be one or more"),
+    ],
+)
+def test_bad_regimes_fail_with_one_line_naming_the_regime_and_key(
+    regimes: list[Any], words: str
+) -> None:
+    with pytest.raises(GridError) as err:
+        parse_grid(_grid(regime=regimes))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_exclude_drops_the_matching_cells_and_refuses_one_that_matches_none() -> None:
+    raw = _grid(
+        grid={"name": "t", "fractions": [0.25, 0.375], "seeds": [0]},
+        exclude=[{"defense": "median", "fraction": [0.375]}],
+    )
+    cells = {(c.attack, c.defense, c.fraction) for c in parse_grid(raw).cells}
+    assert ("ipm", "median", 0.375) not in cells
+    # The clean baseline (fraction 0) and the other fraction stay.
+    assert {("none", "median", 0.0), ("ipm", "median", 0.25), ("ipm", "fedavg", 0.375)} <= cells
+    assert len(cells) == 2 + 4 - 1
+    raw["exclude"] = [{"defense": "medain"}]
+    with pytest.raises(GridError, match=r"exclude\[0\]: .* matches no cell"):
+        parse_grid(raw)
+    raw["exclude"] = [{"colour": "red"}]
+    with pytest.raises(GridError, match=r"exclude\[0\]: unknown key"):
+        parse_grid(raw)
+    raw["exclude"] = [{"fraction": "x"}]
+    with pytest.raises(GridError, match=r"exclude\[0\]\.fraction: must be a number"):
+        parse_grid(raw)
+
+
+def test_the_hard_grid_crosses_every_defense_with_the_regimes() -> None:
+    grid = load_grid(ROOT / "simulations" / "grids" / "hard.toml")
+    regimes = {c.regime: c.config for c in grid.cells}
+    assert set(regimes) == {"fedsgd", "cross-device"}
+    fedsgd, cross = regimes["fedsgd"], regimes["cross-device"]
+    assert 1 <= fedsgd.client.local_steps <= 2 and fedsgd.server.momentum > 0
+    assert fedsgd.data.alpha == 0.1
+    assert cross.data.num_clients == 100 and 10 <= round(100 * cross.client.fraction) <= 20
+    fractions = {c.fraction for c in grid.cells if c.regime == "fedsgd" and c.attack != "none"}
+    assert fractions == {0.1, 0.2, 0.3}
+    defenses = {c.defense for c in grid.cells}
+    assert {"fedavg", "dnc", "fltrust", "nnm+trimmed-mean", "bucketing+cc"} <= defenses
+    tailored = {c.config.attack.name for c in grid.cells if c.config.attack.adaptive}
+    assert tailored == {"min-max", "min-sum", "fltrust-adaptive"}
+    assert {c.defense for c in grid.cells if c.attack == "fltrust-adaptive"} == {"fltrust"}

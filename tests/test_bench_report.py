@@ -22,6 +22,7 @@ from fedsec.bench.report import (
     write_report,
 )
 from fedsec.bench.store import ResultsStore
+from fedsec.bench.summary import Setting
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SETTING = (0.25, 0.5)
@@ -354,3 +355,192 @@ def test_accuracy_vs_fraction_only_with_several_fractions(
     text = render_markdown(summary, {n: f"figures/{n}.png" for n in two})
     assert "(figures/accuracy_vs_fraction.png)" in text
     assert "Worst case over all settings" in text
+
+
+# ---- regimes and the worst case (issue 19) -------------------------------------------------
+
+REGIME_GRID = """
+[grid]
+name = "regimes"
+seeds = [0]
+fractions = [0.25]
+alphas = [0.5]
+
+[base]
+experiment = { rounds = 2 }
+data = { dataset = "digits", num_clients = 8, partition = "dirichlet" }
+
+[[regime]]
+label = "fedsgd"
+fractions = [0.25, 0.375]
+alphas = [0.1]
+client = { local_steps = 1 }
+server = { momentum = 0.9 }
+
+[[regime]]
+label = "cross"
+data = { num_clients = 16 }
+client = { fraction = 0.5 }
+
+[[attack]]
+name = "none"
+
+[[attack]]
+name = "ipm"
+
+[[attack]]
+name = "alie"
+
+[[defense]]
+rule = "mean"
+
+[[defense]]
+rule = "median"
+
+[[defense]]
+rule = "dnc"
+"""
+
+# Final accuracy per (regime, fraction, attack, defense); fraction 0 is the clean baseline.
+REGIME_FINAL = {
+    ("fedsgd", 0.0, "none"): {"mean": 0.90, "median": 0.88, "dnc": 0.89},
+    ("fedsgd", 0.25, "ipm"): {"mean": 0.30, "median": 0.80, "dnc": 0.86},
+    ("fedsgd", 0.25, "alie"): {"mean": 0.85, "median": 0.70, "dnc": 0.84},
+    ("fedsgd", 0.375, "ipm"): {"mean": 0.10, "median": 0.60, "dnc": 0.82},
+    ("fedsgd", 0.375, "alie"): {"mean": 0.80, "median": 0.50, "dnc": 0.78},
+    ("cross", 0.0, "none"): {"mean": 0.92, "median": 0.91, "dnc": 0.90},
+    ("cross", 0.25, "ipm"): {"mean": 0.20, "median": 0.85, "dnc": 0.88},
+    ("cross", 0.25, "alie"): {"mean": 0.90, "median": 0.83, "dnc": 0.87},
+}
+FEDSGD_25, FEDSGD_375, CROSS_25 = (
+    Setting(0.25, 0.1, "fedsgd"),
+    Setting(0.375, 0.1, "fedsgd"),
+    Setting(0.25, 0.5, "cross"),
+)
+
+
+@pytest.fixture(scope="module")
+def regime_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    grid = parse_grid(tomllib.loads(REGIME_GRID), source=REGIME_GRID)
+    path = tmp_path_factory.mktemp("bench") / "regimes"
+    store = ResultsStore.create_or_open(path, grid)
+    for cell in grid.cells:
+        final = REGIME_FINAL[(cell.regime, cell.fraction, cell.attack)][cell.defense]
+        rounds = [
+            {"round": 0, "status": "initial", "test_accuracy": 0.1},
+            {"round": 1, "status": "ok", "test_accuracy": (0.1 + final) / 2},
+            {"round": 2, "status": "ok", "test_accuracy": final},
+        ]
+        manifest = {"format": 1, "config": cell.config.to_dict(), "finished": True}
+        manifest |= {"checkpoints": [], "rounds": rounds}
+        folder = store.cell_path(cell.id)
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return path
+
+
+def test_summary_groups_settings_by_regime(regime_store: Path) -> None:
+    summary = summarize(ResultsStore.open(regime_store).results(), name="regimes")
+    assert summary.regimes == ["fedsgd", "cross"] and summary.has_regimes
+    assert summary.settings == [FEDSGD_25, FEDSGD_375, CROSS_25]
+    assert summary.regime_shape == {"fedsgd": (8, 2), "cross": (16, 2)}
+    # A regime's clean baseline goes under its own settings only.
+    assert summary.accuracy[(FEDSGD_375, "median", "none")] == pytest.approx(0.88)
+    assert summary.accuracy[(CROSS_25, "median", "none")] == pytest.approx(0.91)
+    assert summary.drop[(FEDSGD_375, "median", "alie")] == pytest.approx(0.88 - 0.50)
+    worst = {
+        defense: (round(accuracy, 6), attack, setting)
+        for defense, (accuracy, attack, setting) in summary.worst_by_regime["fedsgd"].items()
+    }
+    assert worst == {
+        "mean": (0.10, "ipm", FEDSGD_375),
+        "median": (0.50, "alie", FEDSGD_375),
+        "dnc": (0.78, "alie", FEDSGD_375),
+    }
+    accuracy, attack, setting = summary.worst_by_regime["cross"]["median"]
+    assert (round(accuracy, 6), attack, setting) == (0.83, "alie", CROSS_25)
+    defense, accuracy, attack, setting = summary.best([FEDSGD_25])
+    assert (defense, round(accuracy, 6), attack, setting) == ("dnc", 0.84, "alie", FEDSGD_25)
+    defense, accuracy, attack, setting = summary.best()
+    assert (defense, round(accuracy, 6), attack, setting) == ("dnc", 0.78, "alie", FEDSGD_375)
+    # A setting without a regime is the plain (fraction, alpha) pair.
+    assert Setting(0.25, 0.5) == (0.25, 0.5) and hash(Setting(0.25, 0.5)) == hash((0.25, 0.5))
+
+
+def test_report_states_each_regimes_worst_case_and_the_best_defense(regime_store: Path) -> None:
+    summary = summarize(ResultsStore.open(regime_store).results(), name="regimes")
+    text = render_markdown(summary, {})
+    assert (
+        "Regimes (see the grid file for each one's overrides): fedsgd (8 clients, 2 rounds)" in text
+    )
+    assert "## Setting: regime fedsgd, malicious fraction 0.375, alpha 0.1" in text
+    sections = text.split("\n## ")
+    fedsgd_25 = next(
+        s for s in sections if s.startswith("Setting: regime fedsgd, malicious fraction 0.25")
+    )
+    # Per setting: sorted by worst case, with the clean accuracy and the drop in points.
+    assert _md_tables("## " + fedsgd_25)["Worst case"] == [
+        ["rank", "defense", "worst-case accuracy (%)", "attack", "clean (%)", "drop (points)"],
+        ["1", "dnc", "84.0", "alie", "89.0", "5.0"],
+        ["2", "median", "70.0", "alie", "88.0", "18.0"],
+        ["3", "mean", "30.0", "ipm", "90.0", "60.0"],
+    ]
+    assert (
+        "Best worst case in this setting: dnc, 84.0% under alie, against 89.0% clean (a drop of 5.0 points)."
+        in fedsgd_25
+    )
+    tables = _md_tables(text)
+    label = "regime fedsgd, fraction 0.375, alpha 0.1"
+    assert tables["Worst case in regime fedsgd"] == [
+        [
+            "rank",
+            "defense",
+            "worst-case accuracy (%)",
+            "attack",
+            "setting",
+            "clean (%)",
+            "drop (points)",
+        ],
+        ["1", "dnc", "78.0", "alie", label, "89.0", "11.0"],
+        ["2", "median", "50.0", "alie", label, "88.0", "38.0"],
+        ["3", "mean", "10.0", "ipm", label, "90.0", "80.0"],
+    ]
+    # The cross regime has one setting: its per-setting table says it all.
+    assert "Worst case in regime cross" not in tables
+    assert [r[1:4] for r in tables["Worst case over all settings"][1:]] == [
+        ["dnc", "78.0", "alie"],
+        ["median", "50.0", "alie"],
+        ["mean", "10.0", "ipm"],
+    ]
+    assert (
+        f"Best worst case overall: dnc, 78.0% under alie ({label}), against 89.0% clean "
+        "(a drop of 11.0 points)."
+    ) in text
+    md_rows = [
+        [c.strip() for c in line.strip().strip("|").split(" | ")]
+        for line in text.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]
+    assert _html_tables(render_html(summary, {})) == md_rows
+
+
+def test_regime_figures_and_an_index_written_before_regimes(
+    regime_store: Path, store_path: Path, tmp_path: Path
+) -> None:
+    summary = summarize(ResultsStore.open(regime_store).results(), name="regimes")
+    names = set(make_figures(summary))
+    assert "accuracy_drop_fedsgd_m0.375_a0.1" in names and "accuracy_vs_fraction" in names
+    # A store indexed before cells had a regime reads as a grid without regimes.
+    old = tmp_path / "old"
+    old.mkdir()
+    for entry in store_path.iterdir():
+        if entry.is_dir():
+            (old / entry.name).symlink_to(entry)
+    index = json.loads((store_path / "index.json").read_text())
+    for cell in index["cells"]:
+        del cell["regime"]
+    (old / "index.json").write_text(json.dumps(index))
+    before = summarize(ResultsStore.open(store_path).results())
+    after = summarize(ResultsStore.open(old).results())
+    assert after.regimes == [""] and not after.has_regimes
+    assert after.accuracy == before.accuracy and after.worst == before.worst

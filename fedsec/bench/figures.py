@@ -160,28 +160,30 @@ def _drop_figure(plt: Any, summary: Summary, setting: Setting) -> bytes:
 
 
 def _fraction_figure(plt: Any, summary: Summary) -> bytes:
-    alphas = summary.alphas
+    """One panel per (regime, alpha): each defense's worst case against the fraction."""
+    panels = list(dict.fromkeys((s.regime, s.alpha) for s in summary.settings))
     fig, axes = plt.subplots(
-        1, len(alphas), figsize=(5 * len(alphas), 3.6), sharey=True, squeeze=False
+        1, len(panels), figsize=(5 * len(panels), 3.6), sharey=True, squeeze=False
     )
-    for ax, alpha in zip(axes.flat, alphas, strict=True):
+    for ax, (regime, alpha) in zip(axes.flat, panels, strict=True):
+        own = [s for s in summary.settings if (s.regime, s.alpha) == (regime, alpha)]
         for defense in summary.defenses:
             points = []
             clean = [
                 summary.accuracy[(s, defense, CLEAN)]
-                for s in summary.settings
-                if s[1] == alpha and (s, defense, CLEAN) in summary.accuracy
+                for s in own
+                if (s, defense, CLEAN) in summary.accuracy
             ]
             if clean and 0.0 not in summary.fractions:
                 points.append((0.0, clean[0]))
-            for setting in summary.settings:
-                if setting[1] == alpha and (setting, defense) in summary.worst:
-                    points.append((setting[0], summary.worst[(setting, defense)][0]))
+            for setting in own:
+                if (setting, defense) in summary.worst:
+                    points.append((setting.fraction, summary.worst[(setting, defense)][0]))
             if points:
                 ax.plot(
                     [f for f, _ in points], [100 * a for _, a in points], marker="o", label=defense
                 )
-        ax.set_title(f"alpha {alpha:g}")
+        ax.set_title(f"{regime}, alpha {alpha:g}" if regime else f"alpha {alpha:g}")
         ax.set_xlabel("malicious fraction")
         ax.set_ylabel("worst-case test accuracy (%)")
         ax.grid(alpha=0.3)

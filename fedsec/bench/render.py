@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .figures import figure_captions
-from .summary import CLEAN, NA, Key, Summary, _column, _slug, setting_label
+from .summary import CLEAN, NA, Key, Setting, Summary, _column, _slug, setting_label
 
 __all__ = ["render_html", "render_markdown"]
 
@@ -83,6 +83,57 @@ def _value(summary: Summary, key: Key) -> str:
     return text
 
 
+def _drop_text(summary: Summary, setting: Setting, defense: str, accuracy: float) -> str:
+    """Points lost from the defense's clean baseline in ``setting`` (``–`` without one)."""
+    clean = summary.accuracy.get((setting, defense, CLEAN))
+    return NA if clean is None else f"{round(100 * (clean - accuracy), 1) + 0.0:.1f}"
+
+
+def _worst_blocks(
+    summary: Summary, settings: Sequence[Setting], where: str, show_setting: bool
+) -> list[_Block]:
+    """A worst-case table over ``settings``, best first, and the sentence naming the best.
+
+    Each defense's row is its lowest mean final accuracy over the attacks and
+    ``settings``, the attack and setting achieving it, and the clean baseline
+    of that setting with the drop from it.
+    """
+    worst = summary.worst_over(settings)
+    ranked = sorted(worst, key=lambda d: -worst[d][0])
+    if not ranked:
+        return []
+    rows = []
+    for rank, defense in enumerate(ranked, 1):
+        accuracy, attack, setting = worst[defense]
+        row = [str(rank), defense, _pct(accuracy), attack]
+        if show_setting:
+            row.append(setting_label(setting))
+        row += [
+            _value(summary, (setting, defense, CLEAN)),
+            _drop_text(summary, setting, defense, accuracy),
+        ]
+        rows.append(row)
+    header = ["rank", "defense", "worst-case accuracy (%)", "attack"]
+    header += ["setting"] if show_setting else []
+    header += ["clean (%)", "drop (points)"]
+    defense, accuracy, attack, setting = summary.best(settings)
+    clean = summary.accuracy.get((setting, defense, CLEAN))
+    against = (
+        f", against {_pct(clean)}% clean "
+        f"(a drop of {_drop_text(summary, setting, defense, accuracy)} points)"
+        if clean is not None
+        else " (no clean baseline finished)"
+    )
+    at = f" ({setting_label(setting)})" if show_setting else ""
+    sentence = f"Best worst case {where}: {defense}, {_pct(accuracy)}% under {attack}{at}{against}."
+    return [_Table(header, rows), _Text(sentence)]
+
+
+def _setting_heading(setting: Setting) -> str:
+    text = f"malicious fraction {setting.fraction:g}, alpha {setting.alpha:g}"
+    return f"Setting: regime {setting.regime}, {text}" if setting.regime else f"Setting: {text}"
+
+
 def _document(summary: Summary, figures: Sequence[str]) -> tuple[str, list[_Block]]:
     title = f"Benchmark report: {summary.name}"
     seeds = ", ".join(str(s) for s in summary.seeds)
@@ -90,7 +141,12 @@ def _document(summary: Summary, figures: Sequence[str]) -> tuple[str, list[_Bloc
     alphas = ", ".join(f"{a:g}" for a in summary.alphas)
     blocks: list[_Block] = [
         _Text(
-            f"{summary.num_clients} clients, {summary.rounds} rounds, seeds {seeds}; "
+            (
+                ""
+                if summary.has_regimes
+                else f"{summary.num_clients} clients, {summary.rounds} rounds, "
+            )
+            + f"seeds {seeds}; "
             f"malicious fractions {fractions}; Dirichlet alphas {alphas}. "
             f"Defenses: {', '.join(summary.defenses)}. "
             f"Attacks: {', '.join(summary.attacks) or 'none (clean baselines only)'}."
@@ -102,6 +158,12 @@ def _document(summary: Summary, figures: Sequence[str]) -> tuple[str, list[_Bloc
             + "; in parentheses the change from the defense's clean baseline, in points."
         ),
     ]
+    if summary.has_regimes:
+        shapes = ", ".join(
+            f"{regime} ({clients} clients, {rounds} rounds)"
+            for regime, (clients, rounds) in summary.regime_shape.items()
+        )
+        blocks.append(_Text(f"Regimes (see the grid file for each one's overrides): {shapes}."))
     if summary.missing:
         blocks.append(
             _Text(f"Missing (unfinished) cells, left out of every number ({len(summary.missing)}):")
@@ -111,7 +173,7 @@ def _document(summary: Summary, figures: Sequence[str]) -> tuple[str, list[_Bloc
     several = len(summary.settings) > 1
 
     for setting in summary.settings:
-        blocks.append(_Heading(2, f"Setting: malicious {setting_label(setting)}"))
+        blocks.append(_Heading(2, _setting_heading(setting)))
         blocks.append(_Heading(3, "Final accuracy (%)"))
         columns = [CLEAN, *summary.attacks]
         rows = []
@@ -122,11 +184,8 @@ def _document(summary: Summary, figures: Sequence[str]) -> tuple[str, list[_Bloc
             rows.append(row)
         blocks.append(_Table(["defense", *map(_column, columns), "worst case"], rows))
 
-        ranked = sorted(
-            (d for d in summary.defenses if (setting, d) in summary.worst),
-            key=lambda d: -summary.worst[(setting, d)][0],
-        )
-        if ranked:
+        worst_blocks = _worst_blocks(summary, [setting], "in this setting", show_setting=False)
+        if worst_blocks:
             blocks.append(_Heading(3, "Worst case"))
             blocks.append(
                 _Text(
@@ -134,24 +193,7 @@ def _document(summary: Summary, figures: Sequence[str]) -> tuple[str, list[_Bloc
                     "the lowest accuracy over the attacks is what a defense guarantees."
                 )
             )
-            worst_rows = []
-            for rank, defense in enumerate(ranked, 1):
-                accuracy, attack = summary.worst[(setting, defense)]
-                worst_rows.append(
-                    [
-                        str(rank),
-                        defense,
-                        _pct(accuracy),
-                        attack,
-                        _value(summary, (setting, defense, CLEAN)),
-                    ]
-                )
-            blocks.append(
-                _Table(
-                    ["rank", "defense", "worst-case accuracy (%)", "attack", "clean (%)"],
-                    worst_rows,
-                )
-            )
+            blocks += worst_blocks
 
         backdoors = [
             a
@@ -206,18 +248,16 @@ def _document(summary: Summary, figures: Sequence[str]) -> tuple[str, list[_Bloc
             if name in figures and name in captions:
                 blocks.append(_Figure(name, captions[name]))
 
+    if summary.has_regimes:
+        for regime in summary.regimes:
+            own = [s for s in summary.settings if s.regime == regime]
+            regime_blocks = _worst_blocks(summary, own, f"in {regime}", show_setting=True)
+            if len(own) > 1 and regime_blocks:
+                blocks.append(_Heading(2, f"Worst case in regime {regime}"))
+                blocks += regime_blocks
     if several and summary.worst_overall:
         blocks.append(_Heading(2, "Worst case over all settings"))
-        overall = sorted(summary.worst_overall.items(), key=lambda item: -item[1][0])
-        blocks.append(
-            _Table(
-                ["rank", "defense", "worst-case accuracy (%)", "attack", "setting"],
-                [
-                    [str(rank), defense, _pct(acc), attack, setting_label(setting)]
-                    for rank, (defense, (acc, attack, setting)) in enumerate(overall, 1)
-                ],
-            )
-        )
+        blocks += _worst_blocks(summary, summary.settings, "overall", show_setting=True)
     if "accuracy_vs_fraction" in figures:
         blocks.append(_Heading(2, "Accuracy against malicious fraction"))
         blocks.append(_Figure("accuracy_vs_fraction", captions["accuracy_vs_fraction"]))

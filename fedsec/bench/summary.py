@@ -4,11 +4,12 @@
 into a :class:`Summary` that the renderers (:mod:`fedsec.bench.render`) and
 the figures (:mod:`fedsec.bench.figures`) read. Only finished cells count;
 unfinished ones are named as missing. A *setting* is a (malicious fraction,
-Dirichlet alpha) pair of the attacked cells, the axes along which robust
-aggregation is usually evaluated (e.g. Shejwalkar and Houmansadr, NDSS 2021;
-Karimireddy et al., ICLR 2022); a defense's clean baseline in a setting is its
-attack-``none`` cell with the same alpha. Values are means over seeds, with
-the sample standard deviation when more than one seed finished.
+Dirichlet alpha) pair of the attacked cells, and their regime when the grid
+has regimes, the axes along which robust aggregation is usually evaluated
+(e.g. Shejwalkar and Houmansadr, NDSS 2021; Karimireddy et al., ICLR 2022); a
+defense's clean baseline in a setting is its attack-``none`` cell with the
+same alpha and regime. Values are means over seeds, with the sample standard
+deviation when more than one seed finished.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .store import CellResult
 
@@ -26,8 +28,38 @@ CLEAN = "none"
 #: Placeholder for a value no finished cell provides.
 NA = "–"
 
-Setting = tuple[float, float]  # (malicious fraction, Dirichlet alpha)
-Key = tuple[Setting, str, str]  # (setting, defense, attack)
+
+class Setting(tuple[Any, ...]):
+    """Where a defense is evaluated: ``(fraction, alpha)``, or ``(fraction, alpha, regime)``.
+
+    Without a regime the setting is (and equals, and hashes as) the plain pair,
+    so the numbers of a grid without regimes are keyed as they always were.
+    """
+
+    def __new__(cls, fraction: float, alpha: float, regime: str = "") -> Setting:
+        values = (
+            (float(fraction), float(alpha), regime) if regime else (float(fraction), float(alpha))
+        )
+        return super().__new__(cls, values)
+
+    @property
+    def fraction(self) -> float:
+        """The malicious fraction (0 for a grid of clean cells only)."""
+        return float(self[0])
+
+    @property
+    def alpha(self) -> float:
+        """The Dirichlet alpha."""
+        return float(self[1])
+
+    @property
+    def regime(self) -> str:
+        """The regime's label; ``""`` when the grid has none."""
+        return str(self[2]) if len(self) > 2 else ""
+
+
+# (setting, defense, attack); a plain (fraction, alpha) pair indexes as its Setting.
+Key = tuple[tuple[Any, ...], str, str]
 
 
 @dataclass
@@ -50,9 +82,14 @@ class Summary:
         Attack labels in grid order, without the clean baseline ``"none"``.
     backdoor_attacks : list of str
         The attacks whose cells report an attack success rate.
-    settings : list of (float, float)
-        Sorted (fraction, alpha) pairs of the attacked cells; ``(0.0, alpha)``
-        per alpha for a grid with only clean cells.
+    settings : list of Setting
+        The settings of the attacked cells, by regime (grid order), then
+        fraction and alpha; ``(0.0, alpha)`` per alpha and regime for a grid
+        with only clean cells.
+    regimes : list of str
+        Regime labels in grid order; ``[""]`` for a grid without regimes.
+    regime_shape : dict
+        ``regime -> (num_clients, rounds)`` of its first cell.
     accuracy, accuracy_std : dict
         ``(setting, defense, attack) ->`` final test accuracy, mean and sample
         std over the finished seeds (std only with more than one). The clean
@@ -64,6 +101,9 @@ class Summary:
         accuracy over the setting's attacks (the clean baseline excluded).
     worst_overall : dict
         ``defense -> (accuracy, attack, setting)``: the lowest over all settings.
+    worst_by_regime : dict
+        ``regime -> {defense -> (accuracy, attack, setting)}``: the lowest over
+        the regime's settings.
     asr, asr_std : dict
         ``(setting, defense, attack) ->`` final attack success rate.
     detection : dict
@@ -86,11 +126,14 @@ class Summary:
     attacks: list[str]
     backdoor_attacks: list[str]
     settings: list[Setting]
+    regimes: list[str] = field(default_factory=lambda: [""])
+    regime_shape: dict[str, tuple[int, int]] = field(default_factory=dict)
     accuracy: dict[Key, float] = field(default_factory=dict)
     accuracy_std: dict[Key, float] = field(default_factory=dict)
     drop: dict[Key, float] = field(default_factory=dict)
-    worst: dict[tuple[Setting, str], tuple[float, str]] = field(default_factory=dict)
+    worst: dict[tuple[tuple[Any, ...], str], tuple[float, str]] = field(default_factory=dict)
     worst_overall: dict[str, tuple[float, str, Setting]] = field(default_factory=dict)
+    worst_by_regime: dict[str, dict[str, tuple[float, str, Setting]]] = field(default_factory=dict)
     asr: dict[Key, float] = field(default_factory=dict)
     asr_std: dict[Key, float] = field(default_factory=dict)
     detection: dict[Key, tuple[float | None, float | None]] = field(default_factory=dict)
@@ -106,12 +149,58 @@ class Summary:
     @property
     def fractions(self) -> list[float]:
         """The malicious fractions of the settings, sorted."""
-        return sorted({fraction for fraction, _ in self.settings})
+        return sorted({s.fraction for s in self.settings})
 
     @property
     def alphas(self) -> list[float]:
         """The Dirichlet alphas of the settings, sorted."""
-        return sorted({alpha for _, alpha in self.settings})
+        return sorted({s.alpha for s in self.settings})
+
+    @property
+    def has_regimes(self) -> bool:
+        """Whether the grid names its regimes (``[[regime]]`` tables)."""
+        return self.regimes != [""]
+
+    def worst_over(self, settings: Iterable[Setting]) -> dict[str, tuple[float, str, Setting]]:
+        """Each defense's worst case over ``settings``.
+
+        Returns
+        -------
+        dict
+            ``defense -> (accuracy, attack, setting)``, in grid order: the
+            lowest mean final accuracy over the attacks and ``settings`` (the
+            first setting on a tie).
+        """
+        wanted = set(settings)
+        chosen = [s for s in self.settings if s in wanted]
+        out: dict[str, tuple[float, str, Setting]] = {}
+        for defense in self.defenses:
+            scores = [(*self.worst[(s, defense)], s) for s in chosen if (s, defense) in self.worst]
+            if scores:
+                out[defense] = min(scores, key=lambda w: w[0])
+        return out
+
+    def best(self, settings: Iterable[Setting] | None = None) -> tuple[str, float, str, Setting]:
+        """The defense with the best worst case over ``settings`` (default: all).
+
+        Users choose a defense by its worst case: the adversary picks the attack.
+
+        Returns
+        -------
+        (str, float, str, Setting)
+            The defense, its worst-case accuracy, the attack achieving it and
+            the setting where it does (ties: the first defense in grid order).
+
+        Raises
+        ------
+        ValueError
+            If no defense has an attacked result in ``settings``.
+        """
+        worst = self.worst_over(self.settings if settings is None else settings)
+        if not worst:
+            raise ValueError("no attacked result in these settings")
+        defense = max(worst, key=lambda d: worst[d][0])
+        return (defense, *worst[defense])
 
 
 # ---- the numbers -------------------------------------------------------------------------
@@ -142,11 +231,13 @@ def summarize(results: list[CellResult], name: str = "grid") -> Summary:
     cells = [r.cell for r in results]
     defenses = _unique(c["defense"] for c in cells)
     attacks = _unique(c["attack"] for c in cells if c["attack"] != CLEAN)
+    regimes = _unique(_regime(c) for c in cells)
     attacked = [c for c in cells if c["attack"] != CLEAN]
     if attacked:
-        settings = sorted({(float(c["fraction"]), float(c["alpha"])) for c in attacked})
+        found = {_setting(c) for c in attacked}
     else:
-        settings = sorted({(0.0, float(c["alpha"])) for c in cells})
+        found = {Setting(0.0, c["alpha"], _regime(c)) for c in cells}
+    settings = sorted(found, key=lambda s: (regimes.index(s.regime), s.fraction, s.alpha))
     summary = Summary(
         name=name,
         num_clients=int(cells[0]["num_clients"]),
@@ -156,22 +247,34 @@ def summarize(results: list[CellResult], name: str = "grid") -> Summary:
         attacks=attacks,
         backdoor_attacks=[],
         settings=settings,
+        regimes=regimes,
+        regime_shape={
+            regime: next(
+                (int(c["num_clients"]), int(c["rounds"])) for c in cells if _regime(c) == regime
+            )
+            for regime in regimes
+        },
         missing=[r.cell["id"] for r in results if not r.finished],
         total_cells=len(results),
     )
 
     # Group the finished cells by (setting, defense, attack) over seeds; the clean
-    # baseline of an alpha goes under every setting with that alpha.
+    # baseline of an alpha and regime goes under every setting with those.
     groups: dict[Key, list[CellResult]] = {}
     for result in results:
         if not result.finished:
             continue
         cell = result.cell
-        alpha = float(cell["alpha"])
+        alpha, regime = float(cell["alpha"]), _regime(cell)
+        keys: list[Key]
         if cell["attack"] == CLEAN:
-            keys = [(s, cell["defense"], CLEAN) for s in settings if s[1] == alpha]
+            keys = [
+                (s, cell["defense"], CLEAN)
+                for s in settings
+                if s.alpha == alpha and s.regime == regime
+            ]
         else:
-            keys = [((float(cell["fraction"]), alpha), cell["defense"], cell["attack"])]
+            keys = [(_setting(cell), cell["defense"], cell["attack"])]
         for key in keys:
             groups.setdefault(key, []).append(result)
 
@@ -206,15 +309,21 @@ def summarize(results: list[CellResult], name: str = "grid") -> Summary:
             ]
             if scores:
                 summary.worst[(setting, defense)] = min(scores, key=lambda s: s[0])
-    for defense in defenses:
-        overall = [
-            (*summary.worst[(setting, defense)], setting)
-            for setting in settings
-            if (setting, defense) in summary.worst
-        ]
-        if overall:
-            summary.worst_overall[defense] = min(overall, key=lambda w: w[0])
+    summary.worst_overall = summary.worst_over(settings)
+    for regime in regimes:
+        own = summary.worst_over(s for s in settings if s.regime == regime)
+        if own:
+            summary.worst_by_regime[regime] = own
     return summary
+
+
+def _regime(cell: dict[str, Any]) -> str:
+    """A cell's regime label (stores written before regimes existed have none)."""
+    return str(cell.get("regime") or "")
+
+
+def _setting(cell: dict[str, Any]) -> Setting:
+    return Setting(cell["fraction"], cell["alpha"], _regime(cell))
 
 
 def _unique(items: Iterable[str]) -> list[str]:
@@ -262,13 +371,17 @@ def _mean_curve(group: list[CellResult]) -> list[tuple[int, float]]:
 # ---- labels ----
 
 
-def setting_label(setting: Setting) -> str:
-    """``"fraction 0.2, alpha 0.5"``."""
-    return f"fraction {setting[0]:g}, alpha {setting[1]:g}"
+def setting_label(setting: tuple[Any, ...]) -> str:
+    """``"fraction 0.2, alpha 0.5"``; ``"regime fedsgd, fraction 0.2, alpha 0.1"`` with one."""
+    setting = Setting(*setting)
+    text = f"fraction {setting.fraction:g}, alpha {setting.alpha:g}"
+    return f"regime {setting.regime}, {text}" if setting.regime else text
 
 
-def _slug(setting: Setting) -> str:
-    return f"m{setting[0]:g}_a{setting[1]:g}"
+def _slug(setting: tuple[Any, ...]) -> str:
+    setting = Setting(*setting)
+    text = f"m{setting.fraction:g}_a{setting.alpha:g}"
+    return f"{setting.regime}_{text}" if setting.regime else text
 
 
 def _column(attack: str) -> str:
