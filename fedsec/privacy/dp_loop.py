@@ -262,9 +262,16 @@ class _LoopRecorder:
     enabled: bool = True
     arrived: list[_Call] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
-    #: Keep the layer outputs of pending forward passes, for :meth:`DPOptimizer.backward_outputs`.
+    #: Keep the layer outputs of pending forward passes instead of hooking their
+    #: gradients, for :meth:`DPOptimizer.backward_outputs`.
     keep_outputs: bool = False
-    outputs: list[tuple[nn.Module, torch.Tensor, int]] = field(default_factory=list)
+    outputs: list[tuple[_Call, torch.Tensor, int]] = field(default_factory=list)
+    #: Per layer: the parameters' dtype (norms and sums run in it).
+    dtypes: dict[nn.Module, torch.dtype] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for layer in self.layers.layers:
+            self.dtypes[layer] = next(p.dtype for p in layer.parameters(recurse=False))
 
     def attach(self) -> None:
         self.handles = [self.module.register_forward_pre_hook(self._new_forward)]
@@ -288,6 +295,10 @@ class _LoopRecorder:
             return
         inputs = [a.detach() for a in args if isinstance(a, torch.Tensor)]
         call = _Call(layer, inputs, tuple(a._version for a in inputs), self.forward_id)
+        if self.keep_outputs:
+            # backward_outputs asks autograd for these outputs' gradients directly.
+            self.outputs.append((call, out, out._version))
+            return
 
         # Registered before any in-place op on ``out``, the hook sees the gradient
         # with respect to the layer's own output. Nothing is kept for a forward
@@ -299,8 +310,6 @@ class _LoopRecorder:
                 )
 
         out.register_hook(arrive)  # type: ignore[no-untyped-call]
-        if self.keep_outputs:
-            self.outputs.append((layer, out, out._version))
 
     def take(self, loss_reduction: str) -> list[_StepGrads]:
         """Per-example gradient terms of every forward call since the last take."""
@@ -332,11 +341,17 @@ class _LoopRecorder:
                         f"{g.shape[0] if g.dim() else 0} rows, not the batch's {batch}: "
                         f"per-example gradients need the batch in dimension 0"
                     )
-                dtype = next(p.dtype for p in layer.parameters(recurse=False))
+                dtype = self.dtypes[layer]
                 # A mean over the batch scales each example's gradient by 1/B (Opacus's
                 # loss_reduction="mean"); per-example clipping needs them unscaled.
-                g = g.to(dtype) * batch if loss_reduction == "mean" else g.to(dtype)
-                inputs = [a.to(dtype) if a.is_floating_point() else a for a in call.inputs]
+                if g.dtype != dtype:
+                    g = g.to(dtype)
+                if loss_reduction == "mean":
+                    g = g * batch
+                inputs = [
+                    a.to(dtype) if a.is_floating_point() and a.dtype != dtype else a
+                    for a in call.inputs
+                ]
                 if (
                     type(layer) is nn.Linear
                     and inputs[0].dim() == 2
@@ -455,16 +470,21 @@ class DPOptimizer(torch.optim.Optimizer):
         if not self._recorder.keep_outputs:
             raise ValueError("backward_outputs needs a DPOptimizer built with keep_outputs=True")
         outputs, self._recorder.outputs = self._recorder.outputs, []
-        for layer, out, version in outputs:
+        for call, out, version in outputs:
             # The gradient of a modified output is not the layer's own output gradient.
             if out._version != version:
                 raise ValueError(
-                    f"an in-place operation modified the output of a {type(layer).__name__} "
+                    f"an in-place operation modified the output of a {type(call.layer).__name__} "
                     f"layer; per-example gradients need out-of-place ops "
                     f"(e.g. nn.ReLU(inplace=False))"
                 )
-        if outputs:  # no trainable layer ran: every gradient is zero
-            torch.autograd.grad(loss, [out for _, out, _ in outputs], allow_unused=True)
+        if not outputs:  # no trainable layer ran: every gradient is zero
+            return
+        grads = torch.autograd.grad(loss, [out for _, out, _ in outputs], allow_unused=True)
+        for (call, _, _), grad in zip(outputs, grads, strict=True):
+            if grad is not None:  # None: the layer's output did not reach the loss
+                call.grad = grad
+                self._recorder.arrived.append(call)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Privatise the gradients, step the wrapped optimizer, count the step.

@@ -204,14 +204,21 @@ def _clip_factors(terms: _StepGrads, max_grad_norm: float, like: torch.Tensor) -
     """``min(1, C / (||g_i|| + 1e-6))`` per example, norms over all parameters."""
     sq = torch.zeros(terms.batch, dtype=like.dtype, device=like.device)
     for layer, act, g in terms.factored:
-        g_sq = g.square().sum(1)
-        if layer.weight.requires_grad:
-            sq += g_sq * act.square().sum(1)
-        if layer.bias is not None and layer.bias.requires_grad:
+        # ||g_i a_i^T||^2 + ||g_i||^2 = ||g_i||^2 (||a_i||^2 + 1): one fused update per layer.
+        g_sq = torch.linalg.vecdot(g, g)
+        weight = layer.weight.requires_grad
+        bias = layer.bias is not None and layer.bias.requires_grad
+        if weight and bias:
+            sq.addcmul_(g_sq, torch.linalg.vecdot(act, act).add_(1.0))
+        elif weight:
+            sq.addcmul_(g_sq, torch.linalg.vecdot(act, act))
+        elif bias:
             sq += g_sq
     for gs in terms.dense.values():
-        sq += torch.linalg.vector_norm(gs.reshape(terms.batch, -1), dim=1).square()
-    return (max_grad_norm / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        flat = gs.reshape(terms.batch, -1)
+        sq += torch.linalg.vecdot(flat, flat)
+    # min(1, C / (||g_i|| + eps)), in place on the fresh buffer.
+    return sq.sqrt_().add_(_NORM_EPS).reciprocal_().mul_(max_grad_norm).clamp_(max=1.0)
 
 
 def _add_clipped_sums(
