@@ -496,3 +496,26 @@ def test_privacy_plan_counts_the_steps_dp_train_takes(n: int, batch: int, epochs
         }
     )
     assert plan_round(cfg, n).steps == taken
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_poisson_batches_are_successive_poisson_samples(secure: bool) -> None:
+    """An epoch's batches in one draw: with a generator exactly the batches of successive
+    poisson_sample calls; the mean batch size is q n within 5 standard errors."""
+    from fedsec.privacy.poisson import poisson_batches
+
+    n, q, steps = 200, 0.1, 400
+    gen = None if secure else torch.Generator().manual_seed(3)
+    batches = poisson_batches(steps, n, q, generator=gen, secure=secure)
+    assert len(batches) == steps
+    if not secure:
+        again = torch.Generator().manual_seed(3)
+        for batch in batches[:5]:
+            assert torch.equal(batch, poisson_sample(n, q, generator=again))
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    stderr = (n * q * (1 - q) / steps) ** 0.5
+    assert abs(float(sizes.mean()) - n * q) < 5 * stderr
+    assert all(torch.all(b[1:] > b[:-1]) for b in batches if len(b) > 1)
+    assert poisson_batches(0, n, q) == []
+    with pytest.raises(ValueError, match="steps"):
+        poisson_batches(-1, n, q)

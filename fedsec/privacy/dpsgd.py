@@ -111,7 +111,7 @@ from fedsec.privacy.per_example import (
     dp_step_probe,
     per_sample_gradients,
 )
-from fedsec.privacy.poisson import poisson_sample
+from fedsec.privacy.poisson import poisson_batches, poisson_sample
 from fedsec.training import (
     TrainResult,
     _autocast,
@@ -235,9 +235,10 @@ def dp_train(
     device : torch.device or str
         Where to train; strings go through :func:`fedsec.training.resolve_device`.
     seed : int
-        Seeds the sampling and the noise; with ``secure_mode=False`` the same
-        seed, data and initial weights give the same result (on CPU
-        bit-for-bit). Ignored in secure mode.
+        Seeds the sampling (``seed``) and the noise (``seed + 1`` on the
+        CPU); with ``secure_mode=False`` the same seed, data and initial
+        weights give the same result (on CPU bit-for-bit). Ignored in secure
+        mode.
     secure_mode : bool
         Draw the Poisson masks and the noise from ``os.urandom`` and use
         Opacus's four-draw noise (see the module docstring); not reproducible.
@@ -317,9 +318,11 @@ def dp_train(
     total = starts[-1] if max_steps is None else min(starts[-1], max_steps)
     epoch_starts = set(starts[:-1])
     gen = None if secure_mode else torch.Generator().manual_seed(seed)
-    noise_gen = gen
-    if not secure_mode and dev.type != "cpu":
-        noise_gen = torch.Generator(device=dev).manual_seed(seed)
+    # The noise has its own generator (seeded from seed + 1 on the CPU), so that a
+    # background thread can draw a step's noise while the previous step computes.
+    noise_gen = None
+    if not secure_mode:
+        noise_gen = torch.Generator(device=dev).manual_seed(seed if dev.type != "cpu" else seed + 1)
     # The private optimizer of make_private (one implementation of the DP-SGD step:
     # clip, noise, divide by the expected batch size, count), fed by index batches
     # of the in-memory tensors and a backward pass to the layer outputs only.
@@ -336,17 +339,25 @@ def dp_train(
         secure_mode=secure_mode,
         keep_outputs=True,
     )
+    if dev.type == "cpu":  # on an accelerator the draw is asynchronous already
+        dp_opt.prefetch_noise()
     model.train()
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
     seen = 0
     try:
+        batches: list[torch.Tensor] = []
         for step in range(total):
             if step in epoch_starts:  # only the last epoch is reported
                 loss_sum.zero_()
                 correct.zero_()
                 seen = 0
-            idx = poisson_sample(n, q, generator=gen, secure=secure_mode).to(dev)
+                # The epoch's batches in one draw (PoissonBatchSampler does the same).
+                epoch = starts.index(step)
+                batches = poisson_batches(
+                    starts[epoch + 1] - step, n, q, generator=gen, secure=secure_mode
+                )[::-1]
+            idx = batches.pop().to(dev)
             # An empty batch takes a noise-only step. Only a memory cap splits a
             # batch: each pass is clipped on its own and the sums add up before the
             # step's single noise draw (Opacus's BatchMemoryManager semantics).

@@ -21,7 +21,7 @@ import torch
 from fedsec.privacy.client_level import secure_standard_normal
 from fedsec.privacy.per_example import _check_positive
 
-__all__ = ["poisson_sample"]
+__all__ = ["poisson_batches", "poisson_sample"]
 
 
 def poisson_sample(
@@ -70,6 +70,47 @@ def poisson_sample(
         return torch.from_numpy(np.flatnonzero(keep).astype(np.int64))
     mask = torch.rand(n, generator=generator) < q
     return mask.nonzero().view(-1)
+
+
+def poisson_batches(
+    steps: int,
+    n: int,
+    sample_rate: float,
+    *,
+    generator: torch.Generator | None = None,
+    secure: bool = False,
+) -> list[torch.Tensor]:
+    """``steps`` Poisson-sampled batches at once: :func:`poisson_sample`'s law, one draw.
+
+    The ``steps x n`` uniforms of an epoch come from one call (a per-step call
+    costs more than the draw itself on client-sized data); row ``t`` is batch
+    ``t``. With a generator the batches equal ``steps`` successive
+    :func:`poisson_sample` calls only when nothing else draws from it in
+    between, so callers that also draw noise from it take the batches of an
+    epoch first (``dp_train`` and :class:`~fedsec.privacy.dp_loop.PoissonBatchSampler`
+    do the same, which keeps them identical).
+
+    Raises
+    ------
+    ValueError
+        As :func:`poisson_sample`, or if ``steps < 0``.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    q = _check_positive("sample_rate", sample_rate)
+    if q > 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if steps == 0:
+        return []
+    if secure:
+        words = np.frombuffer(os.urandom(8 * n * steps), dtype=np.uint64) >> np.uint64(11)
+        mask = torch.from_numpy(words.reshape(steps, n) < np.uint64(math.ceil(q * 2.0**53)))
+    else:
+        mask = torch.rand(steps, n, generator=generator) < q
+    columns = mask.nonzero()[:, 1]
+    return list(torch.split(columns, mask.sum(dim=1).tolist()))
 
 
 def _fill_noise(
