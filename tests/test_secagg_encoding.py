@@ -184,3 +184,32 @@ def test_encoding_is_chunked_without_seams() -> None:
     x = torch.linspace(-1.0, 1.0, 200_003)
     decoded = enc.decode_sum(enc.encode(x), 1)
     assert (decoded - x).abs().max() <= enc.quantisation_bound(1)
+
+
+@pytest.mark.parametrize("headroom", [0, 3])
+def test_codes_are_the_floor_of_the_scaled_value_plus_its_coin(headroom: int) -> None:
+    """Every code is ``clip(floor(s + u), 0, levels) + headroom``, across chunk borders.
+
+    ``s = w * clip(x) * levels / (2 clip) + levels / 2`` and ``u`` the generator's
+    coin, drawn chunk by chunk; infinities and values beyond ``clip`` included.
+    """
+    from fedsec.secagg.encoding import _CHUNK
+
+    clip, weight, d = 0.5, 0.6, 2 * _CHUNK + 5
+    enc = FixedPointEncoder(clip=clip, bits=10, num_clients=3, headroom=headroom)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(3))
+    x[::101], x[1::103], x[2], x[3] = float("inf"), -float("inf"), clip, -clip
+    code = enc.encode(x, torch.Generator().manual_seed(7), weight=weight)
+    gen = torch.Generator().manual_seed(7)
+    coins = torch.cat(
+        [
+            torch.rand(min(_CHUNK, d - start), generator=gen, dtype=torch.float64)
+            for start in range(0, d, _CHUNK)
+        ]
+    ).numpy()
+    levels = float(enc.levels)
+    scaled = np.clip(x.numpy(), -clip, clip).astype(np.float64)
+    scaled *= weight * levels / (2 * clip)
+    scaled += levels / 2
+    expected = np.clip(np.floor(scaled + coins), 0.0, levels) + headroom
+    assert code.dtype == np.uint32 and np.array_equal(code, expected.astype(np.uint32))

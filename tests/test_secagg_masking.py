@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedsec.secagg.keys import derive_key, generate_keypair
 from fedsec.secagg.masking import (
+    BLOCK_BYTES,
+    add_masks,
     apply_masks,
     expand_mask,
     remove_pairwise_mask,
@@ -119,3 +122,71 @@ def test_apply_masks_in_place_masks_the_given_vector() -> None:
     assert same is x and np.array_equal(same, copy)
     with pytest.raises(ValueError, match="contiguous"):
         apply_masks(np.arange(10, dtype=np.uint32)[::2], bytes(32), [], 1, in_place=True)
+
+
+def _expand_then_add(
+    vector: npt.NDArray[Any], add: list[bytes], subtract: list[bytes]
+) -> npt.NDArray[Any]:
+    """Reference: each mask expanded at full length, then added (the unfused way)."""
+    y = vector.copy()
+    for seed in add:
+        np.add(y, expand_mask(seed, y.size, y.dtype), out=y)
+    for seed in subtract:
+        np.subtract(y, expand_mask(seed, y.size, y.dtype), out=y)
+    return y
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("blocks", [0.0, 1e-5, 1.0, 2.5])
+def test_fused_masks_equal_full_length_masks(dtype: npt.DTypeLike, blocks: float) -> None:
+    # Lengths around the block size: the keystream must resume exactly across blocks.
+    size = round(blocks * BLOCK_BYTES / np.dtype(dtype).itemsize) + (1 if blocks else 0)
+    x = np.random.default_rng(1).integers(0, 2**32, size, dtype=np.uint64).astype(dtype)
+    seeds = [bytes([i]) * 32 for i in range(5)]
+    expected = _expand_then_add(x, seeds[:3], seeds[3:])
+    got = add_masks(x.copy(), seeds[:3], seeds[3:])
+    assert np.array_equal(got, expected)
+    small = np.empty(7, dtype=dtype)  # a scratch too small is replaced, never overrun
+    assert np.array_equal(add_masks(x.copy(), seeds[:3], seeds[3:], scratch=small), expected)
+    whole = np.empty(size + 9, dtype=dtype)
+    assert np.array_equal(add_masks(x.copy(), seeds[:3], seeds[3:], scratch=whole), expected)
+
+
+def test_apply_masks_equals_expand_then_add_over_many_blocks() -> None:
+    x = np.arange(3 * BLOCK_BYTES // 4 + 11, dtype=np.uint32)
+    pairwise = [(0, SEED_B), (4, bytes(range(2, 34))), (9, bytes(32))]
+    expected = _expand_then_add(x, [SEED_A, bytes(range(2, 34)), bytes(32)], [SEED_B])
+    assert np.array_equal(apply_masks(x, SEED_A, pairwise, my_id=3), expected)
+
+
+def test_masking_never_holds_a_full_length_mask() -> None:
+    # Fused: one block of keystream at a time, whatever the vector's length.
+    x = np.zeros(1 << 20, dtype=np.uint32)  # 4 MiB
+    pairwise = [(2, SEED_B), (3, bytes(32))]
+    tracemalloc.start()
+    try:
+        apply_masks(x, SEED_A, pairwise, my_id=1, in_place=True)
+        remove_self_mask(x, SEED_A)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * BLOCK_BYTES, peak
+    assert np.array_equal(x, _expand_then_add(np.zeros_like(x), [SEED_B, bytes(32)], []))
+
+
+def test_bad_seed_or_self_edge_leaves_the_vector_unchanged() -> None:
+    x = np.arange(1000, dtype=np.uint32)
+    with pytest.raises(ValueError, match="own neighbour"):
+        apply_masks(x, SEED_A, [(2, SEED_B), (1, SEED_B)], my_id=1, in_place=True)
+    with pytest.raises(ValueError, match="32 bytes"):
+        apply_masks(x, SEED_A, [(2, SEED_B), (3, bytes(31))], my_id=1, in_place=True)
+    with pytest.raises(ValueError, match="32 bytes"):
+        add_masks(x, [SEED_A], [bytes(16)])
+    assert np.array_equal(x, np.arange(1000, dtype=np.uint32))
+    frozen = np.arange(10, dtype=np.uint32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        add_masks(frozen, [SEED_A])
+    with pytest.raises(ValueError, match="uint32 or uint64"):
+        add_masks(np.zeros(4, dtype=np.int32), [SEED_A])
+    assert add_masks(x, [], []) is x and np.array_equal(x, np.arange(1000, dtype=np.uint32))

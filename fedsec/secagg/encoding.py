@@ -253,12 +253,16 @@ class FixedPointEncoder:
             chunk += offset
             # floor(s + U[0, 1)) rounds s up with probability frac(s): unbiased.
             chunk += coins.draw(stop - start)
-            np.floor(chunk, out=chunk)
-            np.clip(chunk, 0.0, levels, out=chunk)
-            if self.headroom:  # integers below 2**53: exact in float64
-                chunk += self.headroom
+            if self.headroom:
+                np.floor(chunk, out=chunk)
+                np.clip(chunk, 0.0, levels, out=chunk)
+                chunk += self.headroom  # integers below 2**53: exact in float64
                 if noise is not None:
                     chunk += np.clip(noise[start:stop], -self.headroom, self.headroom)
+            else:
+                # Clipped to [0, levels] first, the cast's truncation is the floor:
+                # one pass less, the same codes.
+                np.clip(chunk, 0.0, levels, out=chunk)
             np.copyto(out[start:stop], chunk, casting="unsafe")
         return out
 
@@ -345,7 +349,7 @@ class _Coins:
             key = os.urandom(32)
             self.stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
             self.words = np.empty(chunk, dtype=np.uint32)
-            self.zeros = bytes(4 * chunk)
+            self.zeros = memoryview(bytes(4 * chunk))  # sliced without copying
 
     def draw(self, size: int) -> npt.NDArray[np.float64]:
         if self.generator is not None:
