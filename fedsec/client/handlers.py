@@ -162,9 +162,37 @@ def _local_setup(
     hardware = node_hardware(cfg, context)
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
     x, y = client_partition(cfg, data, partition_id)
-    model = make_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
+    model = _resident_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return cfg, partition_id, model, x, y, hardware
+
+
+#: One model per (name, input shape, classes) per process, reused by every message.
+_MODELS: dict[tuple[str, tuple[int, int, int], int], torch.nn.Module] = {}
+
+
+def _resident_model(name: str, shape: tuple[int, int, int], classes: int) -> torch.nn.Module:
+    """The process's model of that architecture, built once (keeping models resident).
+
+    Every message loads the full global state into it (``load_state_dict`` is
+    strict), so nothing of an earlier message survives, and messages are
+    handled one at a time per process (Flower's simulation actors, the
+    in-process grid, one ``flwr-clientapp`` process per message when
+    deployed). A model with non-persistent buffers (state the state dict does
+    not carry), or built by a user's factory (``"pkg.mod:factory"``), is built
+    afresh every time.
+    """
+    if ":" in name:  # a user's factory: its model may keep state we cannot see
+        return make_model(name, shape, classes)
+    key = (name, shape, classes)
+    model = _MODELS.get(key)
+    if model is None:
+        model = make_model(name, shape, classes)
+        persistent = set(model.state_dict())
+        if any(n not in persistent for n, _ in model.named_buffers()):
+            return model
+        _MODELS[key] = model
+    return model
 
 
 def local_train(
