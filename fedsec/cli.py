@@ -577,6 +577,7 @@ def bench(
     """Run a grid of attacks x defenses; rerunning skips finished cells."""
     from fedsec.bench.grid import GridError, load_grid
     from fedsec.bench.store import ResultsStore, StoreError
+    from fedsec.cores import budget_for_jobs, set_thread_budget
 
     bench_module = importlib.import_module(BENCH_MODULE)  # Flower glue lives in strategies
     # Every option is checked before the results folder is made: bad input writes nothing.
@@ -591,6 +592,9 @@ def bench(
         store = ResultsStore.create_or_open(folder, grid)
     except (GridError, StoreError) as err:
         raise _fail(str(err)) from None
+    # Each worker's share of the cores caps its threads (fedsec.cores); spawned workers
+    # inherit it through the environment.
+    set_thread_budget(budget_for_jobs(jobs, cores))
     quiet_logs(False)
     console.print(
         f"[bold]fedsec bench[/] {grid.name}: {len(grid.cells)} cells, {jobs} job(s), "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -212,6 +213,56 @@ def test_many_blocks_and_ties_across_blocks() -> None:
             reference_trimmed(sub.numpy(), k)[1],
             rtol=1e-5,
         )
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_results_are_bit_identical_whatever_the_thread_count(
+    monkeypatch: pytest.MonkeyPatch, ties: bool
+) -> None:
+    """Median and trimmed mean with 1, 2 and 3 threads (FEDSEC_THREADS), bit for bit; the
+    pool really had that many threads."""
+    import fedsec.aggregation.coordinate as coordinate
+
+    pools: list[int] = []
+
+    class Recording(ThreadPoolExecutor):
+        def __init__(self, max_workers: int) -> None:
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers)
+
+    monkeypatch.setattr(coordinate, "ThreadPoolExecutor", Recording)
+    x = random_updates(11, 9, 60_000, ties, torch.float32)  # several sorting blocks
+    rules = [CoordinateMedian(), TrimmedMean(beta=0.2), TrimmedMean(f=1)]
+    outputs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for count in (1, 2, 3):
+        monkeypatch.setenv("FEDSEC_THREADS", str(count))
+        for rule in rules:
+            result = rule(x)
+            outputs.setdefault(repr(rule), []).append(
+                (result.aggregate.numpy().copy(), result.weights.numpy().copy())
+            )
+    assert pools == [2] * len(rules) + [3] * len(rules)  # 1 thread runs without a pool
+    for runs in outputs.values():
+        for aggregate, weights in runs[1:]:
+            assert aggregate.tobytes() == runs[0][0].tobytes()
+            assert weights.tobytes() == runs[0][1].tobytes()
+
+
+def test_busy_cores_mean_one_thread_and_no_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no core free (fedsec.cores says 1), the blocks run in the calling thread."""
+    import fedsec.aggregation.coordinate as coordinate
+    from fedsec import cores
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a thread pool on a busy machine")
+
+    monkeypatch.delenv("FEDSEC_THREADS", raising=False)
+    monkeypatch.delenv("FEDSEC_THREAD_BUDGET", raising=False)
+    monkeypatch.setattr(cores, "free_cores", lambda refresh=False: 1)
+    monkeypatch.setattr(coordinate, "ThreadPoolExecutor", no_pool)
+    x = random_updates(12, 7, 60_000, False, torch.float32)
+    result = CoordinateMedian()(x)
+    assert torch.equal(result.aggregate, torch.from_numpy(np.median(x.numpy(), axis=0)))
 
 
 MEMORY_SCRIPT = textwrap.dedent(

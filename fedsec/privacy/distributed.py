@@ -655,10 +655,22 @@ def secure_generator() -> np.random.Generator:
 
 
 def _pool() -> ThreadPoolExecutor:
+    """The sampling pool, with as many threads as cores are free now (at most 8).
+
+    A client shares its cores (other clients, training): threads beyond the free
+    cores only queue behind them (:mod:`fedsec.cores`). The estimate is cached
+    for a second; when it changes, a new pool replaces the old one, whose queued
+    chunks still run. Each chunk has its own stream, so the samples do not
+    depend on the pool's size.
+    """
     global _POOL
+    from fedsec.cores import threads  # stdlib only: cheap for a ClientApp process
+
     pid = os.getpid()
-    if _POOL is None or _POOL[0] != pid:
-        workers = max(1, min(8, os.cpu_count() or 1))
+    workers = threads(cap=8)
+    if _POOL is None or _POOL[0] != pid or _POOL[1]._max_workers != workers:
+        if _POOL is not None and _POOL[0] == pid:
+            _POOL[1].shutdown(wait=False)
         _POOL = (pid, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="skellam"))
     return _POOL[1]
 
