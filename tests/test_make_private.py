@@ -159,7 +159,6 @@ def test_epsilon_and_weights_equal_dp_train_for_the_same_run() -> None:
     ours, opt, loader = make_private(
         ours, torch.optim.SGD(ours.parameters(), lr=0.3), DataLoader(TensorDataset(x, y), batch_size=batch),
         noise_multiplier=sigma, max_grad_norm=clip, generator=torch.Generator().manual_seed(7),
-        noise_generator=torch.Generator().manual_seed(8),  # dp_train's noise: seed + 1
     )  # fmt: skip
     for _ in range(epochs):
         for xb, yb in loader:

@@ -55,7 +55,6 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -422,8 +421,6 @@ class DPOptimizer(torch.optim.Optimizer):
         self.loss_reduction = loss_reduction
         self._noise_generator = noise_generator
         self._secure = secure_mode
-        self._prefetch: ThreadPoolExecutor | None = None
-        self._pending: Future[torch.Tensor] | None = None
         self.accountant = accountant
         #: CPU generator of the Poisson sampling (None in secure mode); set by the builder.
         self.sampling_generator: torch.Generator | None = None
@@ -436,8 +433,6 @@ class DPOptimizer(torch.optim.Optimizer):
         for p in params:
             self._grads[p] = self._flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
-        #: Two noise buffers the prefetch thread fills in turn (made when it starts).
-        self._buffers: tuple[torch.Tensor, ...] = ()
 
     def __repr__(self) -> str:
         return (
@@ -453,9 +448,7 @@ class DPOptimizer(torch.optim.Optimizer):
         Consumes the output gradients recorded since the last call.
         """
         std = self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
-        if std > 0 and self._prefetch is not None:
-            self._flat.copy_(self._next_noise(std))
-        elif std > 0:
+        if std > 0:
             _fill_noise(self._flat, std, generator=self._noise_generator, secure=self._secure)
         else:
             self._flat.zero_()
@@ -531,36 +524,6 @@ class DPOptimizer(torch.optim.Optimizer):
         """Remove the hooks from the model; this optimizer must not step afterwards."""
         self._recorder.detach()
         self._recorder.module.__dict__.pop("_fedsec_private", None)
-        if self._prefetch is not None:
-            self._prefetch.shutdown(wait=True)
-            self._prefetch, self._pending, self._buffers = None, None, ()
-
-    def prefetch_noise(self) -> None:
-        """Draw each step's noise in a background thread, one step ahead.
-
-        The draw (a Gaussian per parameter) needs nothing from the step it
-        serves, so it overlaps the next forward and backward pass on another
-        core (torch releases the GIL while it fills). The noise generator must
-        then be used by nothing else: pass one apart from the sampling
-        generator. The sequence of draws is the one a serial run makes, so
-        runs stay reproducible. :meth:`detach` stops the thread.
-        """
-        if self._prefetch is None:
-            self._buffers = (torch.empty_like(self._flat), torch.empty_like(self._flat))
-            self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dp-noise")
-
-    def _next_noise(self, std: float) -> torch.Tensor:
-        assert self._prefetch is not None
-        if self._pending is None:
-            self._pending = self._prefetch.submit(self._draw, self._buffers[0], std)
-        noise = self._pending.result()
-        spare = self._buffers[1] if noise is self._buffers[0] else self._buffers[0]
-        self._pending = self._prefetch.submit(self._draw, spare, std)
-        return noise
-
-    def _draw(self, out: torch.Tensor, std: float) -> torch.Tensor:
-        _fill_noise(out, std, generator=self._noise_generator, secure=self._secure)
-        return out
 
 
 # ---- make_private -------------------------------------------------------------------

@@ -235,10 +235,9 @@ def dp_train(
     device : torch.device or str
         Where to train; strings go through :func:`fedsec.training.resolve_device`.
     seed : int
-        Seeds the sampling (``seed``) and the noise (``seed + 1`` on the
-        CPU); with ``secure_mode=False`` the same seed, data and initial
-        weights give the same result (on CPU bit-for-bit). Ignored in secure
-        mode.
+        Seeds the sampling and the noise; with ``secure_mode=False`` the same
+        seed, data and initial weights give the same result (on CPU
+        bit-for-bit). Ignored in secure mode.
     secure_mode : bool
         Draw the Poisson masks and the noise from ``os.urandom`` and use
         Opacus's four-draw noise (see the module docstring); not reproducible.
@@ -318,11 +317,9 @@ def dp_train(
     total = starts[-1] if max_steps is None else min(starts[-1], max_steps)
     epoch_starts = set(starts[:-1])
     gen = None if secure_mode else torch.Generator().manual_seed(seed)
-    # The noise has its own generator (seeded from seed + 1 on the CPU), so that a
-    # background thread can draw a step's noise while the previous step computes.
-    noise_gen = None
-    if not secure_mode:
-        noise_gen = torch.Generator(device=dev).manual_seed(seed if dev.type != "cpu" else seed + 1)
+    noise_gen = gen
+    if not secure_mode and dev.type != "cpu":
+        noise_gen = torch.Generator(device=dev).manual_seed(seed)
     # The private optimizer of make_private (one implementation of the DP-SGD step:
     # clip, noise, divide by the expected batch size, count), fed by index batches
     # of the in-memory tensors and a backward pass to the layer outputs only.
@@ -339,8 +336,6 @@ def dp_train(
         secure_mode=secure_mode,
         keep_outputs=True,
     )
-    if dev.type == "cpu":  # on an accelerator the draw is asynchronous already
-        dp_opt.prefetch_noise()
     model.train()
     loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), dtype=torch.long, device=dev)
