@@ -50,8 +50,9 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
+from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedsec.client.collusion import collusion_mod
 from fedsec.client.secagg_mod import secagg_mod
@@ -237,21 +238,12 @@ def configured_attack_mod(msg: Message, context: Context, call_next: ClientAppCa
     chosen: list[PerClientAttack] = [] if boost == 1 else [Scaling(gamma=boost)]
     if isinstance(attack, PerClientAttack):
         chosen.append(attack)
-    # Innermost last: the attack perturbs the trained update, the boost scales the result.
-    handler = call_next
-    for each in reversed(chosen):
-        mod = attack_mod(each, malicious=_always, seed=cfg.experiment.seed, num_clients=sampled)
-        handler = _wrapped(mod, handler)
-    return handler(msg, context)
-
-
-def _wrapped(mod: Mod, inner: ClientAppCallable) -> ClientAppCallable:
-    """``mod`` around ``inner``, as Flower chains a ClientApp's mods."""
-
-    def call(msg: Message, context: Context) -> Message:
-        return mod(msg, context, inner)
-
-    return call
+    # Outermost first, as in ClientApp(mods=...): the boost scales what the attack made.
+    mods = [
+        attack_mod(each, malicious=_always, seed=cfg.experiment.seed, num_clients=sampled)
+        for each in chosen
+    ]
+    return make_ffn(call_next, mods)(msg, context)
 
 
 def _always(context: Context) -> bool:

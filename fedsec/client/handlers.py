@@ -315,7 +315,9 @@ def _train(
             return Message(Error(code=PRIVACY_BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
     mode = mode_of(cfg)
     # The received model, to privatize the update against (local DP only).
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    global_state = (
+        {k: v.clone() for k, v in model.state_dict().items()} if mode.noises_update else {}
+    )
     max_batch = batch_cap(cfg, hardware, model, x, y)
     if mode.private_training:
         assert ledger is not None and plan is not None

@@ -97,6 +97,7 @@ runs are not reproducible.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -341,7 +342,7 @@ def dp_train(
     correct = torch.zeros((), dtype=torch.long, device=dev)
     seen = 0
     try:
-        batches: list[torch.Tensor] = []
+        batches: Iterator[torch.Tensor] = iter(())
         for step in range(total):
             if step in epoch_starts:  # only the last epoch is reported
                 loss_sum.zero_()
@@ -349,10 +350,12 @@ def dp_train(
                 seen = 0
                 # The epoch's batches in one draw (PoissonBatchSampler does the same).
                 epoch = starts.index(step)
-                batches = poisson_batches(
-                    starts[epoch + 1] - step, n, q, generator=gen, secure=secure_mode
-                )[::-1]
-            idx = batches.pop().to(dev)
+                batches = iter(
+                    poisson_batches(
+                        starts[epoch + 1] - step, n, q, generator=gen, secure=secure_mode
+                    )
+                )
+            idx = next(batches).to(dev)
             # An empty batch takes a noise-only step. Only a memory cap splits a
             # batch: each pass is clipped on its own and the sums add up before the
             # step's single noise draw (Opacus's BatchMemoryManager semantics).
