@@ -124,3 +124,18 @@ def test_data_poisoning_is_boosted_by_the_scaling_mod_only() -> None:
         fedsec_app.configured_attack_mod(_message(attack, 1), _context(bad), _honest_train)
     )
     np.testing.assert_allclose(update["b"], 4.0 * STEP["b"], rtol=1e-6)
+
+
+def test_the_resident_model_starts_every_message_without_gradients() -> None:
+    """The client keeps one model per architecture; a message never sees the gradients
+    the previous one left (a user loop may zero them only after its step)."""
+    import torch
+
+    from fedsec.client.handlers import _resident_model
+
+    model = _resident_model("mlp", (1, 8, 8), 10)
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    assert any(p.grad is not None for p in model.parameters())
+    again = _resident_model("mlp", (1, 8, 8), 10)
+    assert again is model
+    assert all(p.grad is None for p in again.parameters())

@@ -192,6 +192,9 @@ def _resident_model(name: str, shape: tuple[int, int, int], classes: int) -> tor
         if any(n not in persistent for n, _ in model.named_buffers()):
             return model
         _MODELS[key] = model
+    # A loop that zeroes gradients after its step would otherwise start from the
+    # last message's; state_dict does not carry .grad, load_state_dict keeps it.
+    model.zero_grad(set_to_none=True)
     return model
 
 
