@@ -640,7 +640,7 @@ class FedSecStrategy(Strategy):
         stacked = updates[: len(accepted)]
         stacked.sub_(self._global_flat)  # in place: updates = returned model - global
         context: dict[str, object] = {}
-        if "client_ids" in self.rule.requires:
+        if "client_ids" in self.rule.requires | self.rule.uses:
             context["client_ids"] = list(report.accepted)
         if "reference" in self.rule.requires:
             assert self.reference_fn is not None and self._global_arrays is not None

@@ -241,6 +241,19 @@ def test_a_cell_runs_all_its_rounds_unless_the_grid_says_otherwise() -> None:
     assert limits == {"fedavg": 2, "median": 1}
 
 
+def test_a_cell_keeps_its_newest_checkpoint_only_and_its_id() -> None:
+    # 198 cells of a history-keeping rule once kept 15 GB of checkpoints (every round
+    # of every cell) and filled the disk: a cell keeps round 0 and its newest.
+    cells = parse_grid(_grid()).cells
+    assert {c.config.experiment.keep_checkpoints for c in cells} == {1}
+    raw = _grid()
+    raw["base"]["experiment"]["keep_checkpoints"] = 0
+    kept_all = parse_grid(raw).cells
+    assert {c.config.experiment.keep_checkpoints for c in kept_all} == {0}
+    # Results do not depend on it, so neither does the cell id.
+    assert [c.id for c in kept_all] == [c.id for c in cells]
+
+
 # ---- regimes (issue 19) --------------------------------------------------------------------
 
 REGIMES = [

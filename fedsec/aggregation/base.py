@@ -63,13 +63,17 @@ class Rule:
     Subclasses set ``name``, implement :meth:`aggregate` and, when they
     tolerate f Byzantine clients only for some n, :meth:`check`. Rules that
     need more than the updates (client identities, a server reference update)
-    list the keyword arguments in ``requires``; the caller passes them.
+    list the keyword arguments in ``requires``; the caller passes them. Context
+    a rule uses when the caller has it, and can do without, is listed in
+    ``uses`` (the reputation step's ``client_ids``: an adversary probing the
+    rule has none).
     Stateful rules (momentum, history) override :meth:`state_dict` and
     :meth:`load_state_dict` so a resumed run continues identically.
     """
 
     name: ClassVar[str] = "rule"
     requires: ClassVar[frozenset[str]] = frozenset()
+    uses: ClassVar[frozenset[str]] = frozenset()
     #: A stateless rule whose aggregate is non-finite whenever an update with a
     #: positive weight is (a weighted sum): its input scan is then skipped and
     #: done only to name the rows once the output shows a problem, which saves
@@ -112,7 +116,7 @@ class Rule:
         missing = self.requires - context.keys()
         if missing:
             raise ValueError(f"{self.name} needs {', '.join(sorted(missing))}")
-        picked = {k: context[k] for k in self.requires}
+        picked = {k: context[k] for k in self.requires | (self.uses & context.keys())}
         for key, value in picked.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 check_finite(value, key, name=self.name)

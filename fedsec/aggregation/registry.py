@@ -12,6 +12,7 @@ from fedsec.aggregation.dnc import DivideAndConquer
 from fedsec.aggregation.flame import Flame
 from fedsec.aggregation.geometric import CenteredClipping, GeometricMedian, NormBounding
 from fedsec.aggregation.krum import Bulyan, Krum, MultiKrum
+from fedsec.aggregation.reputation import Reputation
 from fedsec.aggregation.trust import FLTrust, FoolsGold
 from fedsec.aggregation.wrappers import Bucketing, NearestNeighborMixing
 from fedsec.registry import Registry
@@ -38,6 +39,7 @@ for _rule in (
 PRE_AGGREGATORS: Registry[Callable[..., Rule]] = Registry("pre-aggregation")
 PRE_AGGREGATORS.add(Bucketing.name, Bucketing)
 PRE_AGGREGATORS.add(NearestNeighborMixing.name, NearestNeighborMixing)
+PRE_AGGREGATORS.add(Reputation.name, Reputation)
 
 
 def parameters_of(factory: Callable[..., Any], skip: int = 0) -> list[str]:

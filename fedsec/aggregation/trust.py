@@ -18,7 +18,7 @@ import torch
 from fedsec.aggregation.base import AggregationResult, Rule, column_blocks, weighted_sum
 
 
-def _cosine_matrix(gram: torch.Tensor) -> torch.Tensor:
+def cosine_matrix(gram: torch.Tensor) -> torch.Tensor:
     """Cosine similarities from a Gram matrix; 0 wherever a vector has norm 0."""
     norms = gram.diagonal().clamp(min=0).sqrt()
     denominator = norms[:, None] * norms[None, :]
@@ -26,7 +26,7 @@ def _cosine_matrix(gram: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, gram / torch.where(positive, denominator, 1.0), 0.0)
 
 
-def _norms_and_dots(
+def norms_and_dots(
     updates: torch.Tensor, reference: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row norms [n], dot products with ``reference`` [n] and its norm, in float64.
@@ -93,7 +93,7 @@ class FLTrust(Rule):
             shape = tuple(reference.shape) if isinstance(reference, torch.Tensor) else reference
             raise ValueError(f"fltrust: reference must be a tensor of shape [{d}], got {shape}")
         reference = reference.to(device=updates.device, dtype=updates.dtype)
-        norms, dots, ref_norm = _norms_and_dots(updates, reference)
+        norms, dots, ref_norm = norms_and_dots(updates, reference)
         denominator = norms * ref_norm
         positive = denominator > 0
         cosine = torch.where(positive, dots / torch.where(positive, denominator, 1.0), 0.0)
@@ -113,7 +113,7 @@ class FLTrust(Rule):
         )
 
 
-def _client_ids(client_ids: Any, n: int, rule: str) -> list[int]:
+def checked_client_ids(client_ids: Any, n: int, rule: str) -> list[int]:
     """Validate ``client_ids``: n distinct integers."""
     if isinstance(client_ids, torch.Tensor):
         ids = [int(c) for c in client_ids.reshape(-1).tolist()]
@@ -126,6 +126,93 @@ def _client_ids(client_ids: Any, n: int, rule: str) -> list[int]:
     if len(set(ids)) != n:
         raise ValueError(f"{rule}: client_ids must be distinct, got {ids}")
     return ids
+
+
+class UpdateHistories:
+    """Per-client sums of all updates sent so far, for rules that look across rounds.
+
+    Row ``i`` of the [k, d] float32 history belongs to the i-th client id ever
+    recorded; it lives on the device of the updates. Used by FoolsGold and the
+    reputation step.
+    """
+
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+        self._rows: dict[int, int] = {}  # client id -> row of _history
+        self._history = torch.zeros(0, 0, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def record(self, ids: list[int], updates: torch.Tensor) -> torch.Tensor:
+        """Add this round's updates to the histories; return the participants' rows [n]."""
+        d = updates.shape[1]
+        if self._rows and self._history.shape[1] != d:
+            raise ValueError(
+                f"{self.rule}: the histories have {self._history.shape[1]} coordinates, "
+                f"the updates have {d}"
+            )
+        history = self._history.to(updates.device)
+        new = [cid for cid in ids if cid not in self._rows]
+        if new:
+            # Grow by the new clients (transiently two copies of the history).
+            grown = torch.zeros(len(self._rows) + len(new), d, device=updates.device)
+            if self._rows:
+                grown[: len(self._rows)] = history
+            history = grown
+            for cid in new:
+                self._rows[cid] = len(self._rows)
+        self._history = history
+        index = torch.tensor([self._rows[cid] for cid in ids], device=updates.device)
+        if updates.dtype == torch.float32:
+            history.index_add_(0, index, updates)
+        else:
+            for i, row in enumerate(index.tolist()):
+                history[row].add_(updates[i])
+        return index
+
+    def gram(self, index: torch.Tensor) -> torch.Tensor:
+        """Gram matrix [n, n] in float64 of the histories at rows ``index``."""
+        history = self._history
+        n, d = index.shape[0], history.shape[1]
+        everyone = n == history.shape[0] and index.tolist() == list(range(n))
+        gram = torch.zeros(n, n, dtype=torch.float64, device=history.device)
+        for cols in column_blocks(n, d):
+            # float32 products per block (histories are float32), summed in float64;
+            # a strided view when every known client takes part, else a gathered copy.
+            block = history[:, cols] if everyone else history[index, cols]
+            product = (block @ block.T).to(torch.float64)
+            if not torch.isfinite(product).all():  # float32 overflow: redo in float64
+                block = block.to(torch.float64)
+                product = block @ block.T
+            gram += product
+            del block, product  # free before the next block is gathered
+        return gram
+
+    def cosines(self, index: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities [n, n] of the histories at rows ``index`` (0 for a zero history)."""
+        return cosine_matrix(self.gram(index))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``ids`` [k] int64 and ``history`` [k, d] float32, row i the history of ``ids[i]``.
+
+        ``history`` is the object's own tensor, not a copy.
+        """
+        ids = sorted(self._rows, key=self._rows.__getitem__)
+        return {"ids": torch.tensor(ids, dtype=torch.int64), "history": self._history}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        ids, history = state["ids"], state["history"]
+        if ids.ndim != 1 or history.ndim != 2 or history.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"{self.rule}: state needs ids [k] and history [k, d], got "
+                f"{tuple(ids.shape)} and {tuple(history.shape)}"
+            )
+        rows = {int(cid): row for row, cid in enumerate(ids.tolist())}
+        if len(rows) != ids.shape[0]:
+            raise ValueError(f"{self.rule}: state ids must be distinct")
+        self._rows = rows
+        self._history = history.to(torch.float32, copy=True)
 
 
 class FoolsGold(Rule):
@@ -183,39 +270,11 @@ class FoolsGold(Rule):
         if not math.isfinite(kappa) or kappa <= 0:
             raise ValueError(f"foolsgold: kappa must be positive and finite, got {kappa!r}")
         self.kappa = float(kappa)
-        self._rows: dict[int, int] = {}  # client id -> row of _history
-        self._history = torch.zeros(0, 0, dtype=torch.float32)
-
-    def _record(self, ids: list[int], updates: torch.Tensor) -> torch.Tensor:
-        """Add this round's updates to the histories; return the participants' rows [n]."""
-        d = updates.shape[1]
-        if self._rows and self._history.shape[1] != d:
-            raise ValueError(
-                f"foolsgold: the histories have {self._history.shape[1]} coordinates, "
-                f"the updates have {d}"
-            )
-        history = self._history.to(updates.device)
-        new = [cid for cid in ids if cid not in self._rows]
-        if new:
-            # Grow by the new clients (transiently two copies of the history).
-            grown = torch.zeros(len(self._rows) + len(new), d, device=updates.device)
-            if self._rows:
-                grown[: len(self._rows)] = history
-            history = grown
-            for cid in new:
-                self._rows[cid] = len(self._rows)
-        self._history = history
-        index = torch.tensor([self._rows[cid] for cid in ids], device=updates.device)
-        if updates.dtype == torch.float32:
-            history.index_add_(0, index, updates)
-        else:
-            for i, row in enumerate(index.tolist()):
-                history[row].add_(updates[i])
-        return index
+        self._histories = UpdateHistories(self.name)
 
     def learning_rates(self, gram: torch.Tensor) -> torch.Tensor:
         """The alphas of Algorithm 1 from the Gram matrix [n, n] of the histories."""
-        cs = _cosine_matrix(gram).fill_diagonal_(0.0)
+        cs = cosine_matrix(gram).fill_diagonal_(0.0)
         v = cs.max(dim=1).values
         pardon = v[None, :] > v[:, None]
         cs = torch.where(pardon, cs * v[:, None] / torch.where(pardon, v[None, :], 1.0), cs)
@@ -232,23 +291,11 @@ class FoolsGold(Rule):
         self, updates: torch.Tensor, weights: torch.Tensor, **context: Any
     ) -> AggregationResult:
         n, d = updates.shape
-        ids = _client_ids(context["client_ids"], n, self.name)
-        index = self._record(ids, updates)
+        ids = checked_client_ids(context["client_ids"], n, self.name)
+        index = self._histories.record(ids, updates)
         if n == 1:
             return AggregationResult(aggregate=updates[0].clone(), weights=torch.ones_like(weights))
-        history = self._history
-        everyone = n == history.shape[0] and index.tolist() == list(range(n))
-        gram = torch.zeros(n, n, dtype=torch.float64, device=updates.device)
-        for cols in column_blocks(n, d):
-            # float32 products per block (histories are float32), summed in float64;
-            # a strided view when every known client takes part, else a gathered copy.
-            block = history[:, cols] if everyone else history[index, cols]
-            product = (block @ block.T).to(torch.float64)
-            if not torch.isfinite(product).all():  # float32 overflow: redo in float64
-                block = block.to(torch.float64)
-                product = block @ block.T
-            gram += product
-            del block, product  # free before the next block is gathered
+        gram = self._histories.gram(index)
         alpha = self.learning_rates(gram)
         total = alpha.sum()
         if total <= 0:
@@ -262,21 +309,8 @@ class FoolsGold(Rule):
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``ids`` [k] int64 and ``history`` [k, d] float32, row i the history of ``ids[i]``.
-
-        ``history`` is the rule's own tensor, not a copy.
-        """
-        ids = sorted(self._rows, key=self._rows.__getitem__)
-        return {"ids": torch.tensor(ids, dtype=torch.int64), "history": self._history}
+        """``ids`` [k] int64 and ``history`` [k, d] float32 (see :class:`UpdateHistories`)."""
+        return self._histories.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        ids, history = state["ids"], state["history"]
-        if ids.ndim != 1 or history.ndim != 2 or history.shape[0] != ids.shape[0]:
-            raise ValueError(
-                f"foolsgold: state needs ids [k] and history [k, d], got "
-                f"{tuple(ids.shape)} and {tuple(history.shape)}"
-            )
-        self._rows = {int(cid): row for row, cid in enumerate(ids.tolist())}
-        if len(self._rows) != ids.shape[0]:
-            raise ValueError("foolsgold: state ids must be distinct")
-        self._history = history.to(torch.float32, copy=True)
+        self._histories.load_state_dict(state)

@@ -97,6 +97,11 @@ class Bucketing(Rule):
         """The inner rule's context keywords, passed through."""
         return self.inner.requires
 
+    @property
+    def uses(self) -> frozenset[str]:  # type: ignore[override]
+        """The inner rule's optional context but ``client_ids`` (buckets are not clients)."""
+        return self.inner.uses - {"client_ids"}
+
     def buckets(self, n: int) -> int:
         """Number of buckets for n clients."""
         return math.ceil(n / self.s)
@@ -198,6 +203,11 @@ class NearestNeighborMixing(Rule):
     def requires(self) -> frozenset[str]:  # type: ignore[override]
         """The inner rule's context keywords, passed through."""
         return self.inner.requires
+
+    @property
+    def uses(self) -> frozenset[str]:  # type: ignore[override]
+        """The inner rule's optional context keywords, passed through."""
+        return self.inner.uses
 
     def check(self, n: int) -> None:
         super().check(n)

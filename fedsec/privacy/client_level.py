@@ -272,6 +272,11 @@ class CentralDPFedAvg(Rule):
         """The inner rule's context keywords, passed through."""
         return self.inner.requires
 
+    @property
+    def uses(self) -> frozenset[str]:  # type: ignore[override]
+        """The inner rule's optional context keywords, passed through."""
+        return self.inner.uses
+
     def check(self, n: int) -> None:
         super().check(n)
         self.inner.check(n)
