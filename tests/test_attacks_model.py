@@ -95,7 +95,9 @@ def test_registry_has_all_attacks() -> None:
         "fang-krum",
         "fang-trimmed-mean",
         "mimic",
-        "fltrust-adaptive",  # discovered: appended after the built-in ones
+        # discovered: appended after the built-in ones, in module order
+        "decorrelated",
+        "fltrust-adaptive",
     ]
     for name in MODEL_ATTACKS:
         cls = MODEL_ATTACKS.get(name)
