@@ -106,13 +106,16 @@ class Reputation(Rule):
       clients that push against the consensus round after round (sign
       flipping, IPM). An adaptive adversary that knows the similarity test
       gives each colluder a direction of its own (the ``decorrelated``
-      attack); then only the reputation and the inner rule remain.
+      attack); then only the reputation and the inner rule remain. An
+      omniscient adversary could silence an honest client by sending a copy
+      of its update (both then get weight 0).
     * Returned weights: the inner rule's weights scattered back, 0 for
       dropped clients.
     * Cost per round: two [n, n] Gram matrices (updates and histories) and
       one coordinate-wise median over [n, d].
     * State: the update histories ([k, d] float32 for the k clients seen),
-      the reputations, and the inner rule's state under ``inner.``.
+      the reputations, and the inner rule's state under ``inner.``; every
+      checkpoint holds it (``experiment.keep_checkpoints`` bounds how many stay).
     """
 
     name = "reputation"
