@@ -83,8 +83,8 @@ class Reputation(Rule):
         ignore them, and step 1 then does nothing.
     similarity : float
         Cosine where copies start to lose weight (default 0.95; it must be
-        below 0.99, where they have none). Honest clients on digits at
-        Dirichlet 0.1 reached 0.98 per round and 0.973 over their histories.
+        below 0.99, where they have none). Chosen on digits at Dirichlet 0.1,
+        where honest pairs stayed below the top of the band.
     decay : float
         Weight of a client's earlier scores, in [0, 1) (default 0.9).
     threshold : float
@@ -145,7 +145,6 @@ class Reputation(Rule):
         self.f = f
         self._histories = UpdateHistories(self.name)
         self._score = torch.zeros(0, dtype=torch.float64)  # decayed sum of scores
-        self._mass = torch.zeros(0, dtype=torch.float64)  # decayed count of scores
         self._seen = torch.zeros(0, dtype=torch.int64)  # scores so far
         self._dropped = torch.zeros(0, dtype=torch.bool)  # dropped in its last round
 
@@ -165,8 +164,10 @@ class Reputation(Rule):
 
     def reputation(self, rows: torch.Tensor) -> torch.Tensor:
         """Reputations [len(rows)] of the clients at those history rows (0 before any score)."""
-        mass = self._mass[rows]
-        return torch.where(mass > 0, self._score[rows] / mass.clamp(min=1e-300), 0.0)
+        seen = self._seen[rows]
+        # The decayed count of seen scores, sum_k decay^k = (1 - decay^seen) / (1 - decay).
+        mass = (1 - self.decay ** seen.to(torch.float64)) / (1 - self.decay)
+        return torch.where(seen > 0, self._score[rows] / mass.clamp(min=1e-300), 0.0)
 
     def shares(self, similarity: torch.Tensor) -> torch.Tensor:
         """Each client's weight factor ``1 - max_j K(s_ij)`` [n], from similarities [n, n]."""
@@ -178,7 +179,6 @@ class Reputation(Rule):
         extra = size - self._score.shape[0]
         if extra > 0:
             self._score = torch.cat([self._score, torch.zeros(extra, dtype=torch.float64)])
-            self._mass = torch.cat([self._mass, torch.zeros(extra, dtype=torch.float64)])
             self._seen = torch.cat([self._seen, torch.zeros(extra, dtype=torch.int64)])
             self._dropped = torch.cat([self._dropped, torch.zeros(extra, dtype=torch.bool)])
 
@@ -245,7 +245,6 @@ class Reputation(Rule):
         )
         scores = self.scores(updates, share)
         self._score[rows] = self.decay * self._score[rows] + scores
-        self._mass[rows] = self.decay * self._mass[rows] + 1.0
         self._seen[rows] += 1
         out = torch.zeros(n, dtype=updates.dtype, device=updates.device)
         out[kept] = result.weights.to(updates.dtype)
@@ -253,19 +252,18 @@ class Reputation(Rule):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = prefixed(self._histories.state_dict(), "histories.")
-        state.update(score=self._score, mass=self._mass, seen=self._seen, dropped=self._dropped)
+        state.update(score=self._score, seen=self._seen, dropped=self._dropped)
         state.update(prefixed(self.inner.state_dict(), "inner."))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._histories.load_state_dict(unprefixed(state, "histories."))
         self._score = state["score"].to(torch.float64, copy=True)
-        self._mass = state["mass"].to(torch.float64, copy=True)
         self._seen = state["seen"].to(torch.int64, copy=True)
         self._dropped = state["dropped"].to(torch.bool, copy=True)
         sizes = {
             len(self._histories),
-            *(t.shape[0] for t in (self._score, self._mass, self._seen, self._dropped)),
+            *(t.shape[0] for t in (self._score, self._seen, self._dropped)),
         }
         if len(sizes) != 1:
             raise ValueError(f"reputation: state sizes disagree ({sorted(sizes)} clients)")

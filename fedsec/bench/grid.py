@@ -382,13 +382,13 @@ def _cell(
     if aggregation.get("f", "auto") == "auto":
         aggregation["f"] = _expected_malicious(raw, fraction, where)
     raw["aggregation"] = aggregation
-    # A defense that lets the model diverge fails every later round (each reply is
-    # excluded as non-finite): that is the cell's result, not a dead engine, so a
-    # cell runs all its rounds unless the grid sets server.max_failed_rounds.
     # Every checkpoint holds the rule's state, and a history-keeping rule's state grows
     # with the clients (198 reputation cells kept 15 GB over 30 rounds): a cell keeps
     # round 0 and its newest round, enough to resume, unless the grid says otherwise.
     raw["experiment"].setdefault("keep_checkpoints", 1)
+    # A defense that lets the model diverge fails every later round (each reply is
+    # excluded as non-finite): that is the cell's result, not a dead engine, so a
+    # cell runs all its rounds unless the grid sets server.max_failed_rounds.
     rounds = raw["experiment"].get("rounds", ExperimentConfig().experiment.rounds)
     if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds >= 1:
         raw.setdefault("server", {}).setdefault("max_failed_rounds", rounds)

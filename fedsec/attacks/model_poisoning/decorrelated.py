@@ -83,19 +83,15 @@ class Decorrelated(ModelPoisoningAttack):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"decorrelated: seed must be an integer >= 0, got {seed!r}")
         self.seed = seed
-        from fedsec.aggregation.registry import parameters_of
-
         if params is not None and not isinstance(params, dict):
             raise ValueError(f"decorrelated: params must be a table, got {params!r}")
-        inner_params = dict(params or {})
-        accepted = parameters_of(cls)
-        unknown = sorted(set(inner_params) - set(accepted) - {"omniscient"})
-        if unknown:
-            raise ValueError(f"decorrelated: {attack} has no parameter {unknown[0]!r}")
-        if "omniscient" in accepted:
-            inner_params["omniscient"] = omniscient
         self.params = dict(params or {})
-        self._inner: ModelPoisoningAttack = cls(**inner_params)
+        from fedsec.attacks.threat import build_attack  # threat imports this package
+
+        try:
+            self._inner: ModelPoisoningAttack = build_attack(attack, self.params, omniscient)
+        except ValueError as err:
+            raise ValueError(f"decorrelated: {err}") from None
         self.requires_context = self._inner.requires_context  # type: ignore[misc]
         self.min_malicious = self._inner.min_malicious  # type: ignore[misc]
 
