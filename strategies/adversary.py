@@ -145,6 +145,8 @@ class AdversaryFilter:
         if not training:  # evaluation, or a SecAgg stage that carries no update
             return replies
         self._referee(replies)
+        if self.attack is not None and self.attack.withholds:
+            return _split(replies)[1]  # the colluders send nothing (the honest-only reference)
         if _is_masked_input(training[0]):
             return self._attack_secure(messages, replies, next, timeout)
         self._attack(training[0], replies)

@@ -95,6 +95,7 @@ def test_registry_has_all_attacks() -> None:
         "fang-krum",
         "fang-trimmed-mean",
         "mimic",
+        "abstain",
         # discovered: appended after the built-in ones, in module order
         "decorrelated",
         "fltrust-adaptive",

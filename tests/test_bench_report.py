@@ -544,3 +544,33 @@ def test_regime_figures_and_an_index_written_before_regimes(
     after = summarize(ResultsStore.open(old).results())
     assert after.regimes == [""] and not after.has_regimes
     assert after.accuracy == before.accuracy and after.worst == before.worst
+
+
+def test_the_honest_only_reference_is_shown_but_never_a_worst_case(tmp_path: Path) -> None:
+    """``abstain`` (the malicious clients send nothing) is a column, not an attack."""
+    source = GRID.format(fractions="[0.25]").replace(
+        '[[attack]]\nname = "ipm"', '[[attack]]\nname = "ipm"\n\n[[attack]]\nname = "abstain"'
+    )
+    grid = parse_grid(tomllib.loads(source), source=source)
+    store = ResultsStore.create_or_open(tmp_path / "results", grid)
+    for cell in grid.cells:
+        # Lower than any attack's accuracy: it would be every worst case if it counted.
+        final = 0.05 if cell.attack == "abstain" else FINAL[(cell.attack, cell.defense, cell.seed)]
+        manifest = {
+            "format": 1,
+            "config": cell.config.to_dict(),
+            "finished": True,
+            "checkpoints": [],
+            "rounds": [{"round": 1, "status": "ok", "test_accuracy": final}],
+        }
+        folder = store.cell_path(cell.id)
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    summary = summarize(ResultsStore.open(tmp_path / "results").results())
+    assert summary.attacks == ["ipm", "abstain", "backdoor"]
+    assert summary.references == ["abstain"]
+    assert summary.accuracy[(SETTING, "median", "abstain")] == pytest.approx(0.05)
+    assert summary.worst[(SETTING, "mean")][1] == "ipm"
+    assert summary.worst[(SETTING, "median")][1] == "backdoor"
+    assert all(attack != "abstain" for _, attack, _ in summary.worst_overall.values())
+    assert "abstain is a reference" in render_markdown(summary, {})

@@ -348,3 +348,41 @@ def test_secagg_mod_holds_no_adversary_code() -> None:
     for word in ("ADVERSARY_KEY", "fedsec-adversary", "MALICIOUS_TAG", "collu", "crafted"):
         assert word not in source, word
     assert "malicious=True" not in source
+
+
+# -- the honest-only reference ----------------------------------------------------------
+
+
+def test_abstaining_colluders_send_nothing_and_the_server_averages_the_honest() -> None:
+    collusion = Collusion("abstain", malicious=MALICIOUS)
+    adversary = collusion.server_filter()
+    grid = InProcessGrid(_app([collusion.client_mod()]), NODES).as_grid()
+    strategy = FedSecStrategy(rule=make("mean"), min_available_nodes=NODES, filters=[adversary])
+    result = strategy.start(grid, _initial(), num_rounds=1, timeout=60.0)
+    assert adversary.malicious_nodes == {1, 2}  # the referee still knows them
+    assert adversary.rounds_attacked == 0
+    honest = [_honest(p) for p in range(NODES) if p not in MALICIOUS]
+    np.testing.assert_allclose(
+        result.arrays["w"].numpy(), W0 + sum(honest) / len(honest), atol=1e-6
+    )
+
+
+def test_abstaining_colluders_drop_out_of_a_secure_round() -> None:
+    # One abstaining colluder of five: a dropout SecAgg+'s thresholds tolerate at n = 5.
+    collusion = Collusion("abstain", malicious=frozenset({0}))
+    adversary = collusion.server_filter()
+    secure = SecureAggregation(clip=1.0, weight_cap=0, dropout_rate=0.2)
+    grid = InProcessGrid(_app([collusion.client_mod(secagg_mod)]), NODES).as_grid()
+    above = _Spy()
+    strategy = FedSecStrategy(
+        rule=make("mean"), min_available_nodes=NODES, secure=secure, filters=[above, adversary]
+    )
+    new, _ = strategy.train_round(
+        pipeline(grid, strategy.filters), grid, 1, _initial(), ConfigRecord({"server-round": 1})
+    )
+    assert new is not None, secure.last_error
+    # The server never saw the colluder's input, plain or masked.
+    assert sorted(r.metadata.src_node_id for r in _masked_inputs(above.replies)) == [2, 3, 4, 5]
+    honest = [_honest(p) for p in range(1, NODES)]
+    error = np.abs(new["w"].numpy() - (W0 + sum(honest) / len(honest))).max()
+    assert error <= _tolerance(), (error, _tolerance())

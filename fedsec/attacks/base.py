@@ -81,6 +81,9 @@ class ModelPoisoningAttack:
     #: Rule context the attack cannot do without (``AdversaryView.context`` keys, e.g.
     #: FLTrust's ``reference``): it needs an adaptive adversary against a rule using it.
     requires_context: ClassVar[frozenset[str]] = frozenset()
+    #: The colluders send nothing: the adversary component drops their replies, so the
+    #: server aggregates the honest clients only (a reference, not an attack: ``abstain``).
+    withholds: ClassVar[bool] = False
 
     def check(self, num_malicious: int, num_clients: int) -> None:
         """Raise ``ValueError`` (one line, with the numbers) if the attack cannot run."""

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsec.assembly import sampled_clients
+from fedsec.attacks.model_poisoning import MODEL_ATTACKS
 from fedsec.config import ConfigError, ExperimentConfig, parse_config
 
 __all__ = ["Cell", "Grid", "GridError", "load_grid", "parse_grid"]
@@ -128,9 +129,15 @@ class Cell:
             "alpha": self.alpha,
             "seed": self.seed,
             "backdoor": self.config.attack.name == "backdoor",
+            "reference": _is_reference(self.config.attack.name),
             "num_clients": self.config.data.num_clients,
             "rounds": self.config.experiment.rounds,
         }
+
+
+def _is_reference(attack: str) -> bool:
+    """Whether ``attack`` is a reference rather than an attack (``abstain``)."""
+    return attack in MODEL_ATTACKS and bool(MODEL_ATTACKS.get(attack).withholds)
 
 
 @dataclass(frozen=True)

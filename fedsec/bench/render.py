@@ -183,6 +183,16 @@ def _document(summary: Summary, figures: Sequence[str]) -> tuple[str, list[_Bloc
             row.append(f"{_pct(worst[0])} ({worst[1]})" if worst else NA)
             rows.append(row)
         blocks.append(_Table(["defense", *map(_column, columns), "worst case"], rows))
+        if summary.references:
+            names = ", ".join(summary.references)
+            verb = "is a reference" if len(summary.references) == 1 else "are references"
+            blocks.append(
+                _Text(
+                    f"{names} {verb}, not an attack: the malicious clients send nothing, so "
+                    "the defense aggregates the honest clients alone (what a perfect defense "
+                    "could reach with their data); left out of every worst case."
+                )
+            )
 
         worst_blocks = _worst_blocks(summary, [setting], "in this setting", show_setting=False)
         if worst_blocks:

@@ -80,6 +80,10 @@ class Summary:
         Defense labels in grid order (first appearance).
     attacks : list of str
         Attack labels in grid order, without the clean baseline ``"none"``.
+    references : list of str
+        The labels among ``attacks`` that are references, not attacks
+        (``abstain``: the honest clients alone, what a perfect defense could
+        reach); shown beside the attacks, left out of every worst case.
     backdoor_attacks : list of str
         The attacks whose cells report an attack success rate.
     settings : list of Setting
@@ -126,6 +130,7 @@ class Summary:
     attacks: list[str]
     backdoor_attacks: list[str]
     settings: list[Setting]
+    references: list[str] = field(default_factory=list)
     regimes: list[str] = field(default_factory=lambda: [""])
     regime_shape: dict[str, tuple[int, int]] = field(default_factory=dict)
     accuracy: dict[Key, float] = field(default_factory=dict)
@@ -231,6 +236,8 @@ def summarize(results: list[CellResult], name: str = "grid") -> Summary:
     cells = [r.cell for r in results]
     defenses = _unique(c["defense"] for c in cells)
     attacks = _unique(c["attack"] for c in cells if c["attack"] != CLEAN)
+    # Stores written before references existed have no "reference" key: all attacks.
+    references = _unique(c["attack"] for c in cells if c.get("reference"))
     regimes = _unique(_regime(c) for c in cells)
     attacked = [c for c in cells if c["attack"] != CLEAN]
     if attacked:
@@ -247,6 +254,7 @@ def summarize(results: list[CellResult], name: str = "grid") -> Summary:
         attacks=attacks,
         backdoor_attacks=[],
         settings=settings,
+        references=references,
         regimes=regimes,
         regime_shape={
             regime: next(
@@ -305,7 +313,7 @@ def summarize(results: list[CellResult], name: str = "grid") -> Summary:
             scores = [
                 (summary.accuracy[(setting, defense, attack)], attack)
                 for attack in attacks
-                if (setting, defense, attack) in summary.accuracy
+                if attack not in references and (setting, defense, attack) in summary.accuracy
             ]
             if scores:
                 summary.worst[(setting, defense)] = min(scores, key=lambda s: s[0])

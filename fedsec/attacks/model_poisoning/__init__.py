@@ -76,6 +76,7 @@ from fedsec.attacks.model_poisoning.optimized import (
 )
 from fedsec.attacks.model_poisoning.fang import MAX_HALVINGS, FangKrum, FangTrimmedMean
 from fedsec.attacks.model_poisoning.mimic import Mimic
+from fedsec.attacks.model_poisoning.abstain import Abstain
 # isort: on
 
 
@@ -104,6 +105,7 @@ __all__ = [
     "MODEL_ATTACKS",
     "SCAN_LEVELS",
     "ALIEDirection",
+    "Abstain",
     "FangKrum",
     "FangTrimmedMean",
     "GaussianNoise",
