@@ -77,3 +77,13 @@ def check_int(name: str, value: object, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``value`` as text cut to ``limit`` characters (client-controlled text goes into logs)."""
+    if isinstance(value, str):
+        value = value[: limit + 1]  # never repr a megabyte to keep 60 characters of it
+    elif isinstance(value, tuple | list) and len(value) > 16:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = str(value) if isinstance(value, BaseException) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,7 +7,7 @@ Layout of ``results/<run-name>/``::
     decisions.jsonl      per round: clients sampled, excluded (with reason), weights used
     metrics.json         per-round metrics and the final figures
     rounds.csv           the same rows, one per round
-    accuracy.png         test accuracy over rounds
+    accuracy.png         test accuracy over rounds (not for a grid's cells)
     checkpoints/round_NNNN.safetensors
     .lock                held (``flock``) by the one process writing the run
 
@@ -438,8 +438,8 @@ class RunDirectory:
         server_state = unprefixed(tensors, SERVER_STATE_PREFIX)
         return int(entry["round"]), model_state, server_state
 
-    def finish(self) -> None:
-        """Mark the run complete and draw its accuracy plot.
+    def finish(self, plot: bool = True) -> None:
+        """Mark the run complete and draw its accuracy plot (unless ``plot`` is False).
 
         Raises
         ------
@@ -451,7 +451,8 @@ class RunDirectory:
             self.finished = True
             self._write_manifest()
             self._write_metrics()
-            self.write_plot()
+            if plot:
+                self.write_plot()
 
     def write_plot(self) -> Path:
         """Write ``accuracy.png``: server-side test accuracy over rounds."""

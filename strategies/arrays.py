@@ -9,9 +9,10 @@ A reply's payload is untrusted bytes: an ``Array`` carries metadata
 (``dtype``, ``shape``, ``stype``) and ``data``, a ``.npy`` file with its own
 header. ``np.load`` trusts that header and allocates what it claims before
 reading a byte of data (a 1 TiB claim with an 8-byte payload raises
-``MemoryError``). So :meth:`ArraySpec.flatten_into` never calls it: it parses
-only the bounded header, checks dtype, shape and the exact byte length against
-the spec, and only then views the bytes in place (``np.frombuffer``, no copy).
+``MemoryError``). So :meth:`ArraySpec.flatten_into` never calls it: it reads
+each payload with :func:`fedsec.npy.payload_view`, which checks dtype, shape
+and the exact byte length against the spec before viewing the bytes in place
+(``np.frombuffer``, no copy).
 
 Non-float arrays. Only floating-point arrays are model weights that an
 aggregation rule can average; the flat update vector holds those alone. A
@@ -29,7 +30,6 @@ it go back. Boolean arrays stay at the server's value. Any other dtype
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,45 +39,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
-#: Largest ``.npy`` header accepted. np.save writes ~120 bytes for a float array
-#: (padded to 64); numpy's own limit is 10,000 (literal_eval cost).
-NPY_MAX_HEADER = 4096
-_NPY_PREFIX = 10  # magic (6) + version (2) + header length (2, or 4 in version 2.0)
-
-
-@dataclass(frozen=True)
-class NpyLayout:
-    """What a ``.npy`` payload's header declares, and where its data starts."""
-
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    fortran_order: bool
-    offset: int
-
-
-def read_npy_layout(data: bytes) -> NpyLayout:
-    """Parse the header of a ``.npy`` payload without touching (or allocating) its data.
-
-    Raises
-    ------
-    ValueError
-        If the magic, version or header is malformed or longer than
-        :data:`NPY_MAX_HEADER`.
-    """
-    # Only the header's bytes are copied; ``data`` may be a GiB.
-    fp = io.BytesIO(memoryview(data)[: _NPY_PREFIX + 2 + NPY_MAX_HEADER])
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(
-            fp, max_header_size=NPY_MAX_HEADER
-        )
-    elif version == (2, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(
-            fp, max_header_size=NPY_MAX_HEADER
-        )
-    else:  # 3.0 only adds utf-8 field names, which float arrays never have
-        raise ValueError(f".npy format version {version} is not supported")
-    return NpyLayout(dtype, tuple(int(s) for s in shape), bool(fortran_order), fp.tell())
+from fedsec.checks import short_repr
+from fedsec.npy import payload_view, to_array
 
 
 @dataclass(frozen=True)
@@ -233,7 +196,7 @@ class ArraySpec:
                 # A contiguous slice reshaped stays contiguous, and keeps 0-d shapes
                 # (np.ascontiguousarray would make them (1,)).
                 chunk = values[offset : offset + size].reshape(shape).astype(dtype, copy=False)
-            record[name] = Array(np.asarray(chunk, dtype=np.dtype(dtype)).reshape(shape))
+            record[name] = to_array(np.asarray(chunk, dtype=np.dtype(dtype)).reshape(shape))
         return record
 
 
@@ -267,50 +230,3 @@ def _copy_payload(
         return values
     flat[offset : offset + values.size] = values
     return None
-
-
-def payload_view(
-    array: Array, name: str, shape: tuple[int, ...], dtype: np.dtype
-) -> np.ndarray | str:
-    """``array``'s values as a flat read-only view of its bytes, or why they are refused.
-
-    The ``.npy`` header must declare exactly ``dtype`` (either byte order) and
-    ``shape``, and the payload must hold exactly that many bytes; all checked
-    before any data is read, so a lying header cannot make the caller allocate
-    or decode more than ``shape`` allows. No copy is made (``np.frombuffer``)
-    unless the payload is column-major. Raises ``ValueError`` on a malformed
-    header.
-    """
-    if array.stype != SType.NUMPY:
-        return f"array '{name}' has stype {short_repr(array.stype)}, expected {SType.NUMPY}"
-    data = array.data
-    if not isinstance(data, bytes):
-        return f"array '{name}' payload is {type(data).__name__}, not bytes"
-    layout = read_npy_layout(data)
-    # Same type and width; a big-endian payload is converted on copy. float64,
-    # complex or bool sent as float32 never reach the (lossy) assignment below.
-    if layout.dtype.newbyteorder("=") != dtype:
-        return f"array '{name}' payload has dtype {short_repr(layout.dtype)}, declared {dtype}"
-    if layout.shape != shape:
-        return f"array '{name}' payload has shape {short_repr(layout.shape)}, declared {shape}"
-    size = math.prod(shape)
-    expected = size * dtype.itemsize
-    if len(data) - layout.offset != expected:
-        return (
-            f"array '{name}' payload holds {len(data) - layout.offset} bytes of data, "
-            f"its shape and dtype need {expected}"
-        )
-    values = np.frombuffer(data, dtype=layout.dtype, count=size, offset=layout.offset)
-    if layout.fortran_order:  # column-major payload: same values, transposed layout
-        values = values.reshape(shape[::-1]).transpose().reshape(-1)
-    return values
-
-
-def short_repr(value: object, limit: int = 60) -> str:
-    """``value`` as text cut to ``limit`` characters (client-controlled text goes into logs)."""
-    if isinstance(value, str):
-        value = value[: limit + 1]  # never repr a megabyte to keep 60 characters of it
-    elif isinstance(value, tuple | list) and len(value) > 16:
-        return f"<{type(value).__name__} of {len(value)} items>"
-    text = str(value) if isinstance(value, BaseException) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -236,7 +236,7 @@ def _worker(job: _Job, index: int, todo: Any, events: Any) -> None:
                 run = store.run_directory(cell)
                 try:
                     if not run.finished:
-                        run_experiment(grid, cell.config, run, on_round=on_round)
+                        run_experiment(grid, cell.config, run, on_round=on_round, plot=False)
                 finally:
                     run.close()  # unlock the cell's folder
             except Exception as err:  # the cell stays unfinished; the grid goes on

@@ -65,6 +65,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedsec.checks import short_repr
+from fedsec.npy import payload_view
 from fedsec.privacy.distributed import SkellamPlan, plan_skellam, unmask_floor
 from fedsec.secagg.messages import (
     MAX_IDENTITY_CHARS,
@@ -87,7 +89,6 @@ from fedsec.wire import (
 )
 from fedsec.wire import DP_EPSILON_MAX_KEY as EPSILON_KEY
 
-from .arrays import payload_view, short_repr
 from .pipeline import Exchange
 from .strategy import FedSecStrategy, first_per_node
 
@@ -116,7 +117,7 @@ def _masked_parser(public: list[float], params: SecAggParams) -> Parser:
 
     The masked vector must be exactly ``dim + 1`` values of the ring's dtype;
     header, dtype, shape and byte length are checked before a byte of data is
-    read (:func:`~fedsec.strategies.arrays.payload_view`), so a header claiming
+    read (:func:`fedsec.npy.payload_view`), so a header claiming
     a TiB costs nothing, and the accepted vector is a view of the payload's
     bytes (no copy: the server adds it into the running sum and lets it go).
     """

@@ -68,6 +68,7 @@ from flwr.supercore import log
 
 from fedsec.aggregation import Rule
 from fedsec.aggregation.base import Mean
+from fedsec.checks import short_repr
 from fedsec.params import prefixed, unprefixed
 from fedsec.wire import ARRAYS_KEY as ARRAYS_KEY
 from fedsec.wire import CONFIG_KEY as CONFIG_KEY
@@ -75,7 +76,7 @@ from fedsec.wire import METRICS_KEY as METRICS_KEY
 from fedsec.wire import NUM_EXAMPLES_KEY as NUM_EXAMPLES_KEY
 from fedsec.wire import PARTITION_ID_KEY as PARTITION_KEY
 
-from .arrays import ArraySpec, short_repr
+from .arrays import ArraySpec
 from .pipeline import Exchange, Filter, pipeline
 
 if TYPE_CHECKING:

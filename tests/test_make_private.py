@@ -336,3 +336,38 @@ def test_backward_outputs_equals_backward_and_refuses_modified_outputs() -> None
     )  # fmt: skip
     with pytest.raises(ValueError, match="keep_outputs"):
         plain.backward_outputs(linear(x[:5].flatten(1)).sum())
+
+
+def test_a_plain_sgd_steps_on_the_foreach_path_bit_identically_and_hooks_turn_it_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DPOptimizer steps a plain SGD through ForeachSGD: the same weights as SGD.step."""
+    from fedsec.training import ForeachSGD
+
+    x, y = _digits(64)
+
+    def three_steps(hook: bool) -> tuple[list[torch.Tensor], list[str]]:
+        model = _tiny_cnn(seed=1)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        calls: list[str] = []
+        if hook:  # a hook of the user's: the fast path must step aside so that it runs
+            sgd.register_step_post_hook(lambda *args: calls.append("hook"))
+        loader = DataLoader(TensorDataset(x, y), batch_size=16)
+        model, opt, private = make_private(
+            model, sgd, loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            generator=torch.Generator().manual_seed(2),
+            noise_generator=torch.Generator().manual_seed(4),
+        )  # fmt: skip
+        for _, (xb, yb) in zip(range(3), private, strict=False):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], calls
+
+    fast, _ = three_steps(hook=False)
+    hooked, calls = three_steps(hook=True)
+    assert calls == ["hook"] * 3
+    monkeypatch.setattr(ForeachSGD, "wraps", staticmethod(lambda opt: False))
+    reference, _ = three_steps(hook=False)
+    for a, b, c in zip(fast, hooked, reference, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, c)

@@ -321,3 +321,51 @@ def test_bad_optimizer_hyperparameters(kwargs: dict[str, float], match: str) -> 
     params = list(nn.Linear(2, 2).parameters())
     with pytest.raises(ValueError, match=match):
         make_optimizer("sgd", params, **kwargs)
+
+
+# ---- the SGD fast path ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-3), (0.0, 1e-3)]
+)
+@pytest.mark.parametrize("name", ["mlp", "cnn-digits"])
+def test_sgd_fast_path_is_bit_identical_to_torch_sgd(
+    digits: Split, name: str, momentum: float, weight_decay: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train``'s foreach SGD step gives exactly torch.optim.SGD's weights."""
+    import fedsec.training as training
+
+    x, y = digits[0][:150], digits[1][:150]
+
+    def trained() -> dict[str, torch.Tensor]:
+        model = make_model(name, (1, 8, 8), 10, seed=3)
+        kwargs = {"lr": 0.05, "momentum": momentum, "weight_decay": weight_decay}
+        train(model, x, y, epochs=2, batch_size=32, seed=5, **kwargs)  # type: ignore[arg-type]
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    fast = trained()
+    monkeypatch.setattr(training.ForeachSGD, "wraps", staticmethod(lambda opt: False))
+    reference = trained()
+    for key in reference:
+        assert torch.equal(fast[key], reference[key]), key
+
+
+def test_sgd_fast_path_steps_aside_for_what_it_does_not_reproduce() -> None:
+    from fedsec.training import ForeachSGD
+
+    params = list(nn.Linear(2, 2).parameters())
+    assert ForeachSGD.wraps(torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    assert not ForeachSGD.wraps(torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True))
+    assert not ForeachSGD.wraps(torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1))
+    assert not ForeachSGD.wraps(torch.optim.Adam(params, lr=0.1))
+    hooked = torch.optim.SGD(params, lr=0.1)
+    hooked.register_step_post_hook(lambda *args: None)
+    assert not ForeachSGD.wraps(hooked)
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(lambda *args: None)
+    try:
+        assert not ForeachSGD.wraps(torch.optim.SGD(params, lr=0.1))
+    finally:
+        handle.remove()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 
 from fedsec.assembly import build_configured_attack
 from fedsec.attacks.data_poisoning import DataPoisoningAttack
@@ -32,6 +32,7 @@ from fedsec.client.privacy import (
 from fedsec.config import ExperimentConfig
 from fedsec.data import SplitData, client_dataset, load_dataset
 from fedsec.models import make_model
+from fedsec.npy import record_from_state_dict, state_dict_from_record
 from fedsec.params import flatten_state, unflatten_state
 from fedsec.privacy.client_level import privatize_update
 from fedsec.privacy.dpsgd import dp_step_probe, dp_train
@@ -163,7 +164,7 @@ def _local_setup(
     data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
     x, y = client_partition(cfg, data, partition_id)
     model = _resident_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
-    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    model.load_state_dict(state_dict_from_record(msg.content.array_records["arrays"]))
     return cfg, partition_id, model, x, y, hardware
 
 
@@ -394,7 +395,7 @@ def _train(
         # the public attack_mod (fedsec.client.app.configured_attack_mod) or, for
         # colluders, collusion_mod, which also tags.
         metrics[TRUTH_TAG] = 1
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
+    content = RecordDict({"arrays": record_from_state_dict(state), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

@@ -76,6 +76,7 @@ from fedsec.privacy.per_example import (
     _StepGrads,
 )
 from fedsec.privacy.poisson import _fill_noise, poisson_batches
+from fedsec.training import ForeachSGD
 
 __all__ = [
     "DPOptimizer",
@@ -410,6 +411,7 @@ class DPOptimizer(torch.optim.Optimizer):
     ) -> None:
         # The wrapped optimizer's state is shared, not copied (Opacus does the same).
         self.original_optimizer = optimizer
+        self._foreach = ForeachSGD(optimizer) if isinstance(optimizer, torch.optim.SGD) else None
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
         self.state = optimizer.state
@@ -498,7 +500,12 @@ class DPOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.privatise_gradients()
-        self.original_optimizer.step()
+        # A plain SGD steps without torch's per-call machinery (checked every step: the
+        # caller owns the optimizer and may add hooks to it).
+        if self._foreach is not None and ForeachSGD.wraps(self.original_optimizer):
+            self._foreach.step()
+        else:
+            self.original_optimizer.step()
         self.accountant.steps += 1
         return loss
 
