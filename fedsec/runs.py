@@ -39,6 +39,7 @@ import io
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -239,6 +240,37 @@ class RunDirectory:
         (run.path / "config.toml").write_text(to_toml(config), encoding="utf-8")
         run._write_manifest()
         return run
+
+    @staticmethod
+    def discard_unrecorded(path: str | Path) -> None:
+        """Remove a run folder that has no manifest: a run that died before recording.
+
+        :meth:`create` makes the folder, then writes the manifest; a process
+        killed in between leaves a folder that :meth:`open` refuses and that
+        makes the next :meth:`create` of the same name pick ``<name>-2``.
+        Callers that own a run's path (a grid's cells) remove it with this
+        first. Its lock is taken before anything is removed, so the folder of
+        a live process is never pulled from under it.
+
+        Raises
+        ------
+        RunDirectoryError
+            If the folder is a symlink, has a manifest (it recorded a run), or
+            is in use by another process (:class:`RunInUseError`).
+        """
+        path = Path(path)
+        if path.is_symlink() or not path.is_dir():
+            raise RunDirectoryError(f"{path}: not a run folder")
+        if (path / MANIFEST).exists():
+            raise RunDirectoryError(f"{path}: has a {MANIFEST}; resume it with open()")
+        resolved = path.resolve()
+        _RunLock.acquire(resolved)
+        try:
+            shutil.rmtree(resolved)
+        except OSError as err:
+            raise RunDirectoryError(f"{path}: cannot remove ({err.strerror or err})") from None
+        finally:
+            _RunLock.release(resolved)
 
     @classmethod
     def open(cls, path: str | Path) -> RunDirectory:

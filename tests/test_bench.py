@@ -19,7 +19,7 @@ from fedsec.bench.store import ResultsStore, StoreError
 from fedsec.cli import BenchProgress
 from fedsec.client.app import app as client_app
 from fedsec.config import parse_config
-from fedsec.runs import RunDirectory
+from fedsec.runs import RunDirectory, RunDirectoryError, RunInUseError
 from fedsec.strategies.inprocess import InProcessGrid
 from fedsec.strategies.server_app import run_experiment
 
@@ -239,6 +239,50 @@ def test_a_cell_runs_all_its_rounds_unless_the_grid_says_otherwise() -> None:
     raw["defense"][1]["server"] = {"max_failed_rounds": 1}
     limits = {c.defense: c.config.server.max_failed_rounds for c in parse_grid(raw).cells}
     assert limits == {"fedavg": 2, "median": 1}
+
+
+def test_a_cell_killed_before_its_first_manifest_reruns_in_its_own_folder(
+    tmp_path: Path,
+) -> None:
+    """Killed between making a cell's folder and writing its manifest, a grid resumed
+    the cell in "<id>-2", which the store never reads: the cell stayed unfinished
+    (seen as a flaky quick-grid test under load). It now reruns in its own folder."""
+    grid = parse_grid(_grid(), source=GRID)
+    store = ResultsStore.create_or_open(tmp_path / "r", grid)
+    cell = grid.cells[0]
+    folder = store.cell_path(cell.id)
+    (folder / "checkpoints").mkdir(parents=True)  # what create() makes before the manifest
+    (folder / ".lock").write_text("4242\n")  # a dead process's lock file: no flock held
+    run = store.run_directory(cell)
+    try:
+        assert run.path == folder.resolve()
+        run.finish(plot=False)
+    finally:
+        run.close()
+    assert sorted(p.name for p in (store.path / "cells").iterdir()) == [cell.id]
+    assert store.result(cell.id).finished
+    # A folder that recorded a run is resumed, never discarded.
+    with pytest.raises(RunDirectoryError, match="resume it with open"):
+        RunDirectory.discard_unrecorded(folder)
+
+
+def test_a_live_process_keeps_its_unrecorded_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+         "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); "
+         "time.sleep(600)", str(folder / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUseError):
+            RunDirectory.discard_unrecorded(folder)
+        assert (folder / "checkpoints").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_cell_keeps_its_newest_checkpoint_only_and_its_id() -> None:

@@ -174,6 +174,11 @@ class ResultsStore:
         try:
             if (path / MANIFEST).exists():
                 return RunDirectory.open(path)
+            if path.exists():
+                # Killed between making the folder and writing its manifest: nothing was
+                # recorded, and a create() beside it would write to "<id>-2", which the
+                # store never reads (the cell would never count as finished).
+                RunDirectory.discard_unrecorded(path)
             return RunDirectory.create(cell.config, self.path / CELLS)
         except RunDirectoryError as err:
             raise StoreError(f"cell {cell.id}: {err}") from None
