@@ -165,11 +165,20 @@ def _preflight(cfg: ExperimentConfig, run: RunDirectory | None) -> None:
     from fedsec.data import DatasetNotFoundError, load_dataset
 
     try:
-        load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
+        data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
     except DatasetNotFoundError as err:
         raise _fail(str(err)) from None
     except ValueError as err:
         raise _fail(f"data.dataset: {err}") from None
+    # The split: a partitioner that cannot make it (Dirichlet 0.1 over 100 clients of
+    # digits) would otherwise fail every client in every round. The split is computed
+    # once for all partitions, so asking for the first one checks them all.
+    from fedsec.client.app import client_partition
+
+    try:
+        client_partition(cfg, data, 0)
+    except ValueError as err:
+        raise _fail(f"data.partition: {err}") from None
     if run is not None and run.last_round is not None:
         from fedsec.checkpoint import check_model_state
 

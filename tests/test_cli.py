@@ -44,6 +44,10 @@ def _assert_bad_input(result: subprocess.CompletedProcess[str], *fragments: str)
         ("[data]\nnum_clients = -4\n", ("data.num_clients", "-4")),
         ("[data]\npartition = 'dirichlet'\nalpha = 0\n", ("data.alpha", "> 0")),
         ("[data]\nnum_clients = 100000\n", ("data.num_clients", "training samples")),
+        (  # valid fields, but no Dirichlet 0.1 draw gives 100 clients of digits one sample each
+            "[data]\nnum_clients = 100\npartition = 'dirichlet'\nalpha = 0.1\n",
+            ("data.partition", "dirichlet partitioning failed", "raise alpha"),
+        ),
         (
             "[aggregation]\nrule = 'fedavgg'\n",
             ("aggregation.rule", "valid choices: mean"),
