@@ -55,6 +55,8 @@ __all__ = [
 #: (padded to 64); numpy's own limit is 10,000 (literal_eval cost).
 NPY_MAX_HEADER = 4096
 _NPY_PREFIX = 10  # magic (6) + version (2) + header length (2, or 4 in version 2.0)
+_MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS)
+_MAX_DTYPE_TEXT = 32  # "float32", "<f8", ">i4": a few characters
 
 
 @dataclass(frozen=True)
@@ -73,23 +75,28 @@ def read_npy_layout(data: bytes) -> NpyLayout:
     Raises
     ------
     ValueError
-        If the magic, version or header is malformed or longer than
-        :data:`NPY_MAX_HEADER`.
+        In one line, if the magic, version or header is malformed or longer
+        than :data:`NPY_MAX_HEADER` (numpy's own errors, whatever their type
+        or length, are turned into that line: the header is the sender's).
     """
     # Only the header's bytes are copied; ``data`` may be a GiB.
     fp = io.BytesIO(memoryview(data)[: _NPY_PREFIX + 2 + NPY_MAX_HEADER])
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(
-            fp, max_header_size=NPY_MAX_HEADER
-        )
-    elif version == (2, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(
-            fp, max_header_size=NPY_MAX_HEADER
-        )
-    else:  # 3.0 only adds utf-8 field names, which float arrays never have
-        raise ValueError(f".npy format version {version} is not supported")
-    return NpyLayout(dtype, tuple(int(s) for s in shape), bool(fortran_order), fp.tell())
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(
+                fp, max_header_size=NPY_MAX_HEADER
+            )
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(
+                fp, max_header_size=NPY_MAX_HEADER
+            )
+        else:  # 3.0 only adds utf-8 field names, which numeric arrays never have
+            raise ValueError(f".npy format version {version} is not supported")
+        return NpyLayout(dtype, tuple(int(s) for s in shape), bool(fortran_order), fp.tell())
+    except Exception as err:  # TokenError, TypeError, IndexError, RecursionError, ...
+        detail = " ".join(str(err).split())  # numpy's messages can span lines
+        raise ValueError(f".npy header: {short_repr(detail)}") from None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -121,11 +128,12 @@ def payload_view(
     unless the payload is column-major. Raises ``ValueError`` on a malformed
     header.
     """
+    label = short_repr(name)  # a record key is the sender's: quoted, cut to one line
     if array.stype != SType.NUMPY:
-        return f"array '{name}' has stype {short_repr(array.stype)}, expected {SType.NUMPY}"
+        return f"array {label} has stype {short_repr(array.stype)}, expected {SType.NUMPY}"
     data = array.data
     if not isinstance(data, bytes):
-        return f"array '{name}' payload is {type(data).__name__}, not bytes"
+        return f"array {label} payload is {type(data).__name__}, not bytes"
     expected_header = _c_order_header(dtype, shape)
     if data.startswith(expected_header):  # what np.save writes: nothing to parse
         layout = NpyLayout(dtype, shape, False, len(expected_header))
@@ -134,14 +142,14 @@ def payload_view(
     # Same type and width; a big-endian payload is converted on copy. float64,
     # complex or bool sent as float32 never reach the (lossy) assignment below.
     if layout.dtype.newbyteorder("=") != dtype:
-        return f"array '{name}' payload has dtype {short_repr(layout.dtype)}, declared {dtype}"
+        return f"array {label} payload has dtype {short_repr(layout.dtype)}, declared {dtype}"
     if layout.shape != shape:
-        return f"array '{name}' payload has shape {short_repr(layout.shape)}, declared {shape}"
+        return f"array {label} payload has shape {short_repr(layout.shape)}, declared {shape}"
     size = math.prod(shape)
     expected = size * dtype.itemsize
     if len(data) - layout.offset != expected:
         return (
-            f"array '{name}' payload holds {len(data) - layout.offset} bytes of data, "
+            f"array {label} payload holds {len(data) - layout.offset} bytes of data, "
             f"its shape and dtype need {expected}"
         )
     values = np.frombuffer(data, dtype=layout.dtype, count=size, offset=layout.offset)
@@ -162,13 +170,23 @@ def to_numpy(array: Array, name: str = "array") -> np.ndarray:
         In one line, if the dtype is not numeric or the payload disagrees with
         the metadata (header, shape or length).
     """
+    label = short_repr(name)  # a record key is the sender's: quoted, cut to one line
+    # The metadata is the sender's: bounded before numpy parses it or a header is cached.
+    if not isinstance(array.dtype, str) or len(array.dtype) > _MAX_DTYPE_TEXT:
+        raise ValueError(f"array {label} has dtype {short_repr(array.dtype)}")
+    if len(array.shape) > _MAX_DIMS:
+        raise ValueError(f"array {label} has {len(array.shape)} dimensions, at most {_MAX_DIMS}")
     try:
         dtype = np.dtype(array.dtype).newbyteorder("=")  # a big-endian payload is converted
     except TypeError:
-        raise ValueError(f"array '{name}' has dtype {short_repr(array.dtype)}") from None
-    if dtype.kind not in "biufc":
-        raise ValueError(f"array '{name}' has dtype {dtype}; only numeric arrays are read")
+        raise ValueError(f"array {label} has dtype {short_repr(array.dtype)}") from None
+    # Numeric and at most 8 bytes a value (16 for complex): what numpy and torch share
+    # (float128 and complex256 would pass numpy and fail in torch.from_numpy).
+    if dtype.kind not in "biufc" or dtype.itemsize > (16 if dtype.kind == "c" else 8):
+        raise ValueError(f"array {label} has dtype {dtype}; only numeric arrays are read")
     shape = tuple(int(s) for s in array.shape)
+    if any(not 0 <= s < 2**63 for s in shape):  # also bounds the header cached below
+        raise ValueError(f"array {label} has shape {short_repr(shape)}")
     values = payload_view(array, name, shape, dtype)
     if isinstance(values, str):
         raise ValueError(values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -46,6 +47,14 @@ def test_a_fortran_ordered_array_is_sent_row_major_with_the_same_values() -> Non
     np.testing.assert_array_equal(to_numpy(Array(values)), values)
 
 
+def _raw(header: str, body: bytes = b"") -> bytes:
+    """A version 1.0 ``.npy`` payload with this header text, as a hostile peer may write it."""
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + body
+
+
+_GOOD = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
+
+
 def _payload(values: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
     fp = io.BytesIO()
     if version is None:
@@ -80,8 +89,48 @@ def test_headers_other_than_np_saves_are_parsed_and_read_alike() -> None:
         (_payload(np.zeros(2, np.float64)), (2,), "float32", "payload has dtype"),
         (b"not an npy file at all", (2,), "float32", "the magic string is not correct"),
         (_payload(np.zeros(2, np.float32)), (2,), "object", "only numeric arrays"),
+        (_payload(np.zeros(2, np.float32)), (1,) * 65, "float32", "65 dimensions, at most 64"),
+        (_payload(np.zeros(2, np.float32)), (2,), "f4" * 1000, "has dtype 'f4f4"),
+        # Red team (numpy raised other types, or several lines, on these headers):
+        (
+            _raw("{'descr': '<f4', 'fortran_order': False, 'shape': (2,\n"),
+            (2,),
+            "float32",
+            ".npy header",
+        ),
+        (_raw("{1: 1, 'a': 2}\n"), (2,), "float32", ".npy header"),
+        (
+            _raw("{'descr': (), 'fortran_order': False, 'shape': (2,), }\n"),
+            (2,),
+            "float32",
+            ".npy header",
+        ),
+        (
+            _raw("{'descr':'<f4','fortran_order':False,'shape':(" + "-" * 3000 + "1,),}\n"),
+            (2,),
+            "float32",
+            ".npy header",
+        ),
+        (_raw(_GOOD + " " * (4097 - len(_GOOD)) + "\n"), (2,), "float32", ".npy header"),
+        (_payload(np.zeros(2, np.float32)), (2,), "float128", "only numeric arrays"),
+        (_payload(np.zeros(2, np.float32)), (10**30,), "float32", "has shape"),
     ],
-    ids=["huge-claim", "truncated", "dtype-lie", "not-npy", "object"],
+    ids=[
+        "huge-claim",
+        "truncated",
+        "dtype-lie",
+        "not-npy",
+        "object",
+        "ndim",
+        "dtype-text",
+        "unclosed-header",
+        "odd-keys",
+        "odd-descr",
+        "deep-header",
+        "4k-header",
+        "float128",
+        "huge-dim",
+    ],
 )
 def test_a_payload_that_disagrees_with_its_metadata_is_refused_in_one_line(
     payload: bytes, shape: tuple[int, ...], dtype: str, message: str
@@ -90,6 +139,15 @@ def test_a_payload_that_disagrees_with_its_metadata_is_refused_in_one_line(
     with pytest.raises(ValueError, match=re.escape(message)) as caught:
         to_numpy(array, "w")
     assert "\n" not in str(caught.value)
+
+
+def test_a_record_key_cannot_forge_a_log_line() -> None:
+    """A server chooses the record's keys: they are quoted in the one-line error."""
+    good = Array(np.zeros(2, dtype=np.float32))
+    bad = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=good.data)
+    with pytest.raises(ValueError) as caught:
+        state_dict_from_record(ArrayRecord({"w\nINFO forged": bad}))
+    assert "\n" not in str(caught.value) and "INFO forged" in str(caught.value)
 
 
 def test_state_dicts_round_trip_as_flowers_records_do() -> None:
