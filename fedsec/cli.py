@@ -160,16 +160,16 @@ def quiet_logs(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _preflight(cfg: ExperimentConfig, run: RunDirectory | None) -> None:
-    """Fail fast, with one line, on problems that would otherwise surface mid-run."""
+def _data_problem(cfg: ExperimentConfig) -> str | None:
+    """Why ``cfg``'s data set or split cannot be had, in one line; None if it can."""
     from fedsec.data import DatasetNotFoundError, load_dataset
 
     try:
         data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
     except DatasetNotFoundError as err:
-        raise _fail(str(err)) from None
+        return str(err)
     except ValueError as err:
-        raise _fail(f"data.dataset: {err}") from None
+        return f"data.dataset: {err}"
     # The split: a partitioner that cannot make it (Dirichlet 0.1 over 100 clients of
     # digits) would otherwise fail every client in every round. The split is computed
     # once for all partitions, so asking for the first one checks them all.
@@ -178,7 +178,15 @@ def _preflight(cfg: ExperimentConfig, run: RunDirectory | None) -> None:
     try:
         client_partition(cfg, data, 0)
     except ValueError as err:
-        raise _fail(f"data.partition: {err}") from None
+        return f"data.partition: {err}"
+    return None
+
+
+def _preflight(cfg: ExperimentConfig, run: RunDirectory | None) -> None:
+    """Fail fast, with one line, on problems that would otherwise surface mid-run."""
+    problem = _data_problem(cfg)
+    if problem is not None:
+        raise _fail(problem)
     if run is not None and run.last_round is not None:
         from fedsec.checkpoint import check_model_state
 
@@ -597,9 +605,23 @@ def bench(
         raise _fail(f"--jobs must be in [1, {cores}] (this machine's cores), got {jobs}")
     try:
         grid = load_grid(grid_file)
+    except GridError as err:
+        raise _fail(str(err)) from None
+    # Each distinct data set and split once (a grid has a handful): a cell whose split
+    # cannot be made would otherwise run every round with every client failing.
+    checked: set[str] = set()
+    for cell in grid.cells:
+        data = cell.config.data
+        key = repr((data, cell.config.experiment.seed))
+        if key not in checked:
+            checked.add(key)
+            problem = _data_problem(cell.config)
+            if problem is not None:
+                raise _fail(f"cell {cell.id}: {problem}")
+    try:
         folder = results or Path("results") / "bench" / grid.name
         store = ResultsStore.create_or_open(folder, grid)
-    except (GridError, StoreError) as err:
+    except StoreError as err:
         raise _fail(str(err)) from None
     # Each worker's share of the cores caps its threads (fedsec.cores); spawned workers
     # inherit it through the environment.

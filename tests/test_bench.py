@@ -158,6 +158,29 @@ def test_progress_counts_cells_and_estimates_the_time_left() -> None:
     assert progress.eta() == pytest.approx(10.0 * 7 / 2)
 
 
+def test_bench_refuses_a_grid_whose_split_cannot_be_made_before_writing_anything(
+    tmp_path: Path,
+) -> None:
+    """No Dirichlet 0.1 draw gives 100 digits clients a sample each: one line, exit 2."""
+    grid = tmp_path / "bad.toml"
+    grid.write_text(
+        GRID.replace("data = { num_clients = 8 }", "data = { num_clients = 100 }").replace(
+            "alphas = [0.5]", "alphas = [0.1]"
+        )
+    )
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedsec.cli", "bench", str(grid), "--results", str(results),
+         "--engine", "inprocess"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cell "), done.stderr
+    assert "data.partition: dirichlet partitioning failed" in lines[0]
+    assert not results.exists()  # bad input writes nothing
+
+
 def _bench(results: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
