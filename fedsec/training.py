@@ -343,13 +343,13 @@ class ForeachSGD:
 
     A client's round is a few steps of a small model, where ``Optimizer.step``'s
     wrapper (profiler record, hooks, grad mode, regrouping the parameters)
-    costs more than the update: about 70 us against 30 us per step of the
-    digits MLP. The update is torch's, term for term (weight decay added to a
-    copy of the gradient, ``buf = momentum * buf + grad`` with the first
-    buffer a copy of the gradient, ``p -= lr * buf``), applied with
-    ``torch._foreach_*`` over the parameters that have a gradient, and the
-    momentum buffers live in the optimizer's own state, so the results are
-    bit-identical (tested) and the optimizer stays usable. :func:`train` and
+    costs more than the update on the digits MLP (``simulations/bench_dpsgd.py``
+    shows the plain loop's time). The update is torch's, term for term
+    (weight decay added to a copy of the gradient, ``buf = momentum * buf +
+    grad`` with the first buffer a copy of the gradient, ``p -= lr * buf``),
+    applied with ``torch._foreach_*`` over the parameters that have a
+    gradient, and the momentum buffers live in the optimizer's own state, so
+    the results are bit-identical (tested) and the optimizer stays usable. :func:`train` and
     the DP-SGD optimizer (:class:`fedsec.privacy.dp_loop.DPOptimizer`) step
     through it whenever :meth:`wraps` says the optimizer is such an SGD.
     """

@@ -199,9 +199,9 @@ def run_experiment(
 
     Round 0 is the evaluation of the initial model. ``plot``: draw the run's
     ``accuracy.png`` when it finishes (a grid's cells do not: its report draws
-    the figures, and a plot costs about 0.15 s of CPU per cell). When ``run`` already has
-    checkpoints, the loop restarts after the last one, whose SHA-256 must match
-    the manifest.
+    the figures, and matplotlib's drawing is a noticeable share of a small
+    cell's CPU). When ``run`` already has checkpoints, the loop restarts after
+    the last one, whose SHA-256 must match the manifest.
 
     A failed round (no usable reply, or aggregation raised) keeps the global
     model and is recorded; after ``server.max_failed_rounds`` of them in a row
