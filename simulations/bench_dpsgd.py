@@ -19,8 +19,19 @@ and 135 here) and Opacus ``epochs * len(loader)`` (15 and 135, at rate
 ``1 / len(loader)``), against ``epochs * ceil(n / B)`` (15 and 135) for plain
 training, so the per-step ratio of ``dp_train`` is printed too.
 
+``--breakdown`` adds a second table: one more run of each loop with timers
+around its phases (forward, backward, the DP step's per-example terms,
+norms and clip factors, clipped sums, noise draw and optimizer step; "rest"
+is the loop itself: sampling, indexing, metrics), in microseconds per step,
+then for each DP configuration what a 1.3x target allows beyond a plain step,
+what DP-SGD adds, and its *noise floor* ``(plain step + noise draw) / plain
+step``: the ratio DP-SGD could not go below even if everything else it does
+were free. The timers add about a microsecond per phase, so this table
+explains the ratio above rather than replacing it.
+
     python simulations/bench_dpsgd.py
     python simulations/bench_dpsgd.py --repeats 3 --opacus-modes hooks ew ghost
+    python simulations/bench_dpsgd.py --breakdown
 """
 
 from __future__ import annotations
@@ -29,12 +40,17 @@ import argparse
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import fedsec.privacy.dp_loop as dp_loop
+import fedsec.training as training
 from fedsec.data import load_dataset
 from fedsec.models import make_model
 from fedsec.privacy.dpsgd import dp_train
@@ -112,6 +128,108 @@ def make_opacus_runner(
     return run
 
 
+#: Phases of the breakdown: (label, owner, attribute) of the function timed.
+PHASES: list[tuple[str, Any, str]] = [
+    ("backward", torch.autograd, "backward"),  # plain: the backward pass of train()
+    ("backward", dp_loop.DPOptimizer, "backward_outputs"),  # DP: to the layer outputs only
+    ("per-example terms", dp_loop._LoopRecorder, "take"),
+    ("norms + clip", dp_loop, "_clip_factors"),
+    ("clipped sums", dp_loop, "_add_clipped_sums"),
+    ("noise", dp_loop, "_fill_noise"),
+    ("optimizer step", training.ForeachSGD, "step"),
+]
+BREAKDOWN_COLUMNS = [
+    "forward",
+    "backward",
+    "per-example terms",
+    "norms + clip",
+    "clipped sums",
+    "noise",
+    "optimizer step",
+    "rest",
+]
+
+
+@contextmanager
+def phase_timers(spent: defaultdict[str, float]) -> Iterator[None]:
+    """Accumulate the seconds spent in each phase's function into ``spent``."""
+    originals = []
+    for label, owner, attr in PHASES:
+        function = getattr(owner, attr)
+        originals.append((owner, attr, function))
+
+        def timed(*args: Any, _f: Any = function, _label: str = label, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                spent[_label] += time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+    try:
+        yield
+    finally:
+        for owner, attr, function in originals:
+            setattr(owner, attr, function)
+
+
+def breakdown(
+    run: Callable[[nn.Module, torch.Tensor, torch.Tensor, int, int], int],
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    bs: int,
+) -> dict[str, float]:
+    """Microseconds per step in each phase of one timed run of ``run``."""
+    spent: defaultdict[str, float] = defaultdict(float)
+    forward = model.forward
+
+    def timed_forward(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            spent["forward"] += time.perf_counter() - t0
+
+    model.forward = timed_forward
+    with phase_timers(spent):
+        t0 = time.perf_counter()
+        steps = run(model, x, y, epochs, bs)
+        total = time.perf_counter() - t0
+    per_step = {k: 1e6 * v / steps for k, v in spent.items()}
+    per_step["rest"] = 1e6 * total / steps - sum(per_step.values())
+    per_step["total"] = 1e6 * total / steps
+    return per_step
+
+
+def print_breakdown(rows: list[tuple[str, int, str, dict[str, float]]]) -> None:
+    """The breakdown table, then each configuration's noise floor."""
+    head = ["model", "n", "loop", *[f"{c} us" for c in BREAKDOWN_COLUMNS], "total us/step"]
+    print()
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for name, n, loop, phases in rows:
+        cells = [f"{phases[c]:.0f}" if c in phases else "-" for c in BREAKDOWN_COLUMNS]
+        print("| " + " | ".join([name, str(n), loop, *cells, f"{phases['total']:.0f}"]) + " |")
+    print()
+    plain = {(r[0], r[1]): r[3] for r in rows if r[2] == "plain"}
+    for name, n, loop, phases in rows:
+        if loop != "fedsec":
+            continue
+        base = plain[(name, n)]["total"]
+        noise = phases.get("noise", 0.0)
+        clipping = sum(
+            phases.get(c, 0.0) for c in ("per-example terms", "norms + clip", "clipped sums")
+        )
+        print(
+            f"{name} n={n}: a {base:.0f} us plain step; 1.3x allows {0.3 * base:.0f} us more, "
+            f"DP-SGD adds {phases['total'] - base:.0f} us: the noise draw alone {noise:.0f} us "
+            f"(noise floor {(base + noise) / base:.2f}x), per-example terms, norms and clipped "
+            f"sums {clipping:.0f} us"
+        )
+
+
 def main() -> None:
     """Parse arguments, time every configuration, print a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,6 +243,9 @@ def main() -> None:
         nargs="+",
         default=["hooks"],
         choices=["hooks", "functorch", "ew", "ghost"],
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time the phases of each loop per step"
     )
     args = parser.parse_args()
 
@@ -150,6 +271,7 @@ def main() -> None:
     head += [f"{k}/plain" for k in runners if k.startswith("opacus")]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
+    phase_rows: list[tuple[str, int, str, dict[str, float]]] = []
     for name in args.models:
         for n in args.sizes:
             x, y = data.train_x[:n], data.train_y[:n]
@@ -170,6 +292,13 @@ def main() -> None:
             row += [f"{ratio:.2f}x", f"{per_step:.2f}x"]
             row += [f"{med[k] / med['plain']:.2f}x" for k in runners if k.startswith("opacus")]
             print("| " + " | ".join(row) + " |", flush=True)
+            if args.breakdown:
+                for key in ("plain", "fedsec"):
+                    model = make_model(name, input_shape, num_classes, seed=0)
+                    phases = breakdown(runners[key], model, x, y, args.epochs, args.batch_size)
+                    phase_rows.append((name, n, key, phases))
+    if phase_rows:
+        print_breakdown(phase_rows)
 
 
 if __name__ == "__main__":
