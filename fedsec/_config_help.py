@@ -38,7 +38,7 @@ KEYS: dict[str, str] = {
     "experiment.device": "`auto`, `cpu`, `cuda`, `cuda:N`, `mps`",
     "experiment.results_dir": "parent folder of run directories (no `..` component; not itself a symlink)",
     "data.dataset": 'the data set: a built-in name, one registered in the process (`fedsec.registry`) or a dotted `"package.module:factory"`',
-    "data.data_dir": "root of the local data sets",
+    "data.data_dir": "root of the local data sets (simulations; a deployed node uses its node config `data-dir`)",
     "data.partition": 'how the training split is divided among clients: a built-in name, a registered one or a dotted `"package.module:function"`',
     "data.alpha": "Dirichlet concentration (> 0; smaller is more skewed)",
     "data.shards_per_client": "shards per client (>= 1)",

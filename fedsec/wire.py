@@ -29,6 +29,7 @@ __all__ = [
     "COLLUSION_REFUSED",
     "CONFIG_KEY",
     "CONSISTENCY_CHECK_STAGE",
+    "DATA_DIR_KEY",
     "DELTA_CAP_KEY",
     "DP_EPSILON_MAX_KEY",
     "EPSILON_CAP_KEY",
@@ -183,6 +184,10 @@ SIGNING_IDENTITY_KEY = "signing-identity"
 #: Node config of the folder holding the node's durable state (privacy ledger); read by
 #: fedsec.client.privacy and local_dp.
 STATE_DIR_KEY = "state-dir"
+#: Node config of the folder holding the node's data sets: a deployed node reads its data
+#: from here (default: ``data``), never from a folder the server's config names; read by
+#: fedsec.client.handlers.
+DATA_DIR_KEY = "data-dir"
 #: Node config of the node's own epsilon cap: the budget is never above it, whatever the
 #: server-sent config says; read by fedsec.client.privacy.
 EPSILON_CAP_KEY = "epsilon-budget"

@@ -12,6 +12,10 @@ Each test names the attack; each failed on the defenses as first landed.
   with a large delta (0.5: 27 rounds instead of 3 under a cap of 4.37), and
   knew the DP noise, which was seeded from the config it sends (seed, round,
   partition), so it could subtract it.
+* The node's data folder (:func:`fedsec.client.handlers.node_data_dir`): a
+  deployed node loaded its data sets from the config's ``data.data_dir``, a path
+  the server chooses, so a server could make it train on (and so expose) data
+  in any folder the node can read.
 
 The LAN listener is also probed through uvicorn against Flower's real app
 (path tricks that held; a change in uvicorn or Starlette must keep them held).
@@ -33,6 +37,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedsec.attacks.threat import SIMULATED_ADVERSARY_ENV
+from fedsec.client import handlers
 from fedsec.client.app import app as client_app
 from fedsec.client.privacy import (
     DELTA_CAP_KEY,
@@ -42,8 +47,11 @@ from fedsec.client.privacy import (
     STATE_DIR_KEY,
 )
 from fedsec.config import WIRE_CONFIG_KEY, ExperimentConfig, parse_config
+from fedsec.data import SplitData
+from fedsec.data import load_dataset as real_load_dataset
 from fedsec.deploy import lan_superlink
 from fedsec.models import make_model
+from fedsec.wire import DATA_DIR_KEY
 
 # ---- split SuperLink ----------------------------------------------------------------
 
@@ -285,3 +293,58 @@ def test_simulated_dp_noise_stays_reproducible(
     first = _update(client_app(_message(cfg, 1), _context()))
     again = _update(client_app(_message(cfg, 1), _context()))
     assert np.array_equal(first, again)
+
+
+# ---- the data folder is the node's ------------------------------------------------------
+
+
+@pytest.fixture
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ``data_dir`` of every data set load a client makes (digits ignores it)."""
+    seen: list[str] = []
+
+    def recording(name: str, data_dir: Any = "data", *, seed: int = 0) -> SplitData:
+        seen.append(str(data_dir))
+        return real_load_dataset(name, data_dir, seed=seed)
+
+    monkeypatch.setattr(handlers, "load_dataset", recording)
+    return seen
+
+
+def _data_cfg(data_dir: str) -> ExperimentConfig:
+    return parse_config(
+        {
+            "experiment": {"name": "redteam", "rounds": 2, "seed": 0},
+            "data": {"partition": "iid", "num_clients": 3, "data_dir": data_dir},
+            "client": {"local_epochs": 1},
+        }
+    )
+
+
+def test_a_server_cannot_choose_a_deployed_nodes_data_folder(
+    deployed: Path, loads: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _data_cfg("/home/operator/private-records")
+    assert not client_app(_message(cfg, 1), _context()).has_error()
+    assert loads == ["data"]  # the node's default, not the server's folder
+    assert "ignoring the server's data.data_dir '/home/operator/private-records'" in caplog.text
+    # The node's own folder wins, whatever the server sends.
+    mine = _state(deployed, "mnist")
+    assert not client_app(_message(cfg, 1), _context(**{DATA_DIR_KEY: mine})).has_error()
+    assert loads[-1] == mine
+
+
+def test_a_nodes_data_folder_must_exist(deployed: Path, loads: list[str]) -> None:
+    missing = str(deployed / "typo")
+    with pytest.raises(ValueError, match=r"^node config data-dir '.*typo' is not an existing"):
+        client_app(_message(_data_cfg("data"), 1), _context(**{DATA_DIR_KEY: missing}))
+    assert loads == []
+
+
+def test_a_simulation_loads_from_the_configs_data_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loads: list[str]
+) -> None:
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "1")
+    folder = _state(tmp_path, "data")
+    assert not client_app(_message(_data_cfg(folder), 1), _context()).has_error()
+    assert loads == [folder]

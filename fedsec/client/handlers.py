@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from fedsec.client.privacy import (
     open_node_ledger,
     plan_round,
 )
-from fedsec.config import ExperimentConfig
+from fedsec.config import DataSection, ExperimentConfig
 from fedsec.data import SplitData, client_dataset, load_dataset
 from fedsec.models import make_model
 from fedsec.npy import record_from_state_dict, state_dict_from_record
@@ -52,6 +53,7 @@ from fedsec.training import (
     train as train_model,
 )
 from fedsec.wire import (
+    DATA_DIR_KEY,
     DELTA_CAP_KEY,
     EPSILON_CAP_KEY,
     PRIVACY_BUDGET_EXHAUSTED,
@@ -65,6 +67,7 @@ __all__ = [
     "client_partition",
     "evaluate",
     "local_train",
+    "node_data_dir",
     "node_hardware",
     "train",
 ]
@@ -124,6 +127,42 @@ def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
     return Hardware(device=device, precision=precision, max_batch=raw_cap)
 
 
+def node_data_dir(cfg: ExperimentConfig, context: Context) -> str:
+    """The folder this node loads its data sets from.
+
+    The node's own choice: node config ``data-dir`` (``--node-config
+    "partition-id=0 data-dir='/srv/mnist'"``), which must be an existing
+    folder. Without it a simulation, whose server and clients are one user's
+    processes, uses the config's ``data.data_dir``; a deployed node uses the
+    config's default (``data``, under the SuperNode's working directory) and
+    never a folder the server's config names, which could point it at data
+    its operator did not mean to train on (and so expose to a curious server).
+
+    Raises
+    ------
+    ValueError
+        If ``data-dir`` is set and is not an existing folder, naming the key.
+    """
+    node = context.node_config
+    if DATA_DIR_KEY in node:
+        folder = Path(str(node[DATA_DIR_KEY])).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"node config {DATA_DIR_KEY} '{folder}' is not an existing folder")
+        return str(folder)
+    if simulated_adversary():
+        return cfg.data.data_dir
+    default = DataSection().data_dir
+    if cfg.data.data_dir != default:
+        logger.warning(
+            "ignoring the server's data.data_dir %r: a deployed node reads its data from its "
+            "node config %s (default %r)",
+            cfg.data.data_dir,
+            DATA_DIR_KEY,
+            default,
+        )
+    return default
+
+
 def batch_cap(
     cfg: ExperimentConfig,
     hardware: Hardware,
@@ -161,7 +200,7 @@ def _local_setup(
     cfg = config_from_message(msg, context)
     partition_id = partition_id_of(context, cfg)
     hardware = node_hardware(cfg, context)
-    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
+    data = load_dataset(cfg.data.dataset, node_data_dir(cfg, context), seed=cfg.experiment.seed)
     x, y = client_partition(cfg, data, partition_id)
     model = _resident_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
     model.load_state_dict(state_dict_from_record(msg.content.array_records["arrays"]))
