@@ -31,6 +31,7 @@ __all__ = [
     "CONSISTENCY_CHECK_STAGE",
     "DATA_DIR_KEY",
     "DELTA_CAP_KEY",
+    "DEVICE_KEY",
     "DP_EPSILON_MAX_KEY",
     "EPSILON_CAP_KEY",
     "IDENTIFY_STAGE",
@@ -41,11 +42,13 @@ __all__ = [
     "MALICIOUS_TAG",
     "MASKED_INPUT_STAGE",
     "MASKED_KEY",
+    "MAX_BATCH_KEY",
     "METRICS_KEY",
     "NUM_EXAMPLES_ARRAY",
     "NUM_EXAMPLES_KEY",
     "NUM_PARTITIONS_KEY",
     "PARTITION_ID_KEY",
+    "PRECISION_KEY",
     "PRIVACY_BUDGET_EXHAUSTED",
     "PRIVACY_LEDGER_UNUSABLE",
     "SAME_THING",
@@ -184,6 +187,15 @@ SIGNING_IDENTITY_KEY = "signing-identity"
 #: Node config of the folder holding the node's durable state (privacy ledger); read by
 #: fedsec.client.privacy and local_dp.
 STATE_DIR_KEY = "state-dir"
+#: Node config of the node's torch device (``cpu``, ``cuda:0``, ``mps``, ``auto``): overrides
+#: ``experiment.device``; read by fedsec.client.handlers.
+DEVICE_KEY = "device"
+#: Node config of the node's autocast precision (``fp32``, ``bf16``, ``fp16``): overrides
+#: ``client.precision``; read by fedsec.client.handlers.
+PRECISION_KEY = "precision"
+#: Node config of the most examples per forward/backward pass on the node: overrides
+#: ``client.max_batch``; read by fedsec.client.handlers.
+MAX_BATCH_KEY = "max-batch"
 #: Node config of the folder holding the node's data sets: a deployed node reads its data
 #: from here (default: ``data``), never from a folder the server's config names; read by
 #: fedsec.client.handlers.

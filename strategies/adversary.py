@@ -50,9 +50,12 @@ from fedsec.wire import (
     ARRAYS_KEY,
     MALICIOUS_TAG,
     MASKED_INPUT_STAGE,
+    METRICS_KEY,
     NUM_EXAMPLES_ARRAY,
+    NUM_EXAMPLES_KEY,
     SECAGG_KEY,
     SECAGG_NEXT_KEY,
+    SERVER_ROUND_KEY,
     TRUTH_TAG,
 )
 
@@ -278,7 +281,7 @@ def _metrics(reply: Message) -> MetricRecord | None:
     """A reply's ``metrics`` record (None for an error reply or none sent)."""
     if reply.has_error():
         return None
-    return reply.content.metric_records.get("metrics")
+    return reply.content.metric_records.get(METRICS_KEY)
 
 
 def _claimed_examples(reply: Message) -> float | None:
@@ -288,7 +291,7 @@ def _claimed_examples(reply: Message) -> float | None:
     reply must not stop the round. The colluder itself refuses a count it
     cannot weigh (non-finite, not positive) when asked to mask.
     """
-    value = (_metrics(reply) or MetricRecord()).get("num-examples", 1.0)
+    value = (_metrics(reply) or MetricRecord()).get(NUM_EXAMPLES_KEY, 1.0)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
@@ -323,7 +326,7 @@ def _global(request: Message) -> tuple[ArraySpec, torch.Tensor]:
 def _server_round(request: Message) -> int:
     """The round of a train request: its ``server-round`` config, else the group id."""
     for record in request.content.config_records.values():
-        value = record.get("server-round")
+        value = record.get(SERVER_ROUND_KEY)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     group = request.metadata.group_id

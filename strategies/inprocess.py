@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsec.attacks.threat import enable_simulated_adversary
+from fedsec.wire import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
 
 Tamper = Callable[[Message], Message | None]
 
@@ -51,7 +52,7 @@ class InProcessGrid:
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+                node_config={PARTITION_ID_KEY: node - 1, NUM_PARTITIONS_KEY: num_nodes},
                 state=RecordDict(),
                 run_config={},
             )

@@ -84,8 +84,10 @@ from fedsec.wire import (
     CONFIG_KEY,
     IDENTIFY_STAGE,
     MASKED_KEY,
+    METRICS_KEY,
     SECAGG_KEY,
     SECAGG_NEXT_KEY,
+    SERVER_ROUND_KEY,
 )
 from fedsec.wire import DP_EPSILON_MAX_KEY as EPSILON_KEY
 
@@ -134,7 +136,7 @@ def _masked_parser(public: list[float], params: SecAggParams) -> Parser:
         if isinstance(masked, str):
             raise ProtocolError(masked)
         reply = MaskedInputReply(cast(npt.NDArray[np.unsignedinteger[Any]], masked))
-        metrics = msg.content.metric_records.get("metrics")
+        metrics = msg.content.metric_records.get(METRICS_KEY)
         epsilon = None if metrics is None else metrics.get(EPSILON_KEY)
         # Only ever raises the reported maximum (a client's own ledger), never hides one.
         if isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon >= 0:
@@ -971,13 +973,13 @@ class SecureAggregation:
 
 
 def _server_round(config: ConfigRecord) -> int:
-    value = config.get("server-round", 0)
+    value = config.get(SERVER_ROUND_KEY, 0)
     return value if isinstance(value, int) else 0
 
 
 def _group(config: ConfigRecord) -> str:
     """The messages' group id: the server round the exchange belongs to."""
-    return str(config.get("server-round", ""))
+    return str(config.get(SERVER_ROUND_KEY, ""))
 
 
 def _share_keys(bucket: _Bucket, replies: dict[int, Any]) -> Mapping[int, Any]:

@@ -75,6 +75,7 @@ from fedsec.wire import CONFIG_KEY as CONFIG_KEY
 from fedsec.wire import METRICS_KEY as METRICS_KEY
 from fedsec.wire import NUM_EXAMPLES_KEY as NUM_EXAMPLES_KEY
 from fedsec.wire import PARTITION_ID_KEY as PARTITION_KEY
+from fedsec.wire import SERVER_ROUND_KEY
 
 from .arrays import ArraySpec
 from .pipeline import Exchange, Filter, pipeline
@@ -528,7 +529,7 @@ class FedSecStrategy(Strategy):
 
         node_ids = self.sample_nodes(grid, server_round, self.fraction_train)
         self.last_report = RoundReport(server_round=server_round, sampled=node_ids)
-        config["server-round"] = server_round
+        config[SERVER_ROUND_KEY] = server_round
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         logger.info("round %d: sampled %d nodes", server_round, len(node_ids))
         return [
@@ -809,7 +810,7 @@ class FedSecStrategy(Strategy):
         if self.fraction_evaluate == 0.0:
             return []
         node_ids = self.sample_nodes(grid, server_round, self.fraction_evaluate)
-        config["server-round"] = server_round
+        config[SERVER_ROUND_KEY] = server_round
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [
             Message(

@@ -59,7 +59,13 @@ from fedsec.client.secagg_mod import secagg_mod
 from fedsec.client.signing_mod import signing_mod
 from fedsec.config import ExperimentConfig, parse_config
 from fedsec.registry import check_module_prefixes, restrict_user_code
-from fedsec.wire import USER_MODULES_KEY, WIRE_CONFIG_KEY
+from fedsec.wire import (
+    CONFIG_KEY,
+    PARTITION_ID_KEY,
+    SERVER_ROUND_KEY,
+    USER_MODULES_KEY,
+    WIRE_CONFIG_KEY,
+)
 
 if TYPE_CHECKING:
     from fedsec.client.handlers import (
@@ -112,7 +118,7 @@ def config_from_message(msg: Message, context: Context | None = None) -> Experim
         If the message carries no config or an invalid one (a refused dotted
         name among them), or the node config ``user-modules`` is malformed.
     """
-    config_record = msg.content.config_records.get("config")
+    config_record = msg.content.config_records.get(CONFIG_KEY)
     if config_record is None or WIRE_CONFIG_KEY not in config_record:
         raise ValueError(f"message carries no '{WIRE_CONFIG_KEY}' config")
     return _parse_wire_config(str(config_record[WIRE_CONFIG_KEY]), user_modules(context))
@@ -153,9 +159,9 @@ def _parse_wire_config(text: str, allowed: tuple[str, ...] | None) -> Experiment
 
 def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
     """This node's partition, checked against the configured number of clients."""
-    if "partition-id" not in context.node_config:
+    if PARTITION_ID_KEY not in context.node_config:
         raise ValueError("node config has no 'partition-id' (set it with --node-config)")
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = int(context.node_config[PARTITION_ID_KEY])
     if not 0 <= partition_id < cfg.data.num_clients:
         raise ValueError(
             f"partition-id {partition_id} is outside [0, {cfg.data.num_clients}) (data.num_clients)"
@@ -191,7 +197,7 @@ def is_colluding_client(msg: Message, context: Context) -> bool:
     if not simulated_adversary():
         return False
     cfg = config_from_message(msg, context)
-    server_round = msg.content.config_records["config"].get("server-round", 0)
+    server_round = msg.content.config_records[CONFIG_KEY].get(SERVER_ROUND_KEY, 0)
     if not isinstance(server_round, int) or not _is_malicious(
         cfg, partition_id_of(context, cfg), server_round
     ):
@@ -215,7 +221,7 @@ def configured_attack_mod(msg: Message, context: Context, call_next: ClientAppCa
     if msg.metadata.message_type.split(".")[0] != "train" or not simulated_adversary():
         return call_next(msg, context)
     cfg = config_from_message(msg, context)
-    server_round = msg.content.config_records["config"].get("server-round", 0)
+    server_round = msg.content.config_records[CONFIG_KEY].get(SERVER_ROUND_KEY, 0)
     if not isinstance(server_round, int) or not _is_malicious(
         cfg, partition_id_of(context, cfg), server_round
     ):

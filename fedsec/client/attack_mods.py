@@ -53,7 +53,7 @@ from fedsec.attacks.base import ModelPoisoningAttack
 from fedsec.attacks.data_poisoning import DATA_ATTACKS, DataPoisoningAttack
 from fedsec.attacks.model_poisoning import MODEL_ATTACKS, PerClientAttack, Scaling
 from fedsec.attacks.threat import SIMULATED_ADVERSARY_ENV, build_attack, simulated_adversary
-from fedsec.wire import PARTITION_ID_KEY
+from fedsec.wire import ARRAYS_KEY, PARTITION_ID_KEY, SERVER_ROUND_KEY
 
 __all__ = ["attack_mod"]
 
@@ -139,7 +139,7 @@ def _generator(seed: int, server_round: int, context: Context) -> torch.Generato
 def _server_round(msg: Message) -> int:
     """The round of a train request: Flower's ``server-round`` config, else the group id."""
     for record in msg.content.config_records.values():
-        value = record.get("server-round")
+        value = record.get(SERVER_ROUND_KEY)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     group = msg.metadata.group_id
@@ -194,7 +194,7 @@ def attack_mod(
     params: Mapping[str, Any] | None = None,
     seed: int = 0,
     num_clients: int | None = None,
-    arrayrecord_key: str = "arrays",
+    arrayrecord_key: str = ARRAYS_KEY,
 ) -> Mod:
     """A Flower mod that makes the ``malicious`` nodes of a simulation poison their updates.
 

@@ -62,6 +62,7 @@ from fedsec.wire import (  # the wire names this module's __all__ re-exports
     COLLUSION_REFUSED,
     MALICIOUS_TAG,
     MASKED_INPUT_STAGE,
+    METRICS_KEY,
     NUM_EXAMPLES_ARRAY,
     PARTITION_ID_KEY,
     SECAGG_KEY,
@@ -174,10 +175,10 @@ def _tag(reply: Message) -> Message:
     """Mark a colluder's training reply for the adversary filter and the referee."""
     if reply.has_error():
         return reply
-    metrics = reply.content.metric_records.get("metrics")
+    metrics = reply.content.metric_records.get(METRICS_KEY)
     if metrics is None:
         metrics = MetricRecord()
-        reply.content["metrics"] = metrics
+        reply.content[METRICS_KEY] = metrics
     metrics[MALICIOUS_TAG] = 1
     metrics[TRUTH_TAG] = 1
     return reply

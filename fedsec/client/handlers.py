@@ -53,11 +53,20 @@ from fedsec.training import (
     train as train_model,
 )
 from fedsec.wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
     DATA_DIR_KEY,
     DELTA_CAP_KEY,
+    DEVICE_KEY,
     EPSILON_CAP_KEY,
+    MAX_BATCH_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    PRECISION_KEY,
     PRIVACY_BUDGET_EXHAUSTED,
     PRIVACY_LEDGER_UNUSABLE,
+    SERVER_ROUND_KEY,
     TRUTH_TAG,
 )
 
@@ -114,13 +123,13 @@ def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
         negative ``max-batch``, naming the node config key.
     """
     node = context.node_config
-    device = resolve_device(str(node.get("device", cfg.experiment.device)))
-    precision = str(node.get("precision", cfg.client.precision))
+    device = resolve_device(str(node.get(DEVICE_KEY, cfg.experiment.device)))
+    precision = str(node.get(PRECISION_KEY, cfg.client.precision))
     if precision not in PRECISIONS:
         raise ValueError(
             f"node config precision '{precision}' is unknown; valid: {', '.join(PRECISIONS)}"
         )
-    raw_cap = node.get("max-batch", cfg.client.max_batch)
+    raw_cap = node.get(MAX_BATCH_KEY, cfg.client.max_batch)
     if isinstance(raw_cap, bool) or not isinstance(raw_cap, int) or raw_cap < 0:
         raise ValueError(f"node config max-batch must be an integer >= 0, got {raw_cap!r}")
     autocast_dtype(precision, device)  # refuses fp16 off CUDA, bf16 where unsupported
@@ -203,7 +212,7 @@ def _local_setup(
     data = load_dataset(cfg.data.dataset, node_data_dir(cfg, context), seed=cfg.experiment.seed)
     x, y = client_partition(cfg, data, partition_id)
     model = _resident_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
-    model.load_state_dict(state_dict_from_record(msg.content.array_records["arrays"]))
+    model.load_state_dict(state_dict_from_record(msg.content.array_records[ARRAYS_KEY]))
     return cfg, partition_id, model, x, y, hardware
 
 
@@ -306,8 +315,8 @@ def train(msg: Message, context: Context) -> Message:
     error :data:`~fedsec.client.privacy.PRIVACY_LEDGER_UNUSABLE` instead.
     """
     cfg, partition_id, model, x, y, hardware = _local_setup(msg, context)
-    round_config = msg.content.config_records["config"]
-    server_round = round_config.get("server-round", 0)
+    round_config = msg.content.config_records[CONFIG_KEY]
+    server_round = round_config.get(SERVER_ROUND_KEY, 0)
     if not isinstance(server_round, int):
         raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
     if not mode_of(cfg).keeps_ledger:
@@ -401,9 +410,9 @@ def _train(
         {
             "train_loss": result.loss,
             "train_accuracy": result.accuracy,
-            "num-examples": result.num_examples,
+            NUM_EXAMPLES_KEY: result.num_examples,
             # Names this client in the server's decisions.jsonl (node ids are random).
-            "partition-id": partition_id,
+            PARTITION_ID_KEY: partition_id,
         }
     )
     state = model.state_dict()
@@ -434,7 +443,7 @@ def _train(
         # the public attack_mod (fedsec.client.app.configured_attack_mod) or, for
         # colluders, collusion_mod, which also tags.
         metrics[TRUTH_TAG] = 1
-    content = RecordDict({"arrays": record_from_state_dict(state), "metrics": metrics})
+    content = RecordDict({ARRAYS_KEY: record_from_state_dict(state), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -451,11 +460,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            "metrics": MetricRecord(
+            METRICS_KEY: MetricRecord(
                 {
                     "eval_loss": result.loss,
                     "eval_accuracy": result.accuracy,
-                    "num-examples": result.num_examples,
+                    NUM_EXAMPLES_KEY: result.num_examples,
                 }
             )
         }

@@ -50,6 +50,7 @@ from fedsec.privacy.accounting import check_accountant, check_delta
 from fedsec.wire import (  # LOCAL_DP_REFUSED, LOCAL_DP_STATE_KEY: re-exported (__all__)
     LOCAL_DP_REFUSED,
     LOCAL_DP_STATE_KEY,
+    PARTITION_ID_KEY,
     PRIVACY_BUDGET_EXHAUSTED,
     PRIVACY_LEDGER_UNUSABLE,
 )
@@ -138,7 +139,7 @@ class LocalDP:
     def _partition(self, context: Context) -> int:
         raw: object = self.partition(context) if callable(self.partition) else self.partition
         if raw is None:
-            raw = context.node_config.get("partition-id", 0)
+            raw = context.node_config.get(PARTITION_ID_KEY, 0)
         if not isinstance(raw, int) or not _is_index(raw):
             raise _unavailable(f"partition must be an integer >= 0, got {raw!r}")
         return raw

@@ -92,10 +92,18 @@ from fedsec.secagg.messages import (
     request_from_record,
 )
 from fedsec.wire import (  # the wire names this module's __all__ re-exports
+    ARRAYS_KEY,
+    CONFIG_KEY,
     DP_EPSILON_MAX_KEY,
     IDENTIFY_STAGE,
     MASKED_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    SECAGG_IDENTITY_KEY,
     SECAGG_KEY,
+    SECAGG_KEY_DIR_KEY,
+    SECAGG_MIN_SUM_KEY,
     SECAGG_NEXT_KEY,
     SECAGG_REFUSED,
     SECAGG_REQUIRED_KEY,
@@ -226,7 +234,7 @@ def _masked_input(
     client.receive_shares(request)  # refuse before spending time on training
     setup = client.setup
     assert setup is not None
-    sent = msg.content.array_records.get("arrays")
+    sent = msg.content.array_records.get(ARRAYS_KEY)
     size = _masked_size(sent) if sent is not None else 0
     if sent is not None and size != setup.dim:  # the round's vector must be the model sent
         raise ProtocolError(
@@ -235,19 +243,19 @@ def _masked_input(
     trained = call_next(msg, context)
     if trained.has_error():
         return trained
-    back = trained.content.array_records.get("arrays")
+    back = trained.content.array_records.get(ARRAYS_KEY)
     if sent is None or back is None:
         raise ProtocolError("masked-input stage needs the model in 'arrays' both ways")
     update = _flat_update(sent, back)
     if update.numel() != setup.dim:
         raise ProtocolError(f"update has {update.numel()} values, the round expects {setup.dim}")
-    metrics = trained.content.metric_records.get("metrics", MetricRecord())
-    masked = client.mask(update, _weight(metrics.get("num-examples"), request.weight_cap))
+    metrics = trained.content.metric_records.get(METRICS_KEY, MetricRecord())
+    masked = client.mask(update, _weight(metrics.get(NUM_EXAMPLES_KEY), request.weight_cap))
     public = MetricRecord({k: metrics[k] for k in PUBLIC_METRICS if k in metrics})
     content = RecordDict(
         {
             MASKED_KEY: ArrayRecord({MASKED_KEY: Array(masked.masked)}),
-            "metrics": public,
+            METRICS_KEY: public,
         }
     )
     return Message(content, reply_to=msg)
@@ -329,7 +337,7 @@ def _load_client(context: Context, msg: Message, request: Any) -> SecAggClient:
         signing_key=key,
         trusted_keys=trusted,
         require_signed=_provisioned(context),
-        min_sum=int(context.node_config.get("secagg-min-sum", 2)),
+        min_sum=int(context.node_config.get(SECAGG_MIN_SUM_KEY, 2)),
         max_nodes=_node_limit(context, "secagg-max-nodes", DEFAULT_MAX_NODES, 2, MAX_CLIENTS),
         max_degree=_node_limit(context, "secagg-max-degree", DEFAULT_MAX_DEGREE, 1, MAX_DEGREE),
     )
@@ -356,7 +364,7 @@ def _provisioned(context: Context) -> bool:
     relay its own keys as the neighbours' (a downgrade).
     """
     node = context.node_config
-    return bool(node.get("secagg-key-dir") or node.get("secagg-identity"))
+    return bool(node.get(SECAGG_KEY_DIR_KEY) or node.get(SECAGG_IDENTITY_KEY))
 
 
 def _save_client(context: Context, client: SecAggClient) -> None:
@@ -390,8 +398,8 @@ def load_identity(
         No key directory, or this identity's ``.pem`` is missing or not Ed25519.
     """
     node = context.node_config
-    identity = str(node.get("secagg-identity", "")) or f"client-{node.get('partition-id', '')}"
-    key_dir = str(node.get("secagg-key-dir", "")) or _key_dir_from_server(msg)
+    identity = str(node.get(SECAGG_IDENTITY_KEY, "")) or f"client-{node.get(PARTITION_ID_KEY, '')}"
+    key_dir = str(node.get(SECAGG_KEY_DIR_KEY, "")) or _key_dir_from_server(msg)
     if not key_dir:
         raise ProtocolError(
             "signed secagg needs the node config 'secagg-key-dir' (this node's own keys)"
@@ -416,7 +424,7 @@ def _key_dir_from_server(msg: Message) -> str:
     folder the server names could hold every client's private key, and a node
     that borrowed from it could sign as any other (as ``signing_mod`` refuses).
     """
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(CONFIG_KEY)
     if config is None or WIRE_CONFIG_KEY not in config:
         return ""
     # Imported here: both import torch, which a deployed node's key stages never need.

@@ -51,7 +51,17 @@ from flwr.app import Context, Message
 from fedsec.client.reply_signing import Signing, content_digest, sign_message, signing
 from fedsec.config import ExperimentConfig, SignaturesSection
 from fedsec.deploy.signatures import SignatureError
-from fedsec.wire import SIGNATURE_KEY, SIGNING_REFUSED, WIRE_CONFIG_KEY
+from fedsec.wire import (
+    CONFIG_KEY,
+    PARTITION_ID_KEY,
+    SECAGG_IDENTITY_KEY,
+    SECAGG_KEY_DIR_KEY,
+    SIGNATURE_KEY,
+    SIGNING_IDENTITY_KEY,
+    SIGNING_KEY_PATH_KEY,
+    SIGNING_REFUSED,
+    WIRE_CONFIG_KEY,
+)
 
 __all__ = [
     "SIGNATURE_KEY",
@@ -91,12 +101,12 @@ def resolve_signer(
 def node_identity(context: Context) -> str | None:
     """The identity this node signs as (None: the key file's stem; see the module docstring)."""
     node = context.node_config
-    if node.get("signing-key", ""):
-        return str(node.get("signing-identity", "")) or None
-    partition = node.get("partition-id")
+    if node.get(SIGNING_KEY_PATH_KEY, ""):
+        return str(node.get(SIGNING_IDENTITY_KEY, "")) or None
+    partition = node.get(PARTITION_ID_KEY)
     default = "" if partition is None else f"client-{partition}"
-    if node.get("secagg-key-dir"):
-        return str(node.get("secagg-identity", "")) or default
+    if node.get(SECAGG_KEY_DIR_KEY):
+        return str(node.get(SECAGG_IDENTITY_KEY, "")) or default
     return default
 
 
@@ -127,12 +137,12 @@ def _key_path(context: Context, signatures: SignaturesSection | None) -> Path | 
     means the node has no key.
     """
     node = context.node_config
-    named = str(node.get("signing-key", ""))
+    named = str(node.get(SIGNING_KEY_PATH_KEY, ""))
     if named:
         return Path(named).expanduser()
     identity = node_identity(context)
-    if node.get("secagg-key-dir"):
-        folder = Path(str(node["secagg-key-dir"])).expanduser()
+    if node.get(SECAGG_KEY_DIR_KEY):
+        folder = Path(str(node[SECAGG_KEY_DIR_KEY])).expanduser()
     elif signatures is not None and signatures.key_dir and _simulated():
         folder = Path(signatures.key_dir).expanduser()
     else:
@@ -158,7 +168,7 @@ def _server_signatures(msg: Message) -> SignaturesSection | None:
     boolean ``required`` and a string ``key_dir``: the handler, which validates
     the whole config, then answers with the reason.
     """
-    record = msg.content.config_records.get("config")
+    record = msg.content.config_records.get(CONFIG_KEY)
     if record is None or WIRE_CONFIG_KEY not in record:
         return None
     return _signatures_of(str(record[WIRE_CONFIG_KEY]))
