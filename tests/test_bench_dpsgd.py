@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from script_loader import load_simulation_script
 
 import fedsec.training as training
 from fedsec.privacy import poisson
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_dpsgd", ROOT / "simulations" / "bench_dpsgd.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_simulation_script("bench_dpsgd")
 
 
 def test_phase_timers_see_every_dp_phase_and_restore_the_functions() -> None:
