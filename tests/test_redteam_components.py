@@ -346,3 +346,37 @@ def test_a_malformed_secagg_required_refuses_rather_than_reopening_plain_rounds(
     reply = _secagg_app(trained)(_plain_request(), _node(**{SECAGG_REQUIRED_KEY: value}))
     assert reply.has_error() and "must be true or false" in str(reply.error.reason)
     assert not trained
+
+
+def test_validation_never_reads_the_servers_data_folder(
+    deployed: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation called the operator's data-set factory with ``data.data_dir`` as sent.
+
+    Besides reading where the operator never pointed it, the limits checked
+    the wrong data (``batch_size`` against the server's folder) and the errors
+    (``NotADirectoryError``, ``FileNotFoundError``) went back to the server: a
+    probe of the node's file system.
+    """
+    from fedsec.data import datasets
+
+    calls: list[str] = []
+    original = datasets.load_dataset
+
+    def load_dataset(name: str, data_dir: Any = "data", *, seed: int = 0) -> Any:
+        calls.append(str(data_dir))
+        return original(name, data_dir, seed=seed)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    mine = tmp_path / "node-data"
+    mine.mkdir()
+    raw = _raw(**USER)
+    raw["data"]["data_dir"] = str(tmp_path / "server-chosen")
+    node = _node(**{USER_MODULES_KEY: "byo_user", "data-dir": str(mine)})
+    cfg = config_from_message(_train_message(raw), node)
+    assert cfg.data.data_dir == str(mine)
+    assert calls and set(calls) == {str(mine)}
+    # Without data-dir the node's default folder, still never the server's.
+    raw["data"]["data_dir"] = str(tmp_path / "other")
+    cfg = config_from_message(_train_message(raw), _node(**{USER_MODULES_KEY: "byo_user"}))
+    assert cfg.data.data_dir == "data" and str(tmp_path / "other") not in calls

@@ -327,7 +327,7 @@ def test_a_server_cannot_choose_a_deployed_nodes_data_folder(
     cfg = _data_cfg("/home/operator/private-records")
     assert not client_app(_message(cfg, 1), _context()).has_error()
     assert loads == ["data"]  # the node's default, not the server's folder
-    assert "ignoring the server's data.data_dir '/home/operator/private-records'" in caplog.text
+    assert "not the server's data.data_dir '/home/operator/private-records'" in caplog.text
     # The node's own folder wins, whatever the server sends.
     mine = _state(deployed, "mnist")
     assert not client_app(_message(cfg, 1), _context(**{DATA_DIR_KEY: mine})).has_error()

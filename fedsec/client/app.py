@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
@@ -57,10 +58,11 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedsec.client.collusion import collusion_mod
 from fedsec.client.secagg_mod import secagg_mod
 from fedsec.client.signing_mod import signing_mod
-from fedsec.config import ExperimentConfig, parse_config
+from fedsec.config import DataSection, ExperimentConfig, parse_config
 from fedsec.registry import check_module_prefixes, restrict_user_code
 from fedsec.wire import (
     CONFIG_KEY,
+    DATA_DIR_KEY,
     PARTITION_ID_KEY,
     SERVER_ROUND_KEY,
     USER_MODULES_KEY,
@@ -87,6 +89,7 @@ __all__ = [
     "evaluate_handler",
     "is_colluding_client",
     "local_train",
+    "node_data_dir",
     "node_hardware",
     "partition_id_of",
     "train_handler",
@@ -101,6 +104,8 @@ _TRAINING_SIDE = frozenset(
 # USER_MODULES_KEY (node config: comma-separated module prefixes in which this node
 # resolves the dotted names of a config the server sends; none by default) is defined in
 # fedsec.wire (re-exported here).
+
+logger = logging.getLogger("fedsec.client.app")
 
 app = ClientApp()
 
@@ -121,7 +126,38 @@ def config_from_message(msg: Message, context: Context | None = None) -> Experim
     config_record = msg.content.config_records.get(CONFIG_KEY)
     if config_record is None or WIRE_CONFIG_KEY not in config_record:
         raise ValueError(f"message carries no '{WIRE_CONFIG_KEY}' config")
-    return _parse_wire_config(str(config_record[WIRE_CONFIG_KEY]), user_modules(context))
+    allowed = user_modules(context)
+    # A deployed node validates (data set sizes, limits) and trains on its own data folder.
+    folder = None if allowed is None else node_data_dir(context)
+    return _parse_wire_config(str(config_record[WIRE_CONFIG_KEY]), allowed, folder)
+
+
+def node_data_dir(context: Context | None) -> str:
+    """The folder a deployed node loads its data sets from: its own, never the server's.
+
+    Node config ``data-dir`` (``--node-config "partition-id=0
+    data-dir='/srv/mnist'"``), which must be an existing folder, else the
+    config's default (``data``, under the SuperNode's working directory). The
+    ``data.data_dir`` of the config the server sends is replaced by it before
+    the config is validated, since a server could otherwise point the node at
+    data its operator did not mean to train on (and so expose), or probe the
+    node's file system through validation errors. Simulations, whose server
+    and clients are one user's processes, keep the config's folder.
+
+    Raises
+    ------
+    ValueError
+        If ``data-dir`` is set and is not an existing folder, naming the key.
+    """
+    from pathlib import Path
+
+    default = DataSection().data_dir
+    if context is None or DATA_DIR_KEY not in context.node_config:
+        return default
+    folder = Path(str(context.node_config[DATA_DIR_KEY])).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"node config {DATA_DIR_KEY} '{folder}' is not an existing folder")
+    return str(folder)
 
 
 def user_modules(context: Context | None) -> tuple[str, ...] | None:
@@ -147,14 +183,32 @@ def user_modules(context: Context | None) -> tuple[str, ...] | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_wire_config(text: str, allowed: tuple[str, ...] | None) -> ExperimentConfig:
+def _parse_wire_config(
+    text: str, allowed: tuple[str, ...] | None, data_dir: str | None = None
+) -> ExperimentConfig:
     # The same config arrives every round; validation builds the rule and the
     # attack and may solve for the DP noise, so do it once per process. The
     # policy is part of the key: a config accepted under one is not under another.
+    raw = json.loads(text)
+    if data_dir is not None and isinstance(raw, dict):
+        data = raw.get("data")
+        if data is None:
+            data = raw["data"] = {}
+        if isinstance(data, dict):  # anything else is refused by parse_config
+            sent = data.get("data_dir", DataSection().data_dir)
+            if sent != data_dir:
+                logger.warning(
+                    "using this node's data folder %r, not the server's data.data_dir %r "
+                    "(node config %s)",
+                    data_dir,
+                    sent,
+                    DATA_DIR_KEY,
+                )
+            data["data_dir"] = data_dir
     if allowed is None:
-        return parse_config(json.loads(text))
+        return parse_config(raw)
     with restrict_user_code(allowed):
-        return parse_config(json.loads(text))
+        return parse_config(raw)
 
 
 def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:

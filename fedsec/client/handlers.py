@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from fedsec.client.privacy import (
     open_node_ledger,
     plan_round,
 )
-from fedsec.config import DataSection, ExperimentConfig
+from fedsec.config import ExperimentConfig
 from fedsec.data import SplitData, client_dataset, load_dataset
 from fedsec.models import make_model
 from fedsec.npy import record_from_state_dict, state_dict_from_record
@@ -55,7 +54,6 @@ from fedsec.training import (
 from fedsec.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    DATA_DIR_KEY,
     DELTA_CAP_KEY,
     DEVICE_KEY,
     EPSILON_CAP_KEY,
@@ -76,7 +74,6 @@ __all__ = [
     "client_partition",
     "evaluate",
     "local_train",
-    "node_data_dir",
     "node_hardware",
     "train",
 ]
@@ -136,42 +133,6 @@ def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
     return Hardware(device=device, precision=precision, max_batch=raw_cap)
 
 
-def node_data_dir(cfg: ExperimentConfig, context: Context) -> str:
-    """The folder this node loads its data sets from.
-
-    The node's own choice: node config ``data-dir`` (``--node-config
-    "partition-id=0 data-dir='/srv/mnist'"``), which must be an existing
-    folder. Without it a simulation, whose server and clients are one user's
-    processes, uses the config's ``data.data_dir``; a deployed node uses the
-    config's default (``data``, under the SuperNode's working directory) and
-    never a folder the server's config names, which could point it at data
-    its operator did not mean to train on (and so expose to a curious server).
-
-    Raises
-    ------
-    ValueError
-        If ``data-dir`` is set and is not an existing folder, naming the key.
-    """
-    node = context.node_config
-    if DATA_DIR_KEY in node:
-        folder = Path(str(node[DATA_DIR_KEY])).expanduser()
-        if not folder.is_dir():
-            raise ValueError(f"node config {DATA_DIR_KEY} '{folder}' is not an existing folder")
-        return str(folder)
-    if simulated_adversary():
-        return cfg.data.data_dir
-    default = DataSection().data_dir
-    if cfg.data.data_dir != default:
-        logger.warning(
-            "ignoring the server's data.data_dir %r: a deployed node reads its data from its "
-            "node config %s (default %r)",
-            cfg.data.data_dir,
-            DATA_DIR_KEY,
-            default,
-        )
-    return default
-
-
 def batch_cap(
     cfg: ExperimentConfig,
     hardware: Hardware,
@@ -209,7 +170,8 @@ def _local_setup(
     cfg = config_from_message(msg, context)
     partition_id = partition_id_of(context, cfg)
     hardware = node_hardware(cfg, context)
-    data = load_dataset(cfg.data.dataset, node_data_dir(cfg, context), seed=cfg.experiment.seed)
+    # On a deployed node cfg.data.data_dir is already the node's own (config_from_message).
+    data = load_dataset(cfg.data.dataset, cfg.data.data_dir, seed=cfg.experiment.seed)
     x, y = client_partition(cfg, data, partition_id)
     model = _resident_model(cfg.model.name, data.info.input_shape, data.info.num_classes)
     model.load_state_dict(state_dict_from_record(msg.content.array_records[ARRAYS_KEY]))
