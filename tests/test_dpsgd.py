@@ -519,3 +519,45 @@ def test_poisson_batches_are_successive_poisson_samples(secure: bool) -> None:
     assert poisson_batches(0, n, q) == []
     with pytest.raises(ValueError, match="steps"):
         poisson_batches(-1, n, q)
+
+
+def test_poisson_batches_draw_in_bounded_chunks_with_the_same_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """steps x n uniforms grow as n^2 / batch_size: drawn in chunks, the batches stay the same."""
+    from fedsec.privacy import poisson
+
+    n, q, steps = 300, 0.05, 50
+    whole = poisson.poisson_batches(steps, n, q, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(poisson, "_DRAW_CHUNK", 7 * n + 1)  # 7 rows a draw, then a short one
+    chunked = poisson.poisson_batches(steps, n, q, generator=torch.Generator().manual_seed(5))
+    assert len(chunked) == steps
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    assert len(poisson.poisson_batches(3, n, q, secure=True)) == 3
+
+
+def test_a_huge_epoch_count_with_a_step_cap_allocates_nothing_per_epoch() -> None:
+    """A server sends local_steps = 1 (the ledger sees 1 step) and epochs = 10**7: dp_train
+    listed every epoch's first step before the cap applied (1.4 GB at 10**7 epochs)."""
+    import tracemalloc
+
+    model = make_model("mlp", (1, 8, 8), 10, seed=0)
+    x, y = _batch((1, 8, 8), 64)
+    tracemalloc.start()
+    try:
+        result = dp_train(
+            model,
+            x,
+            y,
+            epochs=10**7,
+            batch_size=16,
+            lr=0.1,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            max_steps=2,
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.steps == 2
+    assert peak < 50 * 2**20, peak

@@ -313,10 +313,13 @@ def dp_train(
     opt = make_optimizer(optimizer, params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     q = batch_size / n
-    # Epoch e starts at step round(e / q); ties round up, not to even.
-    starts = [math.floor(e * n / batch_size + 0.5) for e in range(epochs + 1)]
-    total = starts[-1] if max_steps is None else min(starts[-1], max_steps)
-    epoch_starts = set(starts[:-1])
+
+    def epoch_start(e: int) -> int:
+        # Epoch e starts at step round(e / q); ties round up, not to even. Computed per
+        # epoch, never listed: a server-sent epoch count must not size any allocation.
+        return math.floor(e * n / batch_size + 0.5)
+
+    total = epoch_start(epochs) if max_steps is None else min(epoch_start(epochs), max_steps)
     gen = None if secure_mode else torch.Generator().manual_seed(seed)
     noise_gen = gen
     if not secure_mode and dev.type != "cpu":
@@ -343,17 +346,17 @@ def dp_train(
     seen = 0
     try:
         batches: Iterator[torch.Tensor] = iter(())
+        epoch, next_start = -1, 0  # batch_size <= n: every epoch has at least one step
         for step in range(total):
-            if step in epoch_starts:  # only the last epoch is reported
+            if step == next_start:  # only the last epoch is reported
                 loss_sum.zero_()
                 correct.zero_()
                 seen = 0
+                epoch += 1
+                next_start = epoch_start(epoch + 1)
                 # The epoch's batches in one draw (PoissonBatchSampler does the same).
-                epoch = starts.index(step)
                 batches = iter(
-                    poisson_batches(
-                        starts[epoch + 1] - step, n, q, generator=gen, secure=secure_mode
-                    )
+                    poisson_batches(next_start - step, n, q, generator=gen, secure=secure_mode)
                 )
             idx = next(batches).to(dev)
             # An empty batch takes a noise-only step. Only a memory cap splits a

@@ -23,6 +23,9 @@ from fedsec.privacy.per_example import _check_positive
 
 __all__ = ["poisson_batches", "poisson_sample"]
 
+#: Most uniforms :func:`poisson_batches` draws at once (16 MB of float32).
+_DRAW_CHUNK = 1 << 22
+
 
 def poisson_sample(
     n: int,
@@ -102,15 +105,22 @@ def poisson_batches(
     q = _check_positive("sample_rate", sample_rate)
     if q > 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if steps == 0:
-        return []
-    if secure:
-        words = np.frombuffer(os.urandom(8 * n * steps), dtype=np.uint64) >> np.uint64(11)
-        mask = torch.from_numpy(words.reshape(steps, n) < np.uint64(math.ceil(q * 2.0**53)))
-    else:
-        mask = torch.rand(steps, n, generator=generator) < q
-    columns = mask.nonzero()[:, 1]
-    return list(torch.split(columns, mask.sum(dim=1).tolist()))
+    batches: list[torch.Tensor] = []
+    # At most _DRAW_CHUNK uniforms at once: one draw per epoch is fast on client-sized
+    # data, but steps x n grows as n^2 / batch_size (batch_size 1 on 50k examples would
+    # be 10 GB). Successive draws continue the generator's stream, so the batches are
+    # the same as from a single draw.
+    rows = max(1, _DRAW_CHUNK // n)
+    for first in range(0, steps, rows):
+        count = min(rows, steps - first)
+        if secure:
+            words = np.frombuffer(os.urandom(8 * n * count), dtype=np.uint64) >> np.uint64(11)
+            mask = torch.from_numpy(words.reshape(count, n) < np.uint64(math.ceil(q * 2.0**53)))
+        else:
+            mask = torch.rand(count, n, generator=generator) < q
+        columns = mask.nonzero()[:, 1]
+        batches.extend(torch.split(columns, mask.sum(dim=1).tolist()))
+    return batches
 
 
 def _fill_noise(
