@@ -39,10 +39,12 @@ __all__ = [
     "LEDGER_KEY",
     "LOCAL_DP_REFUSED",
     "LOCAL_DP_STATE_KEY",
+    "LOCAL_WORK_REFUSED",
     "MALICIOUS_TAG",
     "MASKED_INPUT_STAGE",
     "MASKED_KEY",
     "MAX_BATCH_KEY",
+    "MAX_LOCAL_STEPS_KEY",
     "METRICS_KEY",
     "NUM_EXAMPLES_ARRAY",
     "NUM_EXAMPLES_KEY",
@@ -196,6 +198,9 @@ PRECISION_KEY = "precision"
 #: Node config of the most examples per forward/backward pass on the node: overrides
 #: ``client.max_batch``; read by fedsec.client.handlers.
 MAX_BATCH_KEY = "max-batch"
+#: Node config of the most local work a round may ask of the node, in optimizer steps (each
+#: PGD step of adversarial training counting as one more); read by fedsec.client.handlers.
+MAX_LOCAL_STEPS_KEY = "max-local-steps"
 #: Node config of the folder holding the node's data sets: a deployed node reads its data
 #: from here (default: ``data``), never from a folder the server's config names; read by
 #: fedsec.client.handlers.
@@ -231,6 +236,8 @@ PRIVACY_LEDGER_UNUSABLE = 4002
 #: A training reply local_dp cannot privatize (no ArrayRecord, other keys or shapes,
 #: non-finite update).
 LOCAL_DP_REFUSED = 4003
+#: A train round refused because it asks more local work than the node's ``max-local-steps``.
+LOCAL_WORK_REFUSED = 4004
 #: A SecAgg request secagg_mod refused (one-line reason); SecureAggregation counts a dropout.
 SECAGG_REFUSED = 4601
 #: A reply the signing mod refuses to send unsigned (no key, unusable key).

@@ -12,7 +12,10 @@ Each test names the attack; each failed on the defenses as first landed.
   with a large delta (0.5: 27 rounds instead of 3 under a cap of 4.37), and
   knew the DP noise, which was seeded from the config it sends (seed, round,
   partition), so it could subtract it.
-* The node's data folder (:func:`fedsec.client.handlers.node_data_dir`): a
+* Local work: ``client.local_epochs`` (and ``local_steps``) and ``evasion.steps``
+  of adversarial training had no bound, so a server could keep a node training
+  for days with one message (2**31 epochs, 2**31 PGD steps per batch).
+* The node's data folder (:func:`fedsec.client.app.node_data_dir`): a
   deployed node loaded its data sets from the config's ``data.data_dir``, a path
   the server chooses, so a server could make it train on (and so expose) data
   in any folder the node can read.
@@ -51,7 +54,7 @@ from fedsec.data import SplitData
 from fedsec.data import load_dataset as real_load_dataset
 from fedsec.deploy import lan_superlink
 from fedsec.models import make_model
-from fedsec.wire import DATA_DIR_KEY
+from fedsec.wire import DATA_DIR_KEY, LOCAL_WORK_REFUSED, MAX_LOCAL_STEPS_KEY
 
 # ---- split SuperLink ----------------------------------------------------------------
 
@@ -348,3 +351,62 @@ def test_a_simulation_loads_from_the_configs_data_folder(
     folder = _state(tmp_path, "data")
     assert not client_app(_message(_data_cfg(folder), 1), _context()).has_error()
     assert loads == [folder]
+
+
+# ---- local work is bounded by the node ---------------------------------------------------
+
+
+def _work_cfg(**sections: dict[str, Any]) -> ExperimentConfig:
+    raw: dict[str, Any] = {
+        "experiment": {"name": "redteam", "rounds": 2, "seed": 0},
+        "data": {"partition": "iid", "num_clients": 3},
+        "client": {"local_epochs": 1, "batch_size": 32},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("sections", "asked"),
+    [
+        ({"client": {"local_epochs": 2**31 - 1}}, "this round asks 32212254705 local steps"),
+        (
+            {"client": {"local_steps": 2**31 - 1, "local_epochs": 2**31 - 1}},
+            "this round asks 2147483647 local steps",
+        ),
+        (
+            {"evasion": {"adversarial_training": True, "steps": 2**31 - 1}},
+            "2147483647 PGD steps per batch",
+        ),
+        (
+            {
+                "client": {"local_steps": 1, "local_epochs": 10**7},
+                "privacy": {"mode": "dp-sgd", "noise_multiplier": 1.0},
+            },
+            None,  # DP-SGD's one step is within any cap
+        ),
+    ],
+)
+def test_a_server_cannot_ask_unbounded_local_work(
+    deployed: Path, sections: dict[str, Any], asked: str | None
+) -> None:
+    node = {STATE_DIR_KEY: str(deployed)}
+    reply = client_app(_message(_work_cfg(**sections), 1), _context(**node))
+    if asked is None:
+        assert not reply.has_error(), reply.error.reason
+        return
+    assert reply.has_error() and reply.error.code == LOCAL_WORK_REFUSED
+    assert asked in reply.error.reason and "max-local-steps is 100000" in reply.error.reason
+
+
+def test_a_node_sets_its_own_work_cap(deployed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _work_cfg(client={"local_epochs": 3})  # 3 epochs x ceil(479 / 32) = 45 steps
+    reply = client_app(_message(cfg, 1), _context(**{MAX_LOCAL_STEPS_KEY: 44}))
+    assert reply.has_error() and "asks 45 local steps" in reply.error.reason
+    assert not client_app(_message(cfg, 1), _context(**{MAX_LOCAL_STEPS_KEY: 45})).has_error()
+    with pytest.raises(ValueError, match="max-local-steps must be an integer >= 1, got 0"):
+        client_app(_message(cfg, 1), _context(**{MAX_LOCAL_STEPS_KEY: 0}))
+    # A simulation's user sets both sides: no cap there.
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "1")
+    assert not client_app(_message(cfg, 1), _context(**{MAX_LOCAL_STEPS_KEY: 1})).has_error()

@@ -35,7 +35,7 @@ from fedsec.models import make_model
 from fedsec.npy import record_from_state_dict, state_dict_from_record
 from fedsec.params import flatten_state, unflatten_state
 from fedsec.privacy.client_level import privatize_update
-from fedsec.privacy.dpsgd import dp_step_probe, dp_train
+from fedsec.privacy.dpsgd import dp_sgd_steps, dp_step_probe, dp_train
 from fedsec.privacy.modes import ledger_mode_names, mode_of
 from fedsec.training import (
     PRECISIONS,
@@ -57,7 +57,9 @@ from fedsec.wire import (
     DELTA_CAP_KEY,
     DEVICE_KEY,
     EPSILON_CAP_KEY,
+    LOCAL_WORK_REFUSED,
     MAX_BATCH_KEY,
+    MAX_LOCAL_STEPS_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
@@ -74,6 +76,7 @@ __all__ = [
     "client_partition",
     "evaluate",
     "local_train",
+    "local_work",
     "node_hardware",
     "train",
 ]
@@ -131,6 +134,57 @@ def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
         raise ValueError(f"node config max-batch must be an integer >= 0, got {raw_cap!r}")
     autocast_dtype(precision, device)  # refuses fp16 off CUDA, bf16 where unsupported
     return Hardware(device=device, precision=precision, max_batch=raw_cap)
+
+
+#: Default of node config ``max-local-steps``: far above a client's usual round (CIFAR-10
+#: split 10 ways, batch 32, 10 epochs: 1.6k steps) and still a bound on what a server asks.
+DEFAULT_MAX_LOCAL_STEPS = 100_000
+
+
+def local_work(cfg: ExperimentConfig, num_examples: int) -> int:
+    """Optimizer steps a round asks of this client, each PGD step counting as one more.
+
+    DP-SGD takes :func:`~fedsec.privacy.dpsgd.dp_sgd_steps`; other training
+    ``epochs * ceil(n / batch_size)`` (also the bound applied to a user's
+    ``train_fn``), both capped by ``client.local_steps``; adversarial training
+    runs ``evasion.steps`` PGD steps per batch besides.
+    """
+    client = cfg.client
+    cap = client.local_steps or None
+    if mode_of(cfg).private_training:
+        steps = dp_sgd_steps(num_examples, client.batch_size, client.local_epochs, cap)
+    else:
+        steps = client.local_epochs * -(-num_examples // client.batch_size)
+        steps = steps if cap is None else min(steps, cap)
+    if cfg.evasion.adversarial_training:
+        steps *= 1 + cfg.evasion.steps
+    return steps
+
+
+def _refused_work(cfg: ExperimentConfig, context: Context, num_examples: int) -> str | None:
+    """Why a deployed node refuses this round's local work (None: it does not).
+
+    Raises
+    ------
+    ValueError
+        If the node config ``max-local-steps`` is not an integer >= 1.
+    """
+    if simulated_adversary():  # the simulation's user sets both sides
+        return None
+    limit = context.node_config.get(MAX_LOCAL_STEPS_KEY, DEFAULT_MAX_LOCAL_STEPS)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(
+            f"node config {MAX_LOCAL_STEPS_KEY} must be an integer >= 1, got {limit!r}"
+        )
+    work = local_work(cfg, num_examples)
+    if work <= limit:
+        return None
+    return (
+        f"this round asks {work} local steps (client.local_epochs {cfg.client.local_epochs}, "
+        f"{num_examples} examples at batch size {cfg.client.batch_size}"
+        + (f", {cfg.evasion.steps} PGD steps per batch" if cfg.evasion.adversarial_training else "")
+        + f"); this node's {MAX_LOCAL_STEPS_KEY} is {limit}"
+    )
 
 
 def batch_cap(
@@ -281,6 +335,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = round_config.get(SERVER_ROUND_KEY, 0)
     if not isinstance(server_round, int):
         raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
+    refused = _refused_work(cfg, context, len(y))
+    if refused is not None:  # before the ledger: a refused round spends nothing
+        return Message(Error(code=LOCAL_WORK_REFUSED, reason=refused), reply_to=msg)
     if not mode_of(cfg).keeps_ledger:
         if node_requires_client_dp(context):
             # A server must not turn a node's DP off: its caps would then cap nothing.
