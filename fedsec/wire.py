@@ -53,6 +53,7 @@ __all__ = [
     "PRECISION_KEY",
     "PRIVACY_BUDGET_EXHAUSTED",
     "PRIVACY_LEDGER_UNUSABLE",
+    "PRIVATE_EVALUATION_REFUSED",
     "SAME_THING",
     "SECAGG_IDENTITY_KEY",
     "SECAGG_KEY",
@@ -238,6 +239,8 @@ PRIVACY_LEDGER_UNUSABLE = 4002
 LOCAL_DP_REFUSED = 4003
 #: A train round refused because it asks more local work than the node's ``max-local-steps``.
 LOCAL_WORK_REFUSED = 4004
+#: An evaluate request refused by a deployed node whose data DP protects from the server.
+PRIVATE_EVALUATION_REFUSED = 4005
 #: A SecAgg request secagg_mod refused (one-line reason); SecureAggregation counts a dropout.
 SECAGG_REFUSED = 4601
 #: A reply the signing mod refuses to send unsigned (no key, unusable key).

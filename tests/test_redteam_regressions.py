@@ -15,6 +15,10 @@ Each test names the attack; each failed on the defenses as first landed.
 * Local work: ``client.local_epochs`` (and ``local_steps``) and ``evasion.steps``
   of adversarial training had no bound, so a server could keep a node training
   for days with one message (2**31 epochs, 2**31 PGD steps per batch).
+* Exact statistics of DP-protected data: a deployed node under client-side DP
+  answered evaluate requests (even after its budget was exhausted) and sent
+  its training loss and accuracy, outside the ledger; ten evaluate replies for
+  models that always predict class k gave the node's exact label histogram.
 * The node's data folder (:func:`fedsec.client.app.node_data_dir`): a
   deployed node loaded its data sets from the config's ``data.data_dir``, a path
   the server chooses, so a server could make it train on (and so expose) data
@@ -54,7 +58,12 @@ from fedsec.data import SplitData
 from fedsec.data import load_dataset as real_load_dataset
 from fedsec.deploy import lan_superlink
 from fedsec.models import make_model
-from fedsec.wire import DATA_DIR_KEY, LOCAL_WORK_REFUSED, MAX_LOCAL_STEPS_KEY
+from fedsec.wire import (
+    DATA_DIR_KEY,
+    LOCAL_WORK_REFUSED,
+    MAX_LOCAL_STEPS_KEY,
+    PRIVATE_EVALUATION_REFUSED,
+)
 
 # ---- split SuperLink ----------------------------------------------------------------
 
@@ -410,3 +419,58 @@ def test_a_node_sets_its_own_work_cap(deployed: Path, monkeypatch: pytest.Monkey
     # A simulation's user sets both sides: no cap there.
     monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "1")
     assert not client_app(_message(cfg, 1), _context(**{MAX_LOCAL_STEPS_KEY: 1})).has_error()
+
+
+# ---- DP-protected data leaves only as the privatised update ---------------------------
+
+
+def _evaluate_message(cfg: ExperimentConfig) -> Message:
+    message = _message(cfg, 1)
+    return Message(message.content, message_type=MessageType.EVALUATE, dst_node_id=7)
+
+
+@pytest.mark.parametrize(
+    ("evaluated_under", "capped"),
+    [("local", False), ("dp-sgd", False), ("none", True)],
+)
+def test_a_dp_protected_node_releases_no_exact_statistics(
+    deployed: Path, loads: list[str], evaluated_under: str, capped: bool
+) -> None:
+    node: dict[str, Any] = {STATE_DIR_KEY: _state(deployed, "st")}
+    if capped:  # a capped node's data is protected whatever mode the server names
+        node[EPSILON_CAP_KEY] = BUDGET
+    cfg = _cfg(mode=evaluated_under)
+    # Evaluation is refused before any data is loaded.
+    reply = client_app(_evaluate_message(cfg), _context(**node))
+    assert reply.has_error() and reply.error.code == PRIVATE_EVALUATION_REFUSED
+    assert "protected by differential privacy" in reply.error.reason and loads == []
+    if evaluated_under in ("local", "dp-sgd"):
+        # A train reply carries the update, its size and the spend: no loss, no accuracy.
+        reply = client_app(_message(cfg, 1), _context(**node))
+        assert not reply.has_error(), reply.error.reason
+        metrics = reply.content["metrics"]
+        assert "train_loss" not in metrics and "train_accuracy" not in metrics
+        assert metrics["num-examples"] > 0 and "dp_epsilon_max" in metrics
+
+
+def test_distributed_dp_protects_from_the_server_and_central_dp_does_not(deployed: Path) -> None:
+    import dataclasses
+
+    cfg = _cfg(mode="none")
+    for mode, protected in (("distributed", True), ("central", False), ("none", False)):
+        with_mode = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, mode=mode))
+        assert handlers.dp_against_server(with_mode, _context()) is protected, mode
+
+
+def test_a_node_without_dp_and_a_simulation_keep_their_metrics(
+    deployed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = _cfg(mode="none")
+    reply = client_app(_evaluate_message(plain), _context())
+    assert not reply.has_error() and "eval_accuracy" in reply.content["metrics"]
+    assert "train_loss" in client_app(_message(plain, 1), _context()).content["metrics"]
+    monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "1")
+    private = _cfg()
+    reply = client_app(_evaluate_message(private), _context())
+    assert not reply.has_error() and "eval_loss" in reply.content["metrics"]
+    assert "train_accuracy" in client_app(_message(private, 1), _context()).content["metrics"]

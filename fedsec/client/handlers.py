@@ -66,6 +66,7 @@ from fedsec.wire import (
     PRECISION_KEY,
     PRIVACY_BUDGET_EXHAUSTED,
     PRIVACY_LEDGER_UNUSABLE,
+    PRIVATE_EVALUATION_REFUSED,
     SERVER_ROUND_KEY,
     TRUTH_TAG,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "Hardware",
     "batch_cap",
     "client_partition",
+    "dp_against_server",
     "evaluate",
     "local_train",
     "local_work",
@@ -335,6 +337,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = round_config.get(SERVER_ROUND_KEY, 0)
     if not isinstance(server_round, int):
         raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
+    # Training loss and accuracy go back only where DP does not protect the data from
+    # the server (exact statistics of it otherwise).
+    stats = not dp_against_server(cfg, context)
     refused = _refused_work(cfg, context, len(y))
     if refused is not None:  # before the ledger: a refused round spends nothing
         return Message(Error(code=LOCAL_WORK_REFUSED, reason=refused), reply_to=msg)
@@ -347,10 +352,12 @@ def train(msg: Message, context: Context) -> Message:
                 f"mode '{cfg.privacy.mode}'"
             )
             return Message(Error(code=PRIVACY_LEDGER_UNUSABLE, reason=reason), reply_to=msg)
-        return _train(msg, cfg, partition_id, model, x, y, hardware, server_round, None)
+        return _train(msg, cfg, partition_id, model, x, y, hardware, server_round, None, stats)
     try:
         with open_node_ledger(context, cfg, round_config, partition_id) as node_ledger:
-            return _train(msg, cfg, partition_id, model, x, y, hardware, server_round, node_ledger)
+            return _train(
+                msg, cfg, partition_id, model, x, y, hardware, server_round, node_ledger, stats
+            )
     except LedgerUnavailableError as err:
         return Message(Error(code=PRIVACY_LEDGER_UNUSABLE, reason=str(err)), reply_to=msg)
 
@@ -365,6 +372,7 @@ def _train(
     hardware: Hardware,
     server_round: int,
     node_ledger: NodeLedger | None,
+    stats: bool,
 ) -> Message:
     device = hardware.device
     # Distinct, reproducible randomness per client and round.
@@ -427,13 +435,14 @@ def _train(
         )
     metrics = MetricRecord(
         {
-            "train_loss": result.loss,
-            "train_accuracy": result.accuracy,
             NUM_EXAMPLES_KEY: result.num_examples,
             # Names this client in the server's decisions.jsonl (node ids are random).
             PARTITION_ID_KEY: partition_id,
         }
     )
+    if stats:
+        metrics["train_loss"] = result.loss
+        metrics["train_accuracy"] = result.accuracy
     state = model.state_dict()
     if mode.noises_update:
         # Clip and noise the whole update on the device, before anything leaves it.
@@ -466,8 +475,36 @@ def _train(
     return Message(content=content, reply_to=msg)
 
 
+def dp_against_server(cfg: ExperimentConfig, context: Context) -> bool:
+    """Whether this deployed node's data is protected by DP from the server itself.
+
+    True for the privacy modes whose noise the clients add (``dp-sgd``,
+    ``local``, ``distributed``) and for a node that caps its spend. Such a
+    node sends nothing about its data but the privatised update and its size:
+    no evaluation replies and no training loss or accuracy, which are exact
+    statistics of its data outside the budget (a server sending a model that
+    always predicts class k learns how many examples of class k the node
+    holds). Simulations keep every metric.
+    """
+    if simulated_adversary():
+        return False
+    return mode_of(cfg).runs_on in ("client", "secure-sum") or node_requires_client_dp(context)
+
+
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on the local partition (the ``evaluate`` body)."""
+    """Evaluate the received global model on the local partition (the ``evaluate`` body).
+
+    A deployed node whose data DP protects from the server refuses
+    (:func:`dp_against_server`), before it loads any data.
+    """
+    cfg = config_from_message(msg, context)
+    if dp_against_server(cfg, context):
+        reason = (
+            f"this node's data is protected by differential privacy (privacy mode "
+            f"'{cfg.privacy.mode}'); an evaluation reply would release exact statistics of "
+            f"it outside the privacy budget"
+        )
+        return Message(Error(code=PRIVATE_EVALUATION_REFUSED, reason=reason), reply_to=msg)
     _, _, model, x, y, hardware = _local_setup(msg, context)
     result = evaluate_model(
         model,
