@@ -44,7 +44,7 @@ __all__ = [
     "MASKED_INPUT_STAGE",
     "MASKED_KEY",
     "MAX_BATCH_KEY",
-    "MAX_LOCAL_STEPS_KEY",
+    "MAX_LOCAL_EXAMPLES_KEY",
     "METRICS_KEY",
     "NUM_EXAMPLES_ARRAY",
     "NUM_EXAMPLES_KEY",
@@ -199,9 +199,10 @@ PRECISION_KEY = "precision"
 #: Node config of the most examples per forward/backward pass on the node: overrides
 #: ``client.max_batch``; read by fedsec.client.handlers.
 MAX_BATCH_KEY = "max-batch"
-#: Node config of the most local work a round may ask of the node, in optimizer steps (each
-#: PGD step of adversarial training counting as one more); read by fedsec.client.handlers.
-MAX_LOCAL_STEPS_KEY = "max-local-steps"
+#: Node config of the most local work a round may ask of the node, in examples passed
+#: forward and backward (each PGD step of adversarial training one more pass); read by
+#: fedsec.client.handlers.
+MAX_LOCAL_EXAMPLES_KEY = "max-local-examples"
 #: Node config of the folder holding the node's data sets: a deployed node reads its data
 #: from here (default: ``data``), never from a folder the server's config names; read by
 #: fedsec.client.handlers.
@@ -237,7 +238,7 @@ PRIVACY_LEDGER_UNUSABLE = 4002
 #: A training reply local_dp cannot privatize (no ArrayRecord, other keys or shapes,
 #: non-finite update).
 LOCAL_DP_REFUSED = 4003
-#: A train round refused because it asks more local work than the node's ``max-local-steps``.
+#: A train round refused because it asks more local work than the node's ``max-local-examples``.
 LOCAL_WORK_REFUSED = 4004
 #: An evaluate request refused by a deployed node whose data DP protects from the server.
 PRIVATE_EVALUATION_REFUSED = 4005

@@ -405,3 +405,29 @@ def test_ledger_rejects_bad_parameters_and_configs() -> None:
     ledger = PrivacyLedger(epsilon_budget=1.0, delta=1e-5)
     with pytest.raises(ValueError, match="sample_rate"):
         ledger.would_exceed(1.0, 1.5, 1)
+
+
+def test_accounting_questions_with_unbounded_cost_are_refused_in_one_line() -> None:
+    """A server-sent target is solved on every message a deployed node receives: Opacus's
+    search looped forever at 1e17 RDP steps and took 12 GB with PRV at 1.4e9."""
+    from fedsec.privacy.accounting import (
+        MAX_COMPOSITIONS,
+        MAX_PRV_COMPOSITIONS,
+        epsilon_for_history,
+        solve_noise_multiplier,
+    )
+
+    with pytest.raises(ValueError, match="more than any run takes") as err:
+        solve_noise_multiplier(
+            target_epsilon=1.0, target_delta=1e-5, sample_rate=1e-3, steps=MAX_COMPOSITIONS + 1
+        )
+    assert "\n" not in str(err.value)
+    over = MAX_PRV_COMPOSITIONS + 1
+    with pytest.raises(ValueError, match="use accountant 'rdp'"):
+        solve_noise_multiplier(
+            target_epsilon=1.0, target_delta=1e-5, sample_rate=0.01, steps=over, accountant="prv"
+        )
+    with pytest.raises(ValueError, match="use accountant 'rdp'"):
+        epsilon_for_history([(1.0, 0.01, over - 5), (2.0, 0.01, 5)], delta=1e-5, accountant="prv")
+    # RDP stays cheap at any realistic size.
+    assert 0 < epsilon_for_history([(1.0, 0.01, 10**10)], delta=1e-5) < math.inf

@@ -14,7 +14,10 @@ Each test names the attack; each failed on the defenses as first landed.
   partition), so it could subtract it.
 * Local work: ``client.local_epochs`` (and ``local_steps``) and ``evasion.steps``
   of adversarial training had no bound, so a server could keep a node training
-  for days with one message (2**31 epochs, 2**31 PGD steps per batch).
+  for days with one message (2**31 epochs, 2**31 PGD steps per batch); a cap
+  in steps was inflated by a batch of the whole partition and ``max_batch 1``;
+  solving for the noise of a ``target_epsilon`` looped forever (RDP, 1e17
+  steps) or took 12 GB (PRV) before any check ran.
 * Exact statistics of DP-protected data: a deployed node under client-side DP
   answered evaluate requests (even after its budget was exhausted) and sent
   its training loss and accuracy, outside the ledger; ten evaluate replies for
@@ -61,7 +64,7 @@ from fedsec.models import make_model
 from fedsec.wire import (
     DATA_DIR_KEY,
     LOCAL_WORK_REFUSED,
-    MAX_LOCAL_STEPS_KEY,
+    MAX_LOCAL_EXAMPLES_KEY,
     PRIVATE_EVALUATION_REFUSED,
 )
 
@@ -379,20 +382,19 @@ def _work_cfg(**sections: dict[str, Any]) -> ExperimentConfig:
 @pytest.mark.parametrize(
     ("sections", "asked"),
     [
-        ({"client": {"local_epochs": 2**31 - 1}}, "this round asks 32212254705 local steps"),
+        ({"client": {"local_epochs": 2**31 - 1}}, "client.local_epochs 2147483647, batch size 32"),
         (
             {"client": {"local_steps": 2**31 - 1, "local_epochs": 2**31 - 1}},
-            "this round asks 2147483647 local steps",
+            "client.local_steps 2147483647",
         ),
         (
             {"evasion": {"adversarial_training": True, "steps": 2**31 - 1}},
             "2147483647 PGD steps per batch",
         ),
+        # One step a round but a batch of the whole partition: 10^4 epochs of 479 examples.
+        ({"client": {"local_epochs": 10**4, "batch_size": 479}}, "batch size 479"),
         (
-            {
-                "client": {"local_steps": 1, "local_epochs": 10**7},
-                "privacy": {"mode": "dp-sgd", "noise_multiplier": 1.0},
-            },
+            {"client": {"local_steps": 1, "local_epochs": 10**7}, "privacy": {"mode": "dp-sgd"}},
             None,  # DP-SGD's one step is within any cap
         ),
     ],
@@ -400,25 +402,63 @@ def _work_cfg(**sections: dict[str, Any]) -> ExperimentConfig:
 def test_a_server_cannot_ask_unbounded_local_work(
     deployed: Path, sections: dict[str, Any], asked: str | None
 ) -> None:
+    if "privacy" in sections:
+        sections["privacy"]["noise_multiplier"] = 1.0
     node = {STATE_DIR_KEY: str(deployed)}
     reply = client_app(_message(_work_cfg(**sections), 1), _context(**node))
     if asked is None:
         assert not reply.has_error(), reply.error.reason
         return
     assert reply.has_error() and reply.error.code == LOCAL_WORK_REFUSED
-    assert asked in reply.error.reason and "max-local-steps is 100000" in reply.error.reason
+    assert asked in reply.error.reason
+    assert "max-local-examples, 1000000 examples" in reply.error.reason
+    assert "479" not in reply.error.reason or "batch size 479" in asked  # not the data size
 
 
 def test_a_node_sets_its_own_work_cap(deployed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = _work_cfg(client={"local_epochs": 3})  # 3 epochs x ceil(479 / 32) = 45 steps
-    reply = client_app(_message(cfg, 1), _context(**{MAX_LOCAL_STEPS_KEY: 44}))
-    assert reply.has_error() and "asks 45 local steps" in reply.error.reason
-    assert not client_app(_message(cfg, 1), _context(**{MAX_LOCAL_STEPS_KEY: 45})).has_error()
-    with pytest.raises(ValueError, match="max-local-steps must be an integer >= 1, got 0"):
-        client_app(_message(cfg, 1), _context(**{MAX_LOCAL_STEPS_KEY: 0}))
+    cfg = _work_cfg(client={"local_epochs": 3})  # 3 epochs x 15 batches x 32 = 1440
+    reply = client_app(_message(cfg, 1), _context(**{MAX_LOCAL_EXAMPLES_KEY: 1439}))
+    assert reply.has_error() and reply.error.code == LOCAL_WORK_REFUSED
+    assert not client_app(_message(cfg, 1), _context(**{MAX_LOCAL_EXAMPLES_KEY: 1440})).has_error()
+    for bad in (0, "1000", 1e5, True):
+        with pytest.raises(ValueError, match="max-local-examples must be an integer >= 1"):
+            client_app(_message(cfg, 1), _context(**{MAX_LOCAL_EXAMPLES_KEY: bad}))
     # A simulation's user sets both sides: no cap there.
     monkeypatch.setenv(SIMULATED_ADVERSARY_ENV, "1")
-    assert not client_app(_message(cfg, 1), _context(**{MAX_LOCAL_STEPS_KEY: 1})).has_error()
+    assert not client_app(_message(cfg, 1), _context(**{MAX_LOCAL_EXAMPLES_KEY: 1})).has_error()
+
+
+def test_a_server_cannot_choose_a_deployed_nodes_batch_cap_or_device(deployed: Path) -> None:
+    """client.max_batch = 1 made every step one pass per example (637x a normal round)."""
+    cfg = _work_cfg(client={"max_batch": 1}, experiment={"device": "cpu"})
+    assert handlers.node_hardware(cfg, _context()).max_batch == 0
+    assert handlers.node_hardware(cfg, _context(**{"max-batch": 4})).max_batch == 4
+
+
+@pytest.mark.parametrize(
+    ("mode", "accountant", "why"),
+    [
+        ("dp-sgd", "rdp", "are more than any run takes"),
+        ("dp-sgd", "prv", "the PRV accountant over"),
+        ("local", "prv", "the PRV accountant over"),
+    ],
+)
+def test_validating_a_servers_privacy_target_is_bounded(
+    deployed: Path, mode: str, accountant: str, why: str
+) -> None:
+    """Solving for the noise over steps x rounds looped forever (RDP at 1e17 steps) or took
+    12 GB (PRV at 1.4e9) before any of the node's checks ran."""
+    epochs = 10**8 if accountant == "rdp" else 1
+    raw = {
+        "experiment": {"name": "redteam", "rounds": 10**6, "seed": 0},
+        "data": {"partition": "iid", "num_clients": 1},
+        "client": {"local_epochs": epochs, "batch_size": 1},
+        "privacy": {"mode": mode, "target_epsilon": 1.0, "accountant": accountant},
+    }
+    message = _message(_work_cfg(), 1)
+    message.content["config"][WIRE_CONFIG_KEY] = json.dumps(raw)
+    with pytest.raises(ValueError, match=why):
+        client_app(message, _context(**{STATE_DIR_KEY: str(deployed)}))
 
 
 # ---- DP-protected data leaves only as the privatised update ---------------------------
@@ -474,3 +514,18 @@ def test_a_node_without_dp_and_a_simulation_keep_their_metrics(
     reply = client_app(_evaluate_message(private), _context())
     assert not reply.has_error() and "eval_loss" in reply.content["metrics"]
     assert "train_accuracy" in client_app(_message(private, 1), _context()).content["metrics"]
+
+
+def test_a_dp_protected_node_refuses_a_split_whose_sizes_follow_its_labels(
+    deployed: Path,
+) -> None:
+    """30 refusals of Dirichlet rounds (alpha 1e-3, known seeds) gave the node's exact label
+    histogram by least squares: each reason named the partition's size."""
+    cfg = _cfg(mode="dp-sgd")
+    raw = cfg.to_dict()
+    raw["data"].update(partition="dirichlet", alpha=0.5, num_clients=2)
+    message = _message(cfg, 1)
+    message.content["config"][WIRE_CONFIG_KEY] = json.dumps(raw)
+    node = {STATE_DIR_KEY: _state(deployed, "st"), EPSILON_CAP_KEY: BUDGET}
+    with pytest.raises(ValueError, match="Dirichlet split's sizes depend on its labels"):
+        client_app(message, _context(**node))

@@ -59,7 +59,7 @@ from fedsec.wire import (
     EPSILON_CAP_KEY,
     LOCAL_WORK_REFUSED,
     MAX_BATCH_KEY,
-    MAX_LOCAL_STEPS_KEY,
+    MAX_LOCAL_EXAMPLES_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
@@ -116,7 +116,10 @@ def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
 
     A SuperNode knows its own hardware: ``--node-config "device='cuda:0'
     precision='bf16' max-batch=64"`` overrides ``experiment.device``,
-    ``client.precision`` and ``client.max_batch`` for that node only.
+    ``client.precision`` and ``client.max_batch`` for that node only. A
+    deployed node never takes the device or the batch cap from the server
+    (defaults ``auto`` and none): they are its hardware, and a server could
+    otherwise move it off its GPU or make it pass one example at a time.
 
     Raises
     ------
@@ -125,67 +128,89 @@ def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
         negative ``max-batch``, naming the node config key.
     """
     node = context.node_config
-    device = resolve_device(str(node.get(DEVICE_KEY, cfg.experiment.device)))
+    # A deployed node's device and batch cap are its own: a server could otherwise
+    # move a GPU node to the CPU, or make it pass one example at a time (max_batch 1).
+    simulated = simulated_adversary()
+    device = resolve_device(
+        str(node.get(DEVICE_KEY, cfg.experiment.device if simulated else "auto"))
+    )
     precision = str(node.get(PRECISION_KEY, cfg.client.precision))
     if precision not in PRECISIONS:
         raise ValueError(
             f"node config precision '{precision}' is unknown; valid: {', '.join(PRECISIONS)}"
         )
-    raw_cap = node.get(MAX_BATCH_KEY, cfg.client.max_batch)
+    raw_cap = node.get(MAX_BATCH_KEY, cfg.client.max_batch if simulated else 0)
     if isinstance(raw_cap, bool) or not isinstance(raw_cap, int) or raw_cap < 0:
         raise ValueError(f"node config max-batch must be an integer >= 0, got {raw_cap!r}")
     autocast_dtype(precision, device)  # refuses fp16 off CUDA, bf16 where unsupported
     return Hardware(device=device, precision=precision, max_batch=raw_cap)
 
 
-#: Default of node config ``max-local-steps``: far above a client's usual round (CIFAR-10
-#: split 10 ways, batch 32, 10 epochs: 1.6k steps) and still a bound on what a server asks.
-DEFAULT_MAX_LOCAL_STEPS = 100_000
+#: Default of node config ``max-local-examples``: far above a client's usual round
+#: (CIFAR-10 split 10 ways, 10 epochs: 50k) and still a bound on what a server asks.
+DEFAULT_MAX_LOCAL_EXAMPLES = 1_000_000
 
 
 def local_work(cfg: ExperimentConfig, num_examples: int) -> int:
-    """Optimizer steps a round asks of this client, each PGD step counting as one more.
+    """Examples a round passes forward and backward, each PGD step counting one more pass.
 
-    DP-SGD takes :func:`~fedsec.privacy.dpsgd.dp_sgd_steps`; other training
-    ``epochs * ceil(n / batch_size)`` (also the bound applied to a user's
-    ``train_fn``), both capped by ``client.local_steps``; adversarial training
-    runs ``evasion.steps`` PGD steps per batch besides.
+    Steps times the examples of a step: DP-SGD takes
+    :func:`~fedsec.privacy.dpsgd.dp_sgd_steps` of ``batch_size`` examples on
+    average, other training (and a user's ``train_fn``, bounded the same way)
+    ``epochs * ceil(n / batch_size)`` batches, both capped by
+    ``client.local_steps``. Counting examples rather than steps keeps a
+    server from inflating each step (one batch of the whole data set).
     """
     client = cfg.client
     cap = client.local_steps or None
+    batch = min(client.batch_size, num_examples)
     if mode_of(cfg).private_training:
         steps = dp_sgd_steps(num_examples, client.batch_size, client.local_epochs, cap)
     else:
-        steps = client.local_epochs * -(-num_examples // client.batch_size)
+        steps = client.local_epochs * -(-num_examples // batch)
         steps = steps if cap is None else min(steps, cap)
-    if cfg.evasion.adversarial_training:
-        steps *= 1 + cfg.evasion.steps
-    return steps
+    passes = 1 + cfg.evasion.steps if cfg.evasion.adversarial_training else 1
+    return steps * batch * passes
 
 
-def _refused_work(cfg: ExperimentConfig, context: Context, num_examples: int) -> str | None:
-    """Why a deployed node refuses this round's local work (None: it does not).
+def _refused_round(cfg: ExperimentConfig, context: Context, num_examples: int) -> str | None:
+    """Why a deployed node refuses this train round before training (None: it does not).
+
+    The round asks more local work than node config ``max-local-examples``;
+    the reason names what was asked, not the node's data size.
 
     Raises
     ------
     ValueError
-        If the node config ``max-local-steps`` is not an integer >= 1.
+        If the node config ``max-local-examples`` is not an integer >= 1, or the
+        node's data DP protects from the server and the config splits it with a
+        Dirichlet partition, whose sizes depend on the labels (and ``num-examples``
+        and the privacy spend would reveal them).
     """
     if simulated_adversary():  # the simulation's user sets both sides
         return None
-    limit = context.node_config.get(MAX_LOCAL_STEPS_KEY, DEFAULT_MAX_LOCAL_STEPS)
+    if cfg.data.partition == "dirichlet" and dp_against_server(cfg, context):
+        raise ValueError(
+            "this node's data is protected by differential privacy: a Dirichlet split's "
+            "sizes depend on its labels, which num-examples and the privacy spend would "
+            "reveal; use partition 'iid' or 'shards'"
+        )
+    limit = context.node_config.get(MAX_LOCAL_EXAMPLES_KEY, DEFAULT_MAX_LOCAL_EXAMPLES)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(
-            f"node config {MAX_LOCAL_STEPS_KEY} must be an integer >= 1, got {limit!r}"
+            f"node config {MAX_LOCAL_EXAMPLES_KEY} must be an integer >= 1, got {limit!r}"
         )
-    work = local_work(cfg, num_examples)
-    if work <= limit:
+    if local_work(cfg, num_examples) <= limit:
         return None
+    client = cfg.client
+    asked = f"client.local_epochs {client.local_epochs}, batch size {client.batch_size}"
+    if client.local_steps:
+        asked += f", client.local_steps {client.local_steps}"
+    if cfg.evasion.adversarial_training:
+        asked += f", {cfg.evasion.steps} PGD steps per batch"
     return (
-        f"this round asks {work} local steps (client.local_epochs {cfg.client.local_epochs}, "
-        f"{num_examples} examples at batch size {cfg.client.batch_size}"
-        + (f", {cfg.evasion.steps} PGD steps per batch" if cfg.evasion.adversarial_training else "")
-        + f"); this node's {MAX_LOCAL_STEPS_KEY} is {limit}"
+        f"this round asks more local work ({asked}) than this node's "
+        f"{MAX_LOCAL_EXAMPLES_KEY}, {limit} examples"
     )
 
 
@@ -340,7 +365,7 @@ def train(msg: Message, context: Context) -> Message:
     # Training loss and accuracy go back only where DP does not protect the data from
     # the server (exact statistics of it otherwise).
     stats = not dp_against_server(cfg, context)
-    refused = _refused_work(cfg, context, len(y))
+    refused = _refused_round(cfg, context, len(y))
     if refused is not None:  # before the ledger: a refused round spends nothing
         return Message(Error(code=LOCAL_WORK_REFUSED, reason=refused), reply_to=msg)
     if not mode_of(cfg).keeps_ledger:

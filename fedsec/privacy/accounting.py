@@ -69,6 +69,13 @@ RDP_ORDERS: tuple[float, ...] = (
     512.0,
     1024.0,
 )
+#: Most compositions (steps, over a whole history) an accountant is asked about: beyond
+#: it no training is real, and Opacus's noise search loops forever (RDP at 1e17 steps).
+MAX_COMPOSITIONS = 10**12
+#: Most compositions the PRV accountant is asked about: its cost grows with them (about
+#: 15 s and 1.6 GB at 48k, and 12 GB at 1e9), while RDP's does not. A server-sent
+#: config is validated on every message a deployed node receives.
+MAX_PRV_COMPOSITIONS = 50_000
 #: Default precision of :func:`solve_noise_multiplier`: the epsilon reached at the
 #: returned noise multiplier is within this of the target (and never above it).
 EPSILON_TOLERANCE = 0.01
@@ -113,6 +120,20 @@ def check_entry(noise_multiplier: float, sample_rate: float, steps: int) -> Hist
     return sigma, q, int(steps)
 
 
+def _check_cost(kind: Accountant, compositions: int) -> None:
+    """Refuse an accounting question whose answer would cost unbounded time or memory."""
+    if compositions > MAX_COMPOSITIONS:
+        raise ValueError(
+            f"{compositions} compositions (steps) are more than any run takes; at most "
+            f"{MAX_COMPOSITIONS}"
+        )
+    if kind == "prv" and compositions > MAX_PRV_COMPOSITIONS:
+        raise ValueError(
+            f"the PRV accountant over {compositions} compositions (steps) costs minutes and "
+            f"gigabytes; use accountant 'rdp', or at most {MAX_PRV_COMPOSITIONS} steps with 'prv'"
+        )
+
+
 def _merged(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
     """Drop entries that spend nothing and merge consecutive identical mechanisms."""
     merged: list[HistoryEntry] = []
@@ -150,7 +171,8 @@ def epsilon_for_history(
     Raises
     ------
     ValueError
-        For an invalid entry, delta or accountant name.
+        For an invalid entry, delta or accountant name, or more steps in all than
+        :data:`MAX_COMPOSITIONS` (with ``"prv"``, :data:`MAX_PRV_COMPOSITIONS`).
     """
     kind = check_accountant(accountant)
     delta = check_delta(delta)
@@ -159,6 +181,7 @@ def epsilon_for_history(
         return 0.0
     if any(sigma == 0.0 for sigma, _, _ in entries):
         return math.inf
+    _check_cost(kind, sum(steps for _, _, steps in entries))
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     if kind == "rdp":
@@ -246,8 +269,9 @@ def solve_noise_multiplier(
     Raises
     ------
     ValueError
-        For invalid parameters, or if the target needs a noise multiplier above
-        :data:`MAX_NOISE_MULTIPLIER`.
+        For invalid parameters, more steps than :data:`MAX_COMPOSITIONS` (with
+        ``"prv"``, :data:`MAX_PRV_COMPOSITIONS`), or if the target needs a noise
+        multiplier above :data:`MAX_NOISE_MULTIPLIER`.
     """
     kind = check_accountant(accountant)
     target_epsilon = _check_finite("target_epsilon", target_epsilon, minimum=0.0, strict=True)
@@ -259,6 +283,7 @@ def solve_noise_multiplier(
             f"sample_rate and steps must be > 0 to solve for a noise multiplier, "
             f"got sample_rate={sample_rate!r}, steps={steps!r}"
         )
+    _check_cost(kind, steps)
     from opacus.accountants.utils import get_noise_multiplier
 
     extra: dict[str, Any] = {"alphas": list(RDP_ORDERS)} if kind == "rdp" else {}
