@@ -52,7 +52,7 @@ KEYS: dict[str, str] = {
     "client.lr": "local learning rate",
     "client.momentum": "SGD momentum, in [0, 1) (ignored by Adam/AdamW)",
     "client.weight_decay": "weight decay",
-    "client.precision": "`fp32`, `bf16` or `fp16` autocast (fp16: CUDA only, not with DP-SGD); node config `precision` overrides",
+    "client.precision": "`fp32`, `bf16` or `fp16` autocast (fp16: CUDA only, not with DP-SGD); node config `precision` overrides (a deployed node uses only its own)",
     "client.max_batch": "most examples per forward/backward pass (larger batches go in chunks, same step); 0 = fit free GPU memory on CUDA, no cap elsewhere; node config `max-batch` overrides (a deployed node uses only its own)",
     "model.name": 'the model, checked against the data set\'s input size: a built-in name, a registered one or a dotted `"package.module:factory"`',
     "server.lr": "server learning rate on the aggregated update",

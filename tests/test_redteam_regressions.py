@@ -436,15 +436,10 @@ def test_a_server_cannot_choose_a_deployed_nodes_batch_cap_or_device(deployed: P
 
 
 @pytest.mark.parametrize(
-    ("mode", "accountant", "why"),
-    [
-        ("dp-sgd", "rdp", "are more than any run takes"),
-        ("dp-sgd", "prv", "the PRV accountant over"),
-        ("local", "prv", "the PRV accountant over"),
-    ],
+    ("mode", "accountant"), [("dp-sgd", "rdp"), ("dp-sgd", "prv"), ("local", "prv")]
 )
 def test_validating_a_servers_privacy_target_is_bounded(
-    deployed: Path, mode: str, accountant: str, why: str
+    deployed: Path, mode: str, accountant: str
 ) -> None:
     """Solving for the noise over steps x rounds looped forever (RDP at 1e17 steps) or took
     12 GB (PRV at 1.4e9) before any of the node's checks ran."""
@@ -455,10 +450,15 @@ def test_validating_a_servers_privacy_target_is_bounded(
         "client": {"local_epochs": epochs, "batch_size": 1},
         "privacy": {"mode": mode, "target_epsilon": 1.0, "accountant": accountant},
     }
-    message = _message(_work_cfg(), 1)
+    message = _evaluate_message(_work_cfg())
     message.content["config"][WIRE_CONFIG_KEY] = json.dumps(raw)
-    with pytest.raises(ValueError, match=why):
-        client_app(message, _context(**{STATE_DIR_KEY: str(deployed)}))
+    node = _context(**{STATE_DIR_KEY: str(deployed)})
+    if accountant == "rdp":
+        with pytest.raises(ValueError, match="are more than any run takes"):
+            client_app(message, node)
+    else:  # a deployed node accounts with RDP (below), which answers at any size
+        reply = client_app(message, node)
+        assert reply.has_error() and reply.error.code == PRIVATE_EVALUATION_REFUSED
 
 
 # ---- DP-protected data leaves only as the privatised update ---------------------------
@@ -529,3 +529,81 @@ def test_a_dp_protected_node_refuses_a_split_whose_sizes_follow_its_labels(
     node = {STATE_DIR_KEY: _state(deployed, "st"), EPSILON_CAP_KEY: BUDGET}
     with pytest.raises(ValueError, match="Dirichlet split's sizes depend on its labels"):
         client_app(message, _context(**node))
+
+
+# ---- distributed DP: the noise is the config's, not the round's --------------------------
+
+
+def test_a_server_cannot_turn_distributed_dp_noise_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Skellam noise a client added was the round's noise_variance, which the server sends:
+    a SecureAggregation built with noise multiplier 0 unmasked the exact mean of updates
+    from nodes whose config said distributed DP."""
+    from flwr.app import ArrayRecord as Arrays
+
+    from fedsec.aggregation import make as make_rule
+    from fedsec.strategies.inprocess import InProcessGrid
+    from fedsec.strategies.pipeline import pipeline
+    from fedsec.strategies.secagg import SecureAggregation
+    from fedsec.strategies.strategy import FedSecStrategy
+
+    raw = {
+        "experiment": {"name": "redteam", "rounds": 1, "seed": 0},
+        "data": {"partition": "iid", "num_clients": 3},
+        "client": {"local_epochs": 1},
+        "privacy": {"mode": "distributed", "noise_multiplier": 1.0, "update_clip": 1.0},
+        "secagg": {"enabled": True, "weight_cap": 0, "dropout_rate": 0.0, "corrupt_fraction": 0.0},
+    }
+    cfg = parse_config(raw)
+    sent = Arrays(make_model("mlp", (1, 8, 8), 10, seed=0).state_dict())
+
+    def secure_round(noise: float) -> tuple[Any, str]:
+        secure = SecureAggregation(
+            clip=cfg.secagg.clip,
+            weight_cap=0,
+            timeout=120.0,
+            noise_multiplier=noise,
+            norm_bound=1.0,
+            dropout_rate=0.0,
+            corrupt_fraction=0.0,
+        )
+        strategy = FedSecStrategy(rule=make_rule("mean"), min_available_nodes=3, secure=secure)
+        grid = InProcessGrid(client_app, 3).as_grid()
+        config = ConfigRecord({"server-round": 1, WIRE_CONFIG_KEY: json.dumps(cfg.to_dict())})
+        new, _ = strategy.train_round(pipeline(grid), grid, 1, sent, config)
+        return new, str(secure.last_error)
+
+    noisy, _ = secure_round(1.0)  # what the config says: the round runs
+    assert noisy is not None
+    silent, error = secure_round(0.0)
+    assert silent is None, "nodes sent updates without the config's noise"
+    assert "only 0 clients sent masked inputs" in error  # every node refused the round
+
+
+def test_a_deployed_node_accounts_with_rdp_not_the_servers_prv(
+    deployed: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PRV's memory grows as the noise falls, which a server-sent target chooses: validating
+    target_epsilon 500 over 958 steps took 41 s and 2.6 GB, then MemoryError, on any
+    message, before the node's own checks."""
+    from fedsec.client.app import config_from_message
+
+    raw = {
+        "experiment": {"name": "redteam", "rounds": 1, "seed": 0},
+        "data": {"partition": "iid", "num_clients": 3},
+        "client": {"local_epochs": 10, "batch_size": 5},
+        "privacy": {"mode": "dp-sgd", "accountant": "prv", "target_epsilon": 500.0},
+    }
+    message = _evaluate_message(_work_cfg())
+    message.content["config"][WIRE_CONFIG_KEY] = json.dumps(raw)
+    node = _context(**{STATE_DIR_KEY: str(deployed)})
+    assert config_from_message(message, node).privacy.accountant == "rdp"
+    assert "accounts with 'rdp', not the server's 'prv'" in caplog.text
+    reply = client_app(message, node)
+    assert reply.has_error() and reply.error.code == PRIVATE_EVALUATION_REFUSED
+
+
+def test_a_server_cannot_choose_a_deployed_nodes_precision(deployed: Path) -> None:
+    """bf16 autocast on a CPU without it made each step 2.3x slower on the digits MLP."""
+    cfg = _work_cfg(client={"precision": "bf16"})
+    assert handlers.node_hardware(cfg, _context()).precision == "fp32"
+    assert handlers.node_hardware(cfg, _context(precision="bf16")).precision == "bf16"

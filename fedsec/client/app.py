@@ -205,6 +205,13 @@ def _parse_wire_config(
                     DATA_DIR_KEY,
                 )
             data["data_dir"] = data_dir
+        privacy = raw.get("privacy")
+        if isinstance(privacy, dict) and privacy.get("accountant") == "prv":
+            # PRV's memory grows without bound as the noise (or delta) falls, and the
+            # server chooses both. RDP's epsilon bounds PRV's from above, so accounting
+            # with it spends no more of the budget than the config allows.
+            logger.warning("a deployed node accounts with 'rdp', not the server's 'prv'")
+            privacy["accountant"] = "rdp"
     if allowed is None:
         return parse_config(raw)
     with restrict_user_code(allowed):

@@ -117,9 +117,10 @@ def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
     A SuperNode knows its own hardware: ``--node-config "device='cuda:0'
     precision='bf16' max-batch=64"`` overrides ``experiment.device``,
     ``client.precision`` and ``client.max_batch`` for that node only. A
-    deployed node never takes the device or the batch cap from the server
-    (defaults ``auto`` and none): they are its hardware, and a server could
-    otherwise move it off its GPU or make it pass one example at a time.
+    deployed node never takes them from the server (defaults ``auto``,
+    ``fp32`` and none): they are its hardware, and a server could otherwise
+    move it off its GPU, slow it with an autocast its CPU lacks, or make it
+    pass one example at a time.
 
     Raises
     ------
@@ -128,13 +129,12 @@ def node_hardware(cfg: ExperimentConfig, context: Context) -> Hardware:
         negative ``max-batch``, naming the node config key.
     """
     node = context.node_config
-    # A deployed node's device and batch cap are its own: a server could otherwise
-    # move a GPU node to the CPU, or make it pass one example at a time (max_batch 1).
+    # A deployed node's device, precision and batch cap are its own (see the docstring).
     simulated = simulated_adversary()
     device = resolve_device(
         str(node.get(DEVICE_KEY, cfg.experiment.device if simulated else "auto"))
     )
-    precision = str(node.get(PRECISION_KEY, cfg.client.precision))
+    precision = str(node.get(PRECISION_KEY, cfg.client.precision if simulated else "fp32"))
     if precision not in PRECISIONS:
         raise ValueError(
             f"node config precision '{precision}' is unknown; valid: {', '.join(PRECISIONS)}"

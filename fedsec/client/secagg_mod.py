@@ -234,6 +234,7 @@ def _masked_input(
     client.receive_shares(request)  # refuse before spending time on training
     setup = client.setup
     assert setup is not None
+    _check_distributed_noise(msg, context, setup)
     sent = msg.content.array_records.get(ARRAYS_KEY)
     size = _masked_size(sent) if sent is not None else 0
     if sent is not None and size != setup.dim:  # the round's vector must be the model sent
@@ -259,6 +260,62 @@ def _masked_input(
         }
     )
     return Message(content, reply_to=msg)
+
+
+def _check_distributed_noise(msg: Message, context: Context, setup: AdvertiseKeysRequest) -> None:
+    """Under fedsec's distributed DP, refuse a round that asks less noise than the config.
+
+    The Skellam noise a client adds is the round's ``noise_variance``, which the
+    server sends; a server sending 0 would get updates without noise from nodes
+    that believe their data protected. The client recomputes the plan from the
+    config it validated (its noise multiplier and ``privacy.update_clip``) and
+    the round's own encoding and smallest unmasked sum (``min_survivors``, which
+    it enforces at unmasking), and refuses anything smaller. A user's ClientApp
+    (no fedsec config in the message) is not checked.
+
+    Raises
+    ------
+    ProtocolError
+        If the round clips beyond ``privacy.update_clip``, names no smallest sum,
+        or asks less noise or headroom than the config's noise multiplier needs.
+    """
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if config is None or WIRE_CONFIG_KEY not in config:
+        return
+    from fedsec.client.app import config_from_message
+    from fedsec.privacy.distributed import plan_skellam
+    from fedsec.privacy.modes.distributed import distributed_noise_multiplier
+
+    cfg = config_from_message(msg, context)
+    if cfg.privacy.mode != "distributed":
+        return
+    bound = cfg.privacy.update_clip
+    if not 0.0 < setup.norm_bound <= bound:
+        raise ProtocolError(
+            f"distributed DP: the round clips updates to {setup.norm_bound}, not within "
+            f"(0, privacy.update_clip = {bound}]"
+        )
+    if setup.min_survivors < 1:
+        raise ProtocolError("distributed DP: the round names no smallest sum to size its noise")
+    try:
+        plan = plan_skellam(
+            noise_multiplier=distributed_noise_multiplier(cfg),
+            norm_bound=setup.norm_bound,
+            clip=setup.clip,
+            dim=setup.dim,
+            num_clients=setup.num_clients,
+            min_clients=setup.min_survivors,
+            modulus_bits=setup.modulus_bits,
+            bits=setup.bits,
+        )
+    except ValueError as err:
+        raise ProtocolError(f"distributed DP: the round cannot carry the noise: {err}") from None
+    if setup.noise_variance < plan.client_variance * (1 - 1e-9) or setup.headroom < plan.headroom:
+        raise ProtocolError(
+            f"distributed DP: the round asks noise variance {setup.noise_variance:.6g} "
+            f"(headroom {setup.headroom}); the config's noise multiplier needs "
+            f"{plan.client_variance:.6g} ({plan.headroom})"
+        )
 
 
 def _masked_size(record: ArrayRecord) -> int:
