@@ -276,30 +276,33 @@ def _check_distributed_noise(msg: Message, context: Context, setup: AdvertiseKey
     Raises
     ------
     ProtocolError
-        If the round clips beyond ``privacy.update_clip``, names no smallest sum,
-        or asks less noise or headroom than the config's noise multiplier needs.
+        If the round clips beyond the config's bound (``privacy.update_clip``),
+        names no smallest sum, or asks less noise or headroom than the config's
+        noise multiplier needs.
     """
     config = msg.content.config_records.get(CONFIG_KEY)
     if config is None or WIRE_CONFIG_KEY not in config:
         return
     from fedsec.client.app import config_from_message
     from fedsec.privacy.distributed import plan_skellam
-    from fedsec.privacy.modes.distributed import distributed_noise_multiplier
+    from fedsec.privacy.modes import mode_of
 
     cfg = config_from_message(msg, context)
-    if cfg.privacy.mode != "distributed":
+    mode = mode_of(cfg)
+    sigma = mode.secure_noise_multiplier(cfg)
+    if sigma <= 0:  # the config's mode adds no noise inside the sum
         return
-    bound = cfg.privacy.update_clip
+    bound = mode.secure_norm_bound(cfg)
     if not 0.0 < setup.norm_bound <= bound:
         raise ProtocolError(
             f"distributed DP: the round clips updates to {setup.norm_bound}, not within "
-            f"(0, privacy.update_clip = {bound}]"
+            f"(0, {bound}] (the config's bound)"
         )
     if setup.min_survivors < 1:
         raise ProtocolError("distributed DP: the round names no smallest sum to size its noise")
     try:
         plan = plan_skellam(
-            noise_multiplier=distributed_noise_multiplier(cfg),
+            noise_multiplier=sigma,
             norm_bound=setup.norm_bound,
             clip=setup.clip,
             dim=setup.dim,
