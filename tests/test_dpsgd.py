@@ -538,7 +538,7 @@ def test_poisson_batches_draw_in_bounded_chunks_with_the_same_batches(
 
 def test_a_huge_epoch_count_with_a_step_cap_allocates_nothing_per_epoch() -> None:
     """A server sends local_steps = 1 (the ledger sees 1 step) and epochs = 10**7: dp_train
-    listed every epoch's first step before the cap applied (1.4 GB at 10**7 epochs)."""
+    listed every epoch's first step before the cap applied (a list of 10**7 ints)."""
     import tracemalloc
 
     model = make_model("mlp", (1, 8, 8), 10, seed=0)

@@ -48,6 +48,7 @@ import functools
 import importlib
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context, Message
@@ -149,8 +150,6 @@ def node_data_dir(context: Context | None) -> str:
     ValueError
         If ``data-dir`` is set and is not an existing folder, naming the key.
     """
-    from pathlib import Path
-
     default = DataSection().data_dir
     if context is None or DATA_DIR_KEY not in context.node_config:
         return default
@@ -189,33 +188,42 @@ def _parse_wire_config(
     # The same config arrives every round; validation builds the rule and the
     # attack and may solve for the DP noise, so do it once per process. The
     # policy is part of the key: a config accepted under one is not under another.
+    # data_dir is a deployed node's own folder (None: a simulation's client).
     raw = json.loads(text)
-    if data_dir is not None and isinstance(raw, dict):
-        data = raw.get("data")
-        if data is None:
-            data = raw["data"] = {}
-        if isinstance(data, dict):  # anything else is refused by parse_config
-            sent = data.get("data_dir", DataSection().data_dir)
-            if sent != data_dir:
-                logger.warning(
-                    "using this node's data folder %r, not the server's data.data_dir %r "
-                    "(node config %s)",
-                    data_dir,
-                    sent,
-                    DATA_DIR_KEY,
-                )
-            data["data_dir"] = data_dir
-        privacy = raw.get("privacy")
-        if isinstance(privacy, dict) and privacy.get("accountant") == "prv":
-            # PRV's memory grows without bound as the noise (or delta) falls, and the
-            # server chooses both. RDP's epsilon bounds PRV's from above, so accounting
-            # with it spends no more of the budget than the config allows.
-            logger.warning("a deployed node accounts with 'rdp', not the server's 'prv'")
-            privacy["accountant"] = "rdp"
+    if data_dir is not None and isinstance(raw, dict):  # anything else: parse_config refuses
+        _deployed_node_settings(raw, data_dir)
     if allowed is None:
         return parse_config(raw)
     with restrict_user_code(allowed):
         return parse_config(raw)
+
+
+def _deployed_node_settings(raw: dict[str, Any], data_dir: str) -> None:
+    """Replace, in a server-sent config, what a deployed node decides itself.
+
+    Its data folder (see :func:`node_data_dir`), and its accountant: PRV's
+    memory grows without bound as the noise (or delta) falls, both of which the
+    server chooses, and RDP's epsilon bounds PRV's from above, so accounting
+    with RDP spends no more of the budget than the config allows.
+    """
+    if raw.get("data") is None:
+        raw["data"] = {}
+    data = raw["data"]
+    if isinstance(data, dict):  # anything else: parse_config refuses
+        sent = data.get("data_dir", DataSection().data_dir)
+        if sent != data_dir:
+            logger.warning(
+                "using this node's data folder %r, not the server's data.data_dir %r "
+                "(node config %s)",
+                data_dir,
+                sent,
+                DATA_DIR_KEY,
+            )
+        data["data_dir"] = data_dir
+    privacy = raw.get("privacy")
+    if isinstance(privacy, dict) and privacy.get("accountant") == "prv":
+        logger.warning("a deployed node accounts with 'rdp', not the server's 'prv'")
+        privacy["accountant"] = "rdp"
 
 
 def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:

@@ -173,11 +173,14 @@ def local_work(cfg: ExperimentConfig, num_examples: int) -> int:
     return steps * batch * passes
 
 
-def _refused_round(cfg: ExperimentConfig, context: Context, num_examples: int) -> str | None:
+def _refused_round(
+    cfg: ExperimentConfig, context: Context, num_examples: int, *, protected: bool
+) -> str | None:
     """Why a deployed node refuses this train round before training (None: it does not).
 
     The round asks more local work than node config ``max-local-examples``;
-    the reason names what was asked, not the node's data size.
+    the reason names what was asked, not the node's data size. ``protected``
+    is :func:`dp_against_server` of this round.
 
     Raises
     ------
@@ -189,7 +192,7 @@ def _refused_round(cfg: ExperimentConfig, context: Context, num_examples: int) -
     """
     if simulated_adversary():  # the simulation's user sets both sides
         return None
-    if cfg.data.partition == "dirichlet" and dp_against_server(cfg, context):
+    if cfg.data.partition == "dirichlet" and protected:
         raise ValueError(
             "this node's data is protected by differential privacy: a Dirichlet split's "
             "sizes depend on its labels, which num-examples and the privacy spend would "
@@ -362,10 +365,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = round_config.get(SERVER_ROUND_KEY, 0)
     if not isinstance(server_round, int):
         raise ValueError(f"'server-round' must be an integer, got {server_round!r}")
-    # Training loss and accuracy go back only where DP does not protect the data from
-    # the server (exact statistics of it otherwise).
-    stats = not dp_against_server(cfg, context)
-    refused = _refused_round(cfg, context, len(y))
+    # Where DP protects the data from the server, training loss and accuracy (exact
+    # statistics of it) stay on the node, and label-dependent splits are refused.
+    protected = dp_against_server(cfg, context)
+    refused = _refused_round(cfg, context, len(y), protected=protected)
     if refused is not None:  # before the ledger: a refused round spends nothing
         return Message(Error(code=LOCAL_WORK_REFUSED, reason=refused), reply_to=msg)
     if not mode_of(cfg).keeps_ledger:
@@ -377,11 +380,22 @@ def train(msg: Message, context: Context) -> Message:
                 f"mode '{cfg.privacy.mode}'"
             )
             return Message(Error(code=PRIVACY_LEDGER_UNUSABLE, reason=reason), reply_to=msg)
-        return _train(msg, cfg, partition_id, model, x, y, hardware, server_round, None, stats)
+        return _train(
+            msg, cfg, partition_id, model, x, y, hardware, server_round, None, not protected
+        )
     try:
         with open_node_ledger(context, cfg, round_config, partition_id) as node_ledger:
             return _train(
-                msg, cfg, partition_id, model, x, y, hardware, server_round, node_ledger, stats
+                msg,
+                cfg,
+                partition_id,
+                model,
+                x,
+                y,
+                hardware,
+                server_round,
+                node_ledger,
+                not protected,
             )
     except LedgerUnavailableError as err:
         return Message(Error(code=PRIVACY_LEDGER_UNUSABLE, reason=str(err)), reply_to=msg)

@@ -72,8 +72,8 @@ RDP_ORDERS: tuple[float, ...] = (
 #: Most compositions (steps, over a whole history) an accountant is asked about: beyond
 #: it no training is real, and Opacus's noise search loops forever (RDP at 1e17 steps).
 MAX_COMPOSITIONS = 10**12
-#: Most compositions the PRV accountant is asked about: its cost grows with them (about
-#: 15 s and 1.6 GB at 48k, and 12 GB at 1e9), while RDP's does not. A server-sent
+#: Most compositions the PRV accountant is asked about: its time and memory grow with them
+#: (to gigabytes), while RDP's do not. A server-sent
 #: config is validated on every message a deployed node receives.
 MAX_PRV_COMPOSITIONS = 50_000
 #: Default precision of :func:`solve_noise_multiplier`: the epsilon reached at the
